@@ -1,0 +1,33 @@
+# Lumiere on Ray. `make demo` and `make test` set up .venv from constraints.txt on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install test test-fast demo bench lint clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -ra
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -ra -m "not slow"
+
+demo: $(STAMP)
+	$(BIN)/lumiere demo
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/stunet_vs_fixed.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check lumiere pipelines serve tests benchmarks
+
+clean:
+	rm -rf $(VENV) demo-output .pytest_cache

@@ -1,0 +1,160 @@
+"""`lumiere`: one command line for every user (data, train, generate, serve, k8s, demo).
+
+Heavy imports (torch, ray, …) happen inside the commands so `lumiere --help` is instant. Problems with the
+user's input (`LumiereError`, including config errors) print one line and exit 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .errors import LumiereError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Lumiere on Ray: curate video corpora, train space-time diffusion models, serve them.",
+)
+data_app = typer.Typer(no_args_is_help=True, help="Make and inspect datasets.")
+config_app = typer.Typer(no_args_is_help=True, help="Inspect configs.")
+app.add_typer(data_app, name="data")
+app.add_typer(config_app, name="config")
+
+SET_HELP = "Override any config key, e.g. --set unet.base_channels=32 (repeatable)."
+
+
+def _echo(msg: str) -> None:
+    typer.echo(msg, err=True)
+
+
+@config_app.command("show")
+def config_show(
+    name: str = typer.Argument("tiny", help="A named config (tiny, small, base) or a YAML path."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+):
+    """Print the fully resolved config as YAML."""
+    import yaml
+
+    from .config import load_config
+
+    cfg = load_config(name, set_)
+    typer.echo(yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip())
+
+
+@config_app.command("list")
+def config_list():
+    """List the named configs."""
+    from .config import available_configs
+
+    for name in available_configs():
+        typer.echo(name)
+
+
+@data_app.command("shapes")
+def data_shapes(
+    out: Path = typer.Option(..., help="Output directory (videos/ and captions.jsonl are written here)."),
+    count: int = typer.Option(64, min=1, max=1_000_000, help="Number of clips."),
+    frames: int = typer.Option(80, min=2, max=2000, help="Frames per clip."),
+    size: int = typer.Option(64, min=16, max=1024, help="Square frame size in pixels (even)."),
+    fps: float = typer.Option(16.0, min=1.0, max=120.0),
+    seed: int = typer.Option(0),
+    two_shape_prob: float = typer.Option(0.0, min=0.0, max=1.0, help="Chance of a clip with two shapes."),
+    bounce: bool = typer.Option(False, help="Shapes bounce off the borders."),
+):
+    """Generate the moving-shapes demo corpus: captioned mp4 clips of coloured shapes moving."""
+    from .shapes import make_corpus
+
+    if size % 2:
+        raise LumiereError(f"--size must be even (H.264 needs even frame sizes), got {size}")
+    records = make_corpus(
+        out, count, frames=frames, size=size, fps=fps, seed=seed, two_shape_prob=two_shape_prob, bounce=bounce
+    )
+    typer.echo(f"wrote {len(records)} clips ({frames} frames, {size}x{size}, {fps:g} fps) to {out}/videos")
+    typer.echo(f"captions: {out}/captions.jsonl  e.g. {records[0]['caption']!r}")
+
+
+@app.command()
+def generate(
+    prompt: str = typer.Option(..., help="What the video should show."),
+    out: Path = typer.Option(..., help="Output .mp4 path."),
+    checkpoint: Optional[Path] = typer.Option(None, help="A checkpoint directory (t2i or stunet)."),
+    config: str = typer.Option("tiny", help="Config used when no --checkpoint is given."),
+    frames: Optional[int] = typer.Option(None, min=1, max=1024, help="Frames (default: the config's)."),
+    steps: Optional[int] = typer.Option(None, min=1, max=1000, help="Sampling steps."),
+    guidance: Optional[float] = typer.Option(None, min=0.0, max=50.0, help="Classifier-free guidance scale."),
+    sampler: Optional[str] = typer.Option(None, help="ddim, dpmsolver++ or ddpm."),
+    seed: int = typer.Option(0),
+    spritesheet: Optional[Path] = typer.Option(None, help="Also write a PNG grid of the frames."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+):
+    """Generate a video from a text prompt and write it as an mp4."""
+    from .config import load_config
+    from .diffusion import SAMPLERS
+    from .pipeline import TextToVideo
+    from .video import save_png, spritesheet as make_sheet, write_mp4
+
+    if out.suffix.lower() != ".mp4":
+        raise LumiereError(f"--out must end in .mp4, got {out}")
+    if sampler is not None and sampler not in SAMPLERS:
+        raise LumiereError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+    if not prompt.strip():
+        raise LumiereError("--prompt is empty; describe the video to generate")
+    if checkpoint is not None:
+        if set_:
+            raise LumiereError("--set applies to --config; a checkpoint brings its own config")
+        gen = TextToVideo.from_checkpoint(checkpoint, device=device)
+    else:
+        gen = TextToVideo.random_init(load_config(config, set_), device=device)
+    gen.model.check_frames(frames or gen.cfg.video.frames)  # fail before any output
+    if checkpoint is None:
+        _echo(f"note: no --checkpoint given: using a RANDOMLY INITIALISED {gen.cfg.name} model (output is noise)")
+    _echo(f"model: {gen.source}")
+    result = gen.generate(
+        [prompt], frames=frames, steps=steps, guidance_scale=guidance, sampler=sampler, seed=seed,
+        callback=lambda i, n: _echo(f"  step {i}/{n}") if i == n or i % 10 == 0 else None,
+    )
+    write_mp4(out, result.videos[0], fps=result.fps)
+    video = result.videos[0]
+    typer.echo(f"wrote {out} ({video.shape[0]} frames, {video.shape[2]}x{video.shape[1]}, {result.fps:g} fps)")
+    if spritesheet is not None:
+        save_png(spritesheet, make_sheet(video))
+        typer.echo(f"wrote {spritesheet}")
+
+
+@app.command()
+def demo(
+    workdir: Path = typer.Option(Path("demo-output"), help="Where the corpus, checkpoints and videos go."),
+    config: str = typer.Option("tiny", help="Model config to train."),
+    clips: int = typer.Option(48, min=4, help="Clips in the generated corpus."),
+    t2i_steps: int = typer.Option(300, min=1, help="Training steps for the 2D prior."),
+    stunet_steps: int = typer.Option(300, min=1, help="Training steps for the STUNet's temporal layers."),
+    prompt: list[str] = typer.Option(
+        ["a red square moving right", "a blue circle moving down"], help="Prompts to generate (repeatable)."
+    ),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+):
+    """The main job end to end on CPU: make a corpus, train the prior then the STUNet, generate videos."""
+    from .demo import run_demo
+
+    run_demo(workdir, config, set_, clips, t2i_steps, stunet_steps, prompt)
+
+
+def main() -> None:
+    try:
+        app()
+    except LumiereError as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

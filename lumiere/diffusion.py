@@ -1,0 +1,163 @@
+"""Diffusion: noise schedule, training loss, classifier-free guidance and samplers.
+
+Axes: b batch, c channels, then any spatial/temporal axes (h w for images, t h w for videos): everything here
+broadcasts over the trailing axes, so the same functions train and sample the 2D prior and the STUNet.
+
+Choices (see docs/decisions.md): discrete-time DDPM, cosine schedule (`squaredcos_cap_v2`, suited to small
+pixel-space images), v-prediction (well-conditioned at both ends of the schedule, which matters with a cosine
+schedule and with few sampling steps), classifier-free guidance with the null condition = all-zero text
+features. Schedulers come from `diffusers`; the loops are plain functions over (model, x, schedule) with the
+conditioning passed explicitly, as in k-diffusion.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+
+SamplerName = Literal["ddim", "dpmsolver++", "ddpm"]
+SAMPLERS: tuple[str, ...] = ("ddim", "dpmsolver++", "ddpm")
+
+
+@dataclass
+class DiffusionConfig:
+    num_train_timesteps: int = 1000
+    beta_schedule: Literal["squaredcos_cap_v2", "linear", "scaled_linear"] = "squaredcos_cap_v2"
+    prediction_type: Literal["v_prediction", "epsilon"] = "v_prediction"
+    cond_dropout: float = 0.1  # probability of training a sample with the null text condition (for CFG)
+
+    __pydantic_config__ = {"extra": "forbid"}
+
+    def __post_init__(self):
+        if not 0.0 <= self.cond_dropout < 1.0:
+            raise ValueError("cond_dropout must be in [0, 1)")
+
+
+@dataclass
+class Conditioning:
+    """Text conditioning for a batch: token features (b l d) and pooled embedding (b e)."""
+
+    context: torch.Tensor
+    pooled: torch.Tensor
+
+    def null(self) -> "Conditioning":
+        """The unconditional input used for guidance: all-zero text features."""
+        return Conditioning(torch.zeros_like(self.context), torch.zeros_like(self.pooled))
+
+    def cat(self, other: "Conditioning") -> "Conditioning":
+        return Conditioning(torch.cat([self.context, other.context]), torch.cat([self.pooled, other.pooled]))
+
+    def to(self, *args, **kwargs) -> "Conditioning":
+        return Conditioning(self.context.to(*args, **kwargs), self.pooled.to(*args, **kwargs))
+
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _schedule_kwargs(cfg: DiffusionConfig) -> dict:
+    return dict(
+        num_train_timesteps=cfg.num_train_timesteps,
+        beta_schedule=cfg.beta_schedule,
+        prediction_type=cfg.prediction_type,
+    )
+
+
+def training_scheduler(cfg: DiffusionConfig) -> DDPMScheduler:
+    return DDPMScheduler(**_schedule_kwargs(cfg))
+
+
+def sampling_scheduler(cfg: DiffusionConfig, sampler: str, steps: int):
+    """A diffusers scheduler for `sampler`, set up for `steps` steps on the training schedule."""
+    kwargs = _schedule_kwargs(cfg)
+    # trailing spacing starts sampling at the last training timestep (pure noise), which few-step sampling needs
+    if sampler == "ddim":
+        sched = DDIMScheduler(**kwargs, clip_sample=True, set_alpha_to_one=True, timestep_spacing="trailing")
+    elif sampler == "dpmsolver++":
+        sched = DPMSolverMultistepScheduler(
+            **kwargs,
+            algorithm_type="dpmsolver++",
+            solver_order=2,
+            thresholding=True,  # pixel space: keep the predicted x0 in [-1, 1] (Imagen's dynamic thresholding)
+            sample_max_value=1.0,
+            timestep_spacing="trailing",
+            final_sigmas_type="zero",
+        )
+    elif sampler == "ddpm":
+        sched = DDPMScheduler(**kwargs, clip_sample=True, timestep_spacing="trailing")
+    else:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    sched.set_timesteps(steps)
+    return sched
+
+
+def drop_conditioning(cond: Conditioning, p: float, generator: torch.Generator | None = None) -> Conditioning:
+    """Replace each sample's text with the null condition with probability p (classifier-free guidance)."""
+    if p <= 0:
+        return cond
+    keep = (torch.rand(cond.context.shape[0], generator=generator, device="cpu") >= p).to(cond.context.device)
+    return Conditioning(
+        cond.context * keep[:, None, None].to(cond.context.dtype),
+        cond.pooled * keep[:, None].to(cond.pooled.dtype),
+    )
+
+
+def diffusion_loss(
+    model: Denoiser,
+    x0: torch.Tensor,
+    cond: Conditioning,
+    scheduler: DDPMScheduler,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """MSE between the model's prediction at a random timestep and the v (or ε) target; x0 in [-1, 1]."""
+    b = x0.shape[0]
+    noise = torch.randn(x0.shape, generator=generator, device="cpu").to(x0)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator, device="cpu")
+    t = t.to(x0.device)
+    xt = scheduler.add_noise(x0, noise, t)
+    if scheduler.config.prediction_type == "v_prediction":
+        target = scheduler.get_velocity(x0, noise, t)
+    else:
+        target = noise
+    pred = model(xt, t, cond.context, cond.pooled)
+    return F.mse_loss(pred.float(), target.float())
+
+
+@torch.no_grad()
+def sample(
+    model: Denoiser,
+    noise: torch.Tensor,
+    scheduler,
+    cond: Conditioning,
+    *,
+    guidance_scale: float = 1.0,
+    generator: torch.Generator | None = None,
+    callback: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
+    """Denoise `noise` (b c ...) with `scheduler`'s timesteps; returns x0 in about [-1, 1].
+
+    With guidance_scale != 1 the model sees [cond; null] in one batch and the prediction is
+    null + g · (cond − null).
+    """
+    x = noise * scheduler.init_noise_sigma
+    guided = guidance_scale != 1.0
+    both = cond.cat(cond.null()) if guided else cond
+    steps = len(scheduler.timesteps)
+    for i, t in enumerate(scheduler.timesteps):
+        x_in = scheduler.scale_model_input(x, t)
+        if guided:
+            x_in = torch.cat([x_in, x_in])
+        ts = torch.full((x_in.shape[0],), int(t), device=x.device, dtype=torch.long)
+        out = model(x_in, ts, both.context, both.pooled)
+        if guided:
+            out_cond, out_null = out.chunk(2)
+            out = out_null + guidance_scale * (out_cond - out_null)
+        x = scheduler.step(out, t, x, generator=generator).prev_sample
+        if callback is not None:
+            callback(i + 1, steps)
+    return x

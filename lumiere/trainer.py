@@ -1,0 +1,140 @@
+"""The training step shared by every model (t2i prior, STUNet, and later the SSR), torchtitan-style.
+
+What differs between models is passed in, not branched on: the model (a UNet2D or a STUNet), and how a batch
+of clips becomes the model's input (`to_model_input`: a random frame per clip for the 2D prior, the whole clip
+for the STUNet). Optimisation is the same for all: AdamW on the parameters that require grad (the STUNet's
+prior is frozen, so it is not even in the optimizer), linear warm-up then cosine decay, gradient clipping, an
+EMA of the trained weights, classifier-free-guidance text dropout.
+
+Axes: b batch, c channels, t frames, h w height/width, l text tokens, d text width, e pooled width.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from .config import LumiereConfig
+from .diffusion import Conditioning, diffusion_loss, drop_conditioning, training_scheduler
+
+
+def random_frames(clips: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One random frame per clip: b c t h w -> b c h w (how the 2D prior trains on video shards)."""
+    b, _, t = clips.shape[:3]
+    idx = torch.randint(0, t, (b,), generator=generator, device="cpu").to(clips.device)
+    picked = clips[torch.arange(b, device=clips.device), :, idx]
+    return picked
+
+
+def whole_clip(clips: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    return clips
+
+
+INPUTS: dict[str, Callable] = {"t2i": random_frames, "stunet": whole_clip}
+
+
+class EMA:
+    """Exponential moving average of the trainable parameters (frozen ones are their own average)."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> None:
+        decay = min(self.decay, (1 + step) / (10 + step))  # short warm-up so early checkpoints are usable
+        for n, p in model.named_parameters():
+            if n in self.shadow:
+                self.shadow[n].lerp_(p.detach(), 1 - decay)
+
+    def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The model's full state dict with the trained entries replaced by their averages."""
+        state = dict(model.state_dict())
+        state.update(self.shadow)
+        return state
+
+    def load_shadow(self, state: dict[str, torch.Tensor]) -> None:
+        for n in self.shadow:
+            if n in state:
+                self.shadow[n].copy_(state[n])
+
+
+def lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))  # cosine down to 10 %
+
+    return f
+
+
+class TrainStep:
+    """Owns optimizer, LR schedule, EMA and noise schedule for one model; `__call__` does one step."""
+
+    def __init__(self, model: nn.Module, cfg: LumiereConfig, kind: str, forward: nn.Module | None = None):
+        self.model = model  # the module whose weights are saved
+        self.forward = forward or model  # what is called (e.g. a DDP wrapper of `model`)
+        self.cfg = cfg
+        self.to_input = INPUTS[kind]
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("the model has no trainable parameters")
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(cfg.train.warmup_steps, cfg.train.max_steps)
+        )
+        self.ema = EMA(model, cfg.train.ema_decay)
+        self.noise_schedule = training_scheduler(cfg.diffusion)
+        self.generator = torch.Generator().manual_seed(cfg.train.seed)
+        self.step = 0
+
+    def __call__(self, clips: torch.Tensor, cond: Conditioning) -> dict[str, float]:
+        """clips: b c t h w in [-1, 1]; cond: text features for each clip."""
+        t0 = time.perf_counter()
+        self.model.train()
+        x0 = self.to_input(clips, self.generator)
+        cond = drop_conditioning(cond, self.cfg.diffusion.cond_dropout, self.generator)
+        loss = diffusion_loss(self.forward, x0, cond, self.noise_schedule, self.generator)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            [p for p in self.model.parameters() if p.requires_grad], self.cfg.train.grad_clip
+        )
+        self.optimizer.step()
+        self.lr_schedule.step()
+        self.ema.update(self.model, self.step)
+        self.step += 1
+        return {
+            "loss": float(loss.detach()),
+            "grad_norm": float(grad_norm),
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "step_time_s": time.perf_counter() - t0,
+            "samples_per_s": clips.shape[0] / (time.perf_counter() - t0),
+        }
+
+    def state_dict(self) -> dict:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "lr_schedule": self.lr_schedule.state_dict(),
+            "step": self.step,
+            "generator": self.generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict, ema_state: dict[str, torch.Tensor] | None = None) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_schedule.load_state_dict(state["lr_schedule"])
+        self.step = int(state["step"])
+        self.generator.set_state(state["generator"])
+        if ema_state is not None:
+            self.ema.load_shadow(ema_state)
+
+
+def clips_to_model(frames_uint8: torch.Tensor) -> torch.Tensor:
+    """b t h w c uint8 (as stored) -> b c t h w float in [-1, 1] (as the model sees it)."""
+    return rearrange(frames_uint8.float(), "b t h w c -> b c t h w") / 127.5 - 1.0

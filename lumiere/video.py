@@ -1,0 +1,184 @@
+"""Video I/O at the boundary of the system.
+
+Everything inside the package works on one of two layouts:
+
+- frames: ``np.ndarray`` uint8 of shape ``(t, h, w, c)`` with c = 3 (RGB), as decoders and
+  encoders like it;
+- tensors: ``torch.FloatTensor`` of shape ``(c, t, h, w)`` in [-1, 1], as the diffusion model
+  likes it.
+
+This module converts between files, frames and tensors, and nothing else. Writing uses PyAV
+(libx264, yuv420p, so any player can open the result); reading uses decord, which is what the
+curation pipeline uses for fast random access.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import torch
+from einops import rearrange
+
+
+class VideoReadError(ValueError):
+    """A video file could not be decoded (missing, empty, corrupt or without frames)."""
+
+
+def _check_frames(frames: np.ndarray) -> np.ndarray:
+    """Validate a uint8 (t, h, w, 3) array and return it C-contiguous."""
+    frames = np.asarray(frames)
+    if frames.dtype != np.uint8:
+        raise ValueError(f"frames must be uint8, got dtype {frames.dtype}")
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"frames must have shape (t, h, w, 3), got {frames.shape}")
+    if frames.shape[0] == 0:
+        raise ValueError("frames must contain at least one frame")
+    return np.ascontiguousarray(frames)
+
+
+def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: float = 16, crf: int = 12) -> None:
+    """Encode frames (t, h, w, 3) uint8 RGB as an H.264 mp4 at ``path``.
+
+    The file appears atomically: we encode into a temporary file in the same directory and
+    ``os.replace`` it into place, so readers (and a crashed run) never see half an mp4.
+    """
+    frames = _check_frames(frames)
+    _, h, w, _ = frames.shape
+    if h % 2 or w % 2:
+        # yuv420p stores chroma at half resolution in both axes, so x264 needs even sizes.
+        raise ValueError(f"frame height and width must be even for yuv420p H.264, got {h}x{w}")
+    if not fps > 0:
+        raise ValueError(f"fps must be positive, got {fps}")
+
+    import av  # imported lazily: only encoding needs it
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        # the temp name does not end in .mp4, so name the container format explicitly
+        with av.open(tmp, mode="w", format="mp4") as container:
+            # a Fraction keeps e.g. 29.97 exact enough for the container's time base
+            stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+            stream.width, stream.height = w, h
+            stream.pix_fmt = "yuv420p"
+            stream.options = {"crf": str(int(crf))}
+            for frame in frames:
+                vf = av.VideoFrame.from_ndarray(frame, format="rgb24")
+                for packet in stream.encode(vf):
+                    container.mux(packet)
+            for packet in stream.encode():  # flush the encoder's delayed frames
+                container.mux(packet)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; make the mp4 readable like any written file
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _resample_indices(n: int, src_fps: float, fps: float) -> np.ndarray:
+    """Source frame index for each output frame when resampling n frames from src_fps to fps.
+
+    Output frame k sits at time k / fps; we take the nearest source frame, index
+    round(k * src_fps / fps) (halves round up), for every k whose time falls inside the
+    source duration n / src_fps.
+    """
+    count = max(1, math.ceil(n * fps / src_fps - 1e-9))  # epsilon: 30 frames @30 -> 16 @16, not 17
+    k = np.arange(count)
+    idx = np.floor(k * src_fps / fps + 0.5).astype(np.int64)
+    return np.minimum(idx, n - 1)
+
+
+def read_video(path: str | os.PathLike, fps: float | None = None) -> tuple[np.ndarray, float]:
+    """Decode a video into frames (t, h, w, 3) uint8 RGB and return ``(frames, fps)``.
+
+    With ``fps`` given, the clip is resampled to that rate by nearest-frame picking (no
+    blending, so frames stay real frames); the returned fps is then ``fps``.
+    """
+    path = str(path)
+    if not os.path.isfile(path):
+        raise VideoReadError(f"cannot read video {path!r}: no such file")
+    if os.path.getsize(path) == 0:
+        # checked up front: decord's error for empty files is unhelpful
+        raise VideoReadError(f"cannot read video {path!r}: file is empty")
+
+    import decord
+
+    try:
+        vr = decord.VideoReader(path, ctx=decord.cpu(0))
+        n = len(vr)
+        src_fps = float(vr.get_avg_fps())
+    except (decord.DECORDError, RuntimeError) as e:  # decord raises both, depending on where it fails
+        raise VideoReadError(f"cannot read video {path!r}: {e}") from e
+    if n == 0:
+        raise VideoReadError(f"cannot read video {path!r}: no frames")
+    if not src_fps > 0:
+        raise VideoReadError(f"cannot read video {path!r}: invalid frame rate {src_fps}")
+
+    if fps is None:
+        indices, out_fps = np.arange(n), src_fps
+    else:
+        if not fps > 0:
+            raise ValueError(f"fps must be positive, got {fps}")
+        indices, out_fps = _resample_indices(n, src_fps, fps), float(fps)
+
+    try:
+        frames = vr.get_batch(indices.tolist()).asnumpy()
+    except (decord.DECORDError, RuntimeError):
+        # decord bug: for some widths (e.g. 16, 24, 48) its RGB rows carry alignment padding
+        # and get_batch fails its size check; single frames come back as (h, w, padded/w),
+        # so decode one by one and cut the padding off each row
+        try:
+            h, w = vr[0].shape[:2]
+            frames = np.stack([_unpad(vr[int(i)].asnumpy(), h, w) for i in indices])
+        except (decord.DECORDError, RuntimeError, ValueError) as e:
+            raise VideoReadError(f"cannot decode frames of {path!r}: {e}") from e
+    return np.ascontiguousarray(frames, dtype=np.uint8), out_fps
+
+
+def _unpad(frame: np.ndarray, h: int, w: int) -> np.ndarray:
+    """(h, w, k) decord frame whose rows hold w*k bytes -> (h, w, 3), dropping row padding."""
+    return rearrange(frame.reshape(h, -1)[:, : w * 3], "h (w c) -> h w c", c=3)
+
+
+def frames_to_tensor(frames: np.ndarray) -> torch.Tensor:
+    """uint8 frames (t, h, w, c) -> float tensor (c, t, h, w) in [-1, 1]."""
+    x = torch.from_numpy(np.ascontiguousarray(frames)).float() / 127.5 - 1.0
+    return rearrange(x, "t h w c -> c t h w").contiguous()
+
+
+def tensor_to_frames(x: torch.Tensor) -> np.ndarray:
+    """float tensor (c, t, h, w) in [-1, 1] -> uint8 frames (t, h, w, c); clamps out-of-range values."""
+    x = torch.as_tensor(x).detach().float().cpu()
+    x = ((x.clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8)
+    return np.ascontiguousarray(rearrange(x, "c t h w -> t h w c").numpy())
+
+
+def spritesheet(frames: np.ndarray, cols: int | None = None) -> np.ndarray:
+    """Lay frames (t, h, w, c) out in a grid image (rows*h, cols*w, c), row-major, black padding.
+
+    ``cols`` defaults to ceil(sqrt(t)), giving a roughly square sheet.
+    """
+    frames = np.asarray(frames)
+    t = frames.shape[0]
+    cols = cols or math.ceil(math.sqrt(t))
+    rows = math.ceil(t / cols)
+    pad = np.zeros((rows * cols - t, *frames.shape[1:]), dtype=frames.dtype)
+    grid = np.concatenate([frames, pad], axis=0)
+    return rearrange(grid, "(r k) h w c -> (r h) (k w) c", r=rows, k=cols)
+
+
+def save_png(path: str | os.PathLike, image: np.ndarray) -> None:
+    """Save a uint8 (h, w, 3) or (h, w) image as PNG, creating parent directories."""
+    from PIL import Image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8)).save(path, format="PNG")
