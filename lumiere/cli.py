@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -82,14 +81,14 @@ def data_shapes(
 def generate(
     prompt: str = typer.Option(..., help="What the video should show."),
     out: Path = typer.Option(..., help="Output .mp4 path."),
-    checkpoint: Optional[Path] = typer.Option(None, help="A checkpoint directory (t2i or stunet)."),
+    checkpoint: Path | None = typer.Option(None, help="A checkpoint directory (t2i or stunet)."),
     config: str = typer.Option("tiny", help="Config used when no --checkpoint is given."),
-    frames: Optional[int] = typer.Option(None, min=1, max=1024, help="Frames (default: the config's)."),
-    steps: Optional[int] = typer.Option(None, min=1, max=1000, help="Sampling steps."),
-    guidance: Optional[float] = typer.Option(None, min=0.0, max=50.0, help="Classifier-free guidance scale."),
-    sampler: Optional[str] = typer.Option(None, help="ddim, dpmsolver++ or ddpm."),
+    frames: int | None = typer.Option(None, min=1, max=1024, help="Frames (default: the config's)."),
+    steps: int | None = typer.Option(None, min=1, max=1000, help="Sampling steps."),
+    guidance: float | None = typer.Option(None, min=0.0, max=50.0, help="Classifier-free guidance scale."),
+    sampler: str | None = typer.Option(None, help="ddim, dpmsolver++ or ddpm."),
     seed: int = typer.Option(0),
-    spritesheet: Optional[Path] = typer.Option(None, help="Also write a PNG grid of the frames."),
+    spritesheet: Path | None = typer.Option(None, help="Also write a PNG grid of the frames."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
 ):
@@ -97,7 +96,8 @@ def generate(
     from .config import load_config
     from .diffusion import SAMPLERS
     from .pipeline import TextToVideo
-    from .video import save_png, spritesheet as make_sheet, write_mp4
+    from .video import save_png, write_mp4
+    from .video import spritesheet as make_sheet
 
     if out.suffix.lower() != ".mp4":
         raise LumiereError(f"--out must end in .mp4, got {out}")
@@ -130,10 +130,10 @@ def generate(
 @app.command()
 def demo(
     workdir: Path = typer.Option(Path("demo-output"), help="Where the corpus, checkpoints and videos go."),
-    config: str = typer.Option("tiny", help="Model config to train."),
-    clips: int = typer.Option(48, min=4, help="Clips in the generated corpus."),
-    t2i_steps: int = typer.Option(300, min=1, help="Training steps for the 2D prior."),
-    stunet_steps: int = typer.Option(300, min=1, help="Training steps for the STUNet's temporal layers."),
+    config: str = typer.Option("small", help="Model config to train."),
+    clips: int = typer.Option(96, min=4, help="Clips in the generated corpus."),
+    t2i_steps: int = typer.Option(1000, min=1, help="Training steps for the 2D prior."),
+    stunet_steps: int = typer.Option(600, min=1, help="Training steps for the STUNet's temporal layers."),
     prompt: list[str] = typer.Option(
         ["a red square moving right", "a blue circle moving down"], help="Prompts to generate (repeatable)."
     ),

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -55,6 +56,8 @@ def fit(model, kind, cfg, clips, cond, steps: int, out: Path, fingerprint: str):
     from .diffusion import Conditioning
     from .trainer import TrainStep, clips_to_model
 
+    # the LR schedule decays over this run's steps, not the config's default max_steps
+    cfg = cfg.model_copy(update={"train": replace(cfg.train, max_steps=steps)})
     train = TrainStep(model, cfg, kind)
     n = len(clips)
     gen = torch.Generator().manual_seed(cfg.train.seed)
@@ -117,7 +120,7 @@ def run_demo(workdir: Path, config: str, overrides: list[str], count: int, t2i_s
         gen = TextToVideo.from_checkpoint(workdir / "checkpoints" / "stunet")
         result = gen.generate(prompts, seed=0)
         outputs = []
-        for i, (p, video) in enumerate(zip(prompts, result.videos)):
+        for i, (p, video) in enumerate(zip(prompts, result.videos, strict=True)):
             stem = workdir / "videos" / f"{i:02d}_{'_'.join(p.split())[:60]}"
             write_mp4(stem.with_suffix(".mp4"), video, fps=result.fps)
             save_png(stem.with_suffix(".png"), spritesheet(video))

@@ -12,8 +12,9 @@ conditioning passed explicitly, as in k-diffusion.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -44,14 +45,14 @@ class Conditioning:
     context: torch.Tensor
     pooled: torch.Tensor
 
-    def null(self) -> "Conditioning":
+    def null(self) -> Conditioning:
         """The unconditional input used for guidance: all-zero text features."""
         return Conditioning(torch.zeros_like(self.context), torch.zeros_like(self.pooled))
 
-    def cat(self, other: "Conditioning") -> "Conditioning":
+    def cat(self, other: Conditioning) -> Conditioning:
         return Conditioning(torch.cat([self.context, other.context]), torch.cat([self.pooled, other.pooled]))
 
-    def to(self, *args, **kwargs) -> "Conditioning":
+    def to(self, *args, **kwargs) -> Conditioning:
         return Conditioning(self.context.to(*args, **kwargs), self.pooled.to(*args, **kwargs))
 
 

@@ -5,9 +5,9 @@ Frames leave this module as uint8 `b t h w c`; inside they are float `b c t h w`
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -38,7 +38,7 @@ class TextToVideo:
         self.source = source  # where the weights came from, for logs and API responses
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str = "cpu") -> "TextToVideo":
+    def from_checkpoint(cls, path: str | Path, device: str = "cpu") -> TextToVideo:
         model, cfg, meta = load_model(path, use_ema=True, as_kind="stunet")
         encoder = TextEncoder(cfg.text)
         expected = meta.get("text_fingerprint")
@@ -51,7 +51,7 @@ class TextToVideo:
         return cls(model.to(device), encoder.to(device), cfg, source)
 
     @classmethod
-    def random_init(cls, cfg: LumiereConfig, device: str = "cpu", seed: int = 0) -> "TextToVideo":
+    def random_init(cls, cfg: LumiereConfig, device: str = "cpu", seed: int = 0) -> TextToVideo:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = build_stunet(cfg)

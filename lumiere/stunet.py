@@ -156,9 +156,10 @@ class STUNet(nn.Module):
         f = self.temporal_factor
         if frames < 1 or frames % f:
             k = len(self.time_down)
+            lower, upper = max(f, frames - frames % f), frames - frames % f + f
             raise FrameCountError(
                 f"the STUNet halves time {k} times, so the frame count must be a positive multiple of "
-                f"2^{k} = {f}; got {frames} frames (use e.g. {max(f, frames - frames % f)} or {frames - frames % f + f})"
+                f"2^{k} = {f}; got {frames} frames (use e.g. {lower} or {upper})"
             )
 
     def temporal_parameters(self):
