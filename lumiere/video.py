@@ -14,6 +14,7 @@ curation pipeline uses for fast random access.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import tempfile
@@ -41,12 +42,7 @@ def _check_frames(frames: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(frames)
 
 
-def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: float = 16, crf: int = 12) -> None:
-    """Encode frames (t, h, w, 3) uint8 RGB as an H.264 mp4 at ``path``.
-
-    The file appears atomically: we encode into a temporary file in the same directory and
-    ``os.replace`` it into place, so readers (and a crashed run) never see half an mp4.
-    """
+def _check_encodable(frames: np.ndarray, fps: float) -> np.ndarray:
     frames = _check_frames(frames)
     _, h, w, _ = frames.shape
     if h % 2 or w % 2:
@@ -54,33 +50,67 @@ def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: float = 16, crf:
         raise ValueError(f"frame height and width must be even for yuv420p H.264, got {h}x{w}")
     if not fps > 0:
         raise ValueError(f"fps must be positive, got {fps}")
+    return frames
 
+
+def _encode_h264(target, frames: np.ndarray, fps: float, crf: int) -> None:
+    """Encode checked frames into `target` (a path or a binary file object) as an H.264 mp4."""
     import av  # imported lazily: only encoding needs it
 
+    _, h, w, _ = frames.shape
+    with av.open(target, mode="w", format="mp4") as container:
+        # a Fraction keeps e.g. 29.97 exact enough for the container's time base
+        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+        stream.width, stream.height = w, h
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": str(int(crf))}
+        for frame in frames:
+            vf = av.VideoFrame.from_ndarray(frame, format="rgb24")
+            for packet in stream.encode(vf):
+                container.mux(packet)
+        for packet in stream.encode():  # flush the encoder's delayed frames
+            container.mux(packet)
+
+
+def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: float = 16, crf: int = 12) -> None:
+    """Encode frames (t, h, w, 3) uint8 RGB as an H.264 mp4 at ``path``.
+
+    The file appears atomically: we encode into a temporary file in the same directory and
+    ``os.replace`` it into place, so readers (and a crashed run) never see half an mp4.
+    """
+    frames = _check_encodable(frames, fps)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        # the temp name does not end in .mp4, so name the container format explicitly
-        with av.open(tmp, mode="w", format="mp4") as container:
-            # a Fraction keeps e.g. 29.97 exact enough for the container's time base
-            stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
-            stream.width, stream.height = w, h
-            stream.pix_fmt = "yuv420p"
-            stream.options = {"crf": str(int(crf))}
-            for frame in frames:
-                vf = av.VideoFrame.from_ndarray(frame, format="rgb24")
-                for packet in stream.encode(vf):
-                    container.mux(packet)
-            for packet in stream.encode():  # flush the encoder's delayed frames
-                container.mux(packet)
+        _encode_h264(tmp, frames, fps, crf)  # the temp name does not end in .mp4: format is explicit
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; make the mp4 readable like any written file
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def encode_mp4_bytes(frames: np.ndarray, fps: float = 16, crf: int = 18) -> bytes:
+    """Frames (t, h, w, 3) uint8 -> the bytes of an H.264 mp4 (how dataset shards store clips)."""
+    frames = _check_encodable(frames, fps)
+    buf = io.BytesIO()
+    _encode_h264(buf, frames, fps, crf)
+    return buf.getvalue()
+
+
+def decode_mp4_bytes(data: bytes) -> np.ndarray:
+    """The bytes of a video file -> frames (t, h, w, 3) uint8, decoded with decord from memory."""
+    import decord
+
+    try:
+        vr = decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0))
+        frames = vr.get_batch(list(range(len(vr)))).asnumpy()
+    except (decord.DECORDError, RuntimeError) as e:
+        raise VideoReadError(f"cannot decode video bytes ({len(data)} bytes): {e}") from e
+    return np.ascontiguousarray(frames, dtype=np.uint8)
 
 
 def _resample_indices(n: int, src_fps: float, fps: float) -> np.ndarray:

@@ -1,0 +1,203 @@
+"""Frame-level curation functions used by the ingestion stages: probing, decoding with a timeout, shot cuts,
+motion / black / blank scores, resize + centre crop. Plain numpy / torch over uint8 `t h w c` frames, testable
+without Ray.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing as mp
+import os
+import tempfile
+import traceback
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+
+class Reject(Exception):
+    """A file or clip the pipeline rejects: `reason` is a code from REASONS, `detail` says why in words."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+REASONS = {
+    "unreadable": "empty, truncated, corrupt or not a video",
+    "decode_timeout": "decoding took longer than decode_timeout_s",
+    "too_small": "shorter side below min_side pixels",
+    "too_short": "shot shorter than one clip (clip_frames at fps)",
+    "no_caption": "no caption found (missing_caption: reject)",
+    "static": "motion score below static_threshold",
+    "black": "most frames are black",
+    "blank": "most frames are a single flat colour",
+    "low_clip_score": "CLIP text-frame similarity below min_clip_score",
+}
+
+
+@dataclass
+class Probe:
+    codec: str
+    width: int
+    height: int
+    fps: float
+    frames: int  # as declared by the container (may be 0 if unknown)
+    duration_s: float
+
+
+def probe(path: str) -> Probe:
+    """Read stream metadata with PyAV (no decoding). Raises Reject('unreadable') on anything odd."""
+    import av
+
+    if os.path.getsize(path) == 0:
+        raise Reject("unreadable", "empty file (0 bytes)")
+    try:
+        with av.open(path) as container:
+            if not container.streams.video:
+                raise Reject("unreadable", "no video stream in the file")
+            s = container.streams.video[0]
+            fps = float(s.average_rate or s.guessed_rate or 0)
+            duration = float(s.duration * s.time_base) if s.duration else float(container.duration or 0) / 1e6
+            return Probe(s.codec_context.name, s.codec_context.width, s.codec_context.height, fps,
+                         int(s.frames or 0), duration)
+    except Reject:
+        raise
+    except Exception as e:  # PyAV raises many error types for malformed input; all mean "unreadable"
+        raise Reject("unreadable", f"not a readable video ({type(e).__name__}: {e})") from None
+
+
+def resample_indices(n: int, src_fps: float, fps: float) -> np.ndarray:
+    """For output frame k at time k/fps, the index of the nearest source frame (round(k·src/fps))."""
+    count = max(1, math.ceil(n * fps / src_fps - 1e-9))
+    idx = np.floor(np.arange(count) * src_fps / fps + 0.5).astype(np.int64)
+    return np.minimum(idx, n - 1)
+
+
+def decode_resampled(path: str, fps: float, short_side: int) -> tuple[np.ndarray, float, int]:
+    """Decode with decord at `fps` (nearest source frame) and, if larger, scaled so the shorter side is
+    `short_side` (decoding smaller keeps memory bounded for HD sources). Returns (frames, src_fps, n_src)."""
+    import decord
+
+    try:
+        probe_reader = decord.VideoReader(path, ctx=decord.cpu(0))
+        h, w = probe_reader[0].shape[:2]
+        n, src_fps = len(probe_reader), float(probe_reader.get_avg_fps())
+        del probe_reader
+        scale = short_side / min(h, w)
+        if scale < 1:
+            # even sizes, aspect preserved; decord resizes while decoding
+            new_w, new_h = 2 * round(w * scale / 2), 2 * round(h * scale / 2)
+            reader = decord.VideoReader(path, ctx=decord.cpu(0), width=new_w, height=new_h)
+        else:
+            reader = decord.VideoReader(path, ctx=decord.cpu(0))
+        if n == 0 or not src_fps > 0:
+            raise Reject("unreadable", f"no frames or no frame rate (frames={n}, fps={src_fps})")
+        idx = resample_indices(n, src_fps, fps)
+        chunks = [reader.get_batch(idx[i:i + 256].tolist()).asnumpy() for i in range(0, len(idx), 256)]
+    except Reject:
+        raise
+    except Exception as e:  # decord raises DECORDError / RuntimeError / IndexError on broken streams
+        raise Reject("unreadable", f"decode failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    return np.ascontiguousarray(np.concatenate(chunks)), src_fps, n
+
+
+def _child(conn, path, fps, short_side, tmpdir):
+    try:
+        frames, src_fps, n = decode_resampled(path, fps, short_side)
+        out = os.path.join(tmpdir, "frames.npy")
+        np.save(out, frames)  # through a file, not the pipe: clips can be hundreds of MB
+        conn.send(("ok", out, src_fps, n))
+    except Reject as r:
+        conn.send(("reject", r.reason, r.detail, None))
+    except BaseException as e:  # report, never hang the parent
+        conn.send(("reject", "unreadable", f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=2)}", None))
+    finally:
+        conn.close()
+
+
+def decode_with_timeout(path: str, fps: float, short_side: int, timeout_s: float) -> tuple[np.ndarray, float, int]:
+    """`decode_resampled` in a forked child that is killed after `timeout_s` (a hung decoder cannot be
+    interrupted from inside); timeout_s <= 0 decodes in-process."""
+    if timeout_s <= 0:
+        return decode_resampled(path, fps, short_side)
+    ctx = mp.get_context("fork")
+    with tempfile.TemporaryDirectory(prefix="lumiere-decode-") as tmpdir:
+        recv, send = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_child, args=(send, path, fps, short_side, tmpdir), daemon=True)
+        proc.start()
+        send.close()
+        try:
+            if not recv.poll(timeout_s):
+                raise Reject("decode_timeout", f"decoding took longer than {timeout_s:g}s")
+            status, a, b, c = recv.recv()
+        except EOFError:
+            raise Reject("unreadable", "the decoder process died (crash in the decoder)") from None
+        finally:
+            if proc.is_alive():
+                proc.kill()
+            proc.join()
+            recv.close()
+        if status != "ok":
+            raise Reject(a, b)
+        return np.load(a), b, c
+
+
+def thumbnails(frames: np.ndarray, size: int = 32) -> torch.Tensor:
+    """t h w c uint8 -> t c size size float in [0, 255] (for cheap per-frame statistics)."""
+    x = rearrange(torch.from_numpy(frames), "t h w c -> t c h w").float()
+    return F.interpolate(x, size=(size, size), mode="area")
+
+
+def color_histograms(thumbs: torch.Tensor, bins: int = 8) -> torch.Tensor:
+    """t c h w in [0, 255] -> t (bins^3) joint colour histograms, each summing to 1."""
+    q = (thumbs.clamp(0, 255) * bins / 256).long().clamp(max=bins - 1)
+    code = rearrange(q[:, 0] * bins * bins + q[:, 1] * bins + q[:, 2], "t h w -> t (h w)")
+    hist = torch.zeros(code.shape[0], bins**3).scatter_add_(1, code, torch.ones_like(code, dtype=torch.float))
+    return hist / code.shape[1]
+
+
+def shot_boundaries(frames: np.ndarray, threshold: float) -> list[tuple[int, int]]:
+    """Split at hard cuts: where the colour-histogram distance (½·L1, in [0, 1]) between consecutive frames
+    exceeds `threshold`. Returns [start, end) frame ranges."""
+    if len(frames) < 2:
+        return [(0, len(frames))]
+    hist = color_histograms(thumbnails(frames))
+    dist = 0.5 * (hist[1:] - hist[:-1]).abs().sum(dim=1)
+    cuts = (torch.nonzero(dist > threshold).flatten() + 1).tolist()
+    edges = [0, *cuts, len(frames)]
+    return [(a, b) for a, b in zip(edges[:-1], edges[1:], strict=True) if b > a]
+
+
+def clip_scores(frames: np.ndarray) -> dict[str, float]:
+    """Statistics the filters use, over a clip's frames (t h w c uint8):
+    motion = mean |Δ| between consecutive grey frames (0–255 scale, on 64×64 thumbnails);
+    black_fraction = share of frames whose 99th-percentile brightness is below 24;
+    blank_fraction = share of frames whose grey level varies by less than 3 (std), i.e. one flat colour."""
+    thumbs = thumbnails(frames, 64)
+    grey = thumbs.mean(dim=1)  # t h w
+    motion = (grey[1:] - grey[:-1]).abs().mean().item() if len(grey) > 1 else 0.0
+    flat = rearrange(grey, "t h w -> t (h w)")
+    p99 = torch.quantile(flat, 0.99, dim=1)
+    return {
+        "motion_score": motion,
+        "brightness": grey.mean().item(),
+        "black_fraction": (p99 < 24).float().mean().item(),
+        "blank_fraction": (flat.std(dim=1) < 3).float().mean().item(),
+    }
+
+
+def resize_center_crop(frames: np.ndarray, size: int) -> np.ndarray:
+    """t h w c uint8 -> t size size c uint8: scale the shorter side to `size` (antialiased), crop the centre."""
+    x = rearrange(torch.from_numpy(frames), "t h w c -> t c h w").float()
+    h, w = x.shape[-2:]
+    scale = size / min(h, w)
+    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    if (nh, nw) != (h, w):
+        x = F.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
+    top, left = (nh - size) // 2, (nw - size) // 2
+    x = x[..., top:top + size, left:left + size]
+    return np.ascontiguousarray(rearrange(x.round().clamp(0, 255).to(torch.uint8), "t c h w -> t h w c").numpy())

@@ -1,0 +1,80 @@
+"""Configuration of `lumiere ingest`: YAML (optional) + `--set key=value` overrides, validated by pydantic."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from lumiere.config import _format_error, _set_path, load_config, parse_override
+from lumiere.errors import ConfigError
+from lumiere.text_encoder import TextEncoderConfig
+
+VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".mpg", ".mpeg", ".ts", ".gif")
+
+
+class IngestConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # clips
+    fps: float = Field(16.0, gt=0, le=120)
+    clip_frames: int = Field(80, ge=2, le=4096)
+    size: int = Field(128, ge=8, le=4096)  # base resolution: shorter side scaled to this, centre-cropped square
+    hr_size: int | None = Field(256, ge=8, le=8192)  # higher-resolution copy for SSR training; null: none
+    frame_format: Literal["mp4", "raw"] = "mp4"  # how frames are stored in shards (docs/decisions.md)
+    mp4_crf: int = Field(18, ge=0, le=51)
+    # filters (reason codes in pipelines/curation.py REASONS)
+    min_side: int = Field(128, ge=1)  # too_small: source's shorter side below this
+    cut_threshold: float = Field(0.5, gt=0, le=1)  # hard cut: colour-histogram distance between frames above
+    static_threshold: float = Field(0.3, ge=0)  # static: mean |Δ| between frames (0–255) below this
+    black_max_fraction: float = Field(0.5, ge=0, le=1)  # black: more than this share of frames black
+    blank_max_fraction: float = Field(0.5, ge=0, le=1)  # blank: more than this share of frames flat colour
+    min_clip_score: float | None = None  # low_clip_score: CLIP text–keyframe cosine below; null disables
+    missing_caption: Literal["reject", "keep"] = "reject"
+    decode_timeout_s: float = Field(120.0, ge=0)  # per file; 0 decodes in-process without a timeout
+    max_file_bytes: int = Field(8 * 2**30, ge=1)  # larger inputs are rejected as unreadable (too large)
+    extensions: tuple[str, ...] = VIDEO_EXTENSIONS
+    # text/image encoder: must be the one the models train with (its fingerprint goes into the manifest)
+    encoder_from: str | None = "small"  # take `text` from this Lumiere config (tiny/small/base/…)
+    text: TextEncoderConfig | None = None  # or give it explicitly (wins over encoder_from)
+    # execution
+    shard_clips: int = Field(64, ge=1)  # clips per Parquet shard
+    embed_batch_size: int = Field(32, ge=1)
+    embed_actors: int = Field(1, ge=1)
+    embed_num_gpus: float = Field(0.0, ge=0)  # >0 puts the embedding actors on GPUs
+    decode_num_cpus: float = Field(1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.hr_size is not None and self.hr_size < self.size:
+            raise ValueError(f"hr_size ({self.hr_size}) must be >= size ({self.size}) or null")
+        return self
+
+    def text_encoder(self) -> TextEncoderConfig:
+        if self.text is not None:
+            return self.text
+        if self.encoder_from is None:
+            return TextEncoderConfig()
+        return load_config(self.encoder_from).text
+
+
+def load_ingest_config(path: str | Path | None = None, overrides: list[str] | None = None) -> IngestConfig:
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config error: ingest config {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config error: {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config error: {path} must be a mapping of keys")
+    for text in overrides or []:
+        _set_path(data, *parse_override(text))
+    try:
+        return IngestConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_error(e)) from None
