@@ -78,6 +78,28 @@ def data_shapes(
 
 
 @app.command()
+def ingest(
+    input: str = typer.Option(..., "--input", help="Directory or s3:// prefix of video files."),
+    output: str = typer.Option(..., "--output", help="Directory or s3:// prefix for the shards."),
+    captions: str | None = typer.Option(
+        None,
+        help="Sidecar captions (.jsonl/.csv/.parquet with path,caption); default: a .txt/.json beside each video.",
+    ),
+    config: Path | None = typer.Option(None, help="Ingest config YAML (see pipelines/ingest_config.py)."),
+    address: str | None = typer.Option(None, help="Ray cluster address (default: start a local Ray)."),
+    set_: list[str] = typer.Option([], "--set", help="Override an ingest config key, e.g. --set clip_frames=16."),
+):
+    """Turn a video corpus into Parquet shards of fixed-length clips (Ray Data); re-run to resume."""
+    from pipelines.ingest import run_ingest
+    from pipelines.ingest_config import load_ingest_config
+
+    cfg = load_ingest_config(config, set_)
+    report = run_ingest(input, output, captions, cfg, address=address)
+    if report["clips"] == 0:
+        _echo("warning: no clip passed the filters; see rejects.parquet and report.json for the reasons")
+
+
+@app.command()
 def generate(
     prompt: str = typer.Option(..., help="What the video should show."),
     out: Path = typer.Option(..., help="Output .mp4 path."),

@@ -172,14 +172,16 @@ def shot_boundaries(frames: np.ndarray, threshold: float) -> list[tuple[int, int
     return [(a, b) for a, b in zip(edges[:-1], edges[1:], strict=True) if b > a]
 
 
-def clip_scores(frames: np.ndarray) -> dict[str, float]:
+def clip_scores(frames: np.ndarray, stride: int = 4) -> dict[str, float]:
     """Statistics the filters use, over a clip's frames (t h w c uint8):
-    motion = mean |Δ| between consecutive grey frames (0–255 scale, on 64×64 thumbnails);
+    motion = mean |Δ| between grey frames `stride` apart (0–255 scale, 64×64 thumbnails; a stride of a quarter
+    second at 16 fps makes slow motion measurable, while a truly static video stays at 0);
     black_fraction = share of frames whose 99th-percentile brightness is below 24;
     blank_fraction = share of frames whose grey level varies by less than 3 (std), i.e. one flat colour."""
     thumbs = thumbnails(frames, 64)
     grey = thumbs.mean(dim=1)  # t h w
-    motion = (grey[1:] - grey[:-1]).abs().mean().item() if len(grey) > 1 else 0.0
+    stride = min(stride, len(grey) - 1)
+    motion = (grey[stride:] - grey[:-stride]).abs().mean().item() if stride > 0 else 0.0
     flat = rearrange(grey, "t h w -> t (h w)")
     p99 = torch.quantile(flat, 0.99, dim=1)
     return {

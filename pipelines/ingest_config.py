@@ -28,7 +28,7 @@ class IngestConfig(BaseModel):
     # filters (reason codes in pipelines/curation.py REASONS)
     min_side: int = Field(128, ge=1)  # too_small: source's shorter side below this
     cut_threshold: float = Field(0.5, gt=0, le=1)  # hard cut: colour-histogram distance between frames above
-    static_threshold: float = Field(0.3, ge=0)  # static: mean |Δ| between frames (0–255) below this
+    static_threshold: float = Field(0.1, ge=0)  # static: mean |Δ| (0–255) between frames 4 apart below this
     black_max_fraction: float = Field(0.5, ge=0, le=1)  # black: more than this share of frames black
     blank_max_fraction: float = Field(0.5, ge=0, le=1)  # blank: more than this share of frames flat colour
     min_clip_score: float | None = None  # low_clip_score: CLIP text–keyframe cosine below; null disables

@@ -193,6 +193,7 @@ def _candidates(row: dict, cfg: IngestConfig, options: StorageOptions) -> list[d
         if is_temp:
             os.unlink(path)
 
+    src_short = min(meta.width, meta.height)
     out = []
     for shot, (a, b) in enumerate(shot_boundaries(frames, cfg.cut_threshold)):
         n_clips = (b - a) // cfg.clip_frames
@@ -217,16 +218,18 @@ def _candidates(row: dict, cfg: IngestConfig, options: StorageOptions) -> list[d
                 out.append(_reject_row(source, clip_id, *reason, shot, start, len(clip)))
                 continue
             base = resize_center_crop(clip, cfg.size)
-            hr = resize_center_crop(clip, cfg.hr_size) if cfg.hr_size else None
+            # the high-resolution copy is only worth keeping when the source has that resolution
+            hr = resize_center_crop(clip, cfg.hr_size) if cfg.hr_size and src_short >= cfg.hr_size else None
             out.append({
                 "status": "ok", "clip_id": clip_id, "source": source, "shot_index": shot, "clip_index": k,
                 "start_frame": start, "start_time_s": start / cfg.fps, "fps": cfg.fps,
                 "num_frames": len(clip), "height": cfg.size, "width": cfg.size,
                 "frames_format": cfg.frame_format, "frames": _encode(base, cfg),
-                "hr_size": cfg.hr_size or 0, "hr_frames": _encode(hr, cfg) if hr is not None else b"",
+                "hr_size": cfg.hr_size if hr is not None else 0,
+                "hr_frames": _encode(hr, cfg) if hr is not None else b"",
                 "keyframe": base[len(base) // 2].tobytes(), "caption": row["caption"],
                 "motion_score": scores["motion_score"], "brightness": scores["brightness"],
-                "src_width": frames.shape[2], "src_height": frames.shape[1], "src_fps": src_fps,
+                "src_width": meta.width, "src_height": meta.height, "src_fps": src_fps,
                 "src_codec": meta.codec,
             })
     return out

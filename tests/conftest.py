@@ -31,3 +31,14 @@ def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "lumiere.cli", *args], capture_output=True, text=True, timeout=timeout
     )
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole suite; 4 logical CPUs on 2 cores (see DEVELOPERS: 2 deadlocks)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,236 @@
+"""`lumiere ingest`: a raw video corpus -> Parquet shards of fixed-length clips, as one Ray Data pipeline.
+
+    files  = list_inputs(input, captions)                        driver: listing + captions
+    todo   = files not yet fully committed (resume)              driver: scan of the output's parts
+    ds     = ray.data.from_items(todo)                           one block per file
+      .flat_map(decode_and_cut)                                  CPU tasks: probe/decode/shots/filters/crops
+      .map_batches(CaptionEmbedder, ActorPoolStrategy)           actors (GPU when configured): embeddings
+      .map_batches(write_shard)                                  CPU tasks: shards/ + rejects/ parts
+    finalize: rejects.parquet, report.json, then manifest.json   committed last
+
+Resume: every candidate (clip or reject) has a deterministic id and knows how many candidates its file has.
+A re-run scans the committed parts, skips files whose candidates are all committed and drops already
+committed candidates of partly done files, so a run killed at any point and re-run yields the same clip set,
+with no duplicates. Readers use manifest.json's shard list, which is replaced atomically at the very end.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import time
+from collections import Counter, defaultdict
+from datetime import datetime, timezone
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from lumiere import storage
+from lumiere.errors import LumiereError
+from lumiere.storage import StorageOptions
+
+from .curation import REASONS
+from .ingest_config import IngestConfig
+from .ingest_stages import (
+    REJECT_SCHEMA,
+    SCHEMA_VERSION,
+    CaptionEmbedder,
+    decode_and_cut,
+    list_inputs,
+    write_shard,
+)
+
+
+def _read_parts(output_uri: str, folder: str, columns: list[str],
+                options: StorageOptions) -> list[tuple[str, pa.Table]]:
+    root = storage.join(output_uri, folder)
+    if not storage.exists(root, options):
+        return []
+    out = []
+    for uri, _ in storage.list_files(root, options):
+        if uri.endswith(".parquet"):
+            out.append((uri, pq.read_table(io.BytesIO(storage.read_bytes(uri, options)), columns=columns)))
+    return out
+
+
+def scan_committed(output_uri: str, options: StorageOptions) -> dict[str, dict]:
+    """source -> {"ids": committed candidate ids, "expected": candidates the file produces}."""
+    state: dict[str, dict] = defaultdict(lambda: {"ids": set(), "expected": None})
+    cols = ["clip_id", "source", "file_candidates"]
+    for folder in ("shards", "rejects"):
+        for _, table in _read_parts(output_uri, folder, cols, options):
+            for cid, src, n in zip(*(table[c].to_pylist() for c in cols), strict=True):
+                state[src]["ids"].add(cid)
+                state[src]["expected"] = n
+    return state
+
+
+def _clean_temp_files(output_uri: str, options: StorageOptions) -> None:
+    if storage.is_s3(output_uri):
+        return  # S3 objects appear whole; there are no temp files to clean
+    for folder in ("shards", "rejects", ""):
+        root = os.path.join(storage.resolve(output_uri)[1], folder)
+        if os.path.isdir(root):
+            for name in os.listdir(root):
+                if name.startswith(storage.TMP_PREFIX):
+                    os.unlink(os.path.join(root, name))
+
+
+def _init_ray(address: str | None):
+    import logging
+
+    import ray
+    import ray.data
+
+    # our own progress lines and summary replace Ray Data's per-operator progress logs
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        # oversubscribe logical CPUs: decode tasks, the embedding actor and writers must all fit at once
+        ray.init(num_cpus=max(4, 2 * (os.cpu_count() or 2)), log_to_driver=False, include_dashboard=False)
+
+
+def run_ingest(input_uri: str, output_uri: str, captions_uri: str | None = None, cfg: IngestConfig | None = None,
+               address: str | None = None, options: StorageOptions | None = None, log=print) -> dict:
+    """Run (or resume) an ingestion job; returns the report (also written to report.json)."""
+    import ray
+
+    cfg = cfg or IngestConfig()
+    options = options or StorageOptions.from_env()
+    t0 = time.time()
+    try:
+        files, skipped = list_inputs(input_uri, captions_uri, cfg, options)
+    except FileNotFoundError as e:
+        raise LumiereError(f"input {e}; give a directory or s3:// prefix of video files") from None
+    except ValueError as e:
+        raise LumiereError(str(e)) from None
+    if not files:
+        raise LumiereError(f"no video files ({', '.join(cfg.extensions)}) under {input_uri}")
+    _clean_temp_files(output_uri, options)
+    committed = scan_committed(output_uri, options)
+    todo = []
+    for f in files:
+        done = committed.get(f["source"])
+        if done and done["expected"] is not None and len(done["ids"]) >= done["expected"]:
+            continue
+        todo.append({**f, "skip_ids": sorted(done["ids"]) if done else []})
+    log(f"[ingest] {len(files)} video files under {input_uri} ({skipped} other files ignored); "
+        f"{len(files) - len(todo)} already done, {len(todo)} to process -> {output_uri}")
+
+    written = Counter()
+    if todo:
+        _init_ray(address)
+        ds = ray.data.from_items(todo, override_num_blocks=len(todo))
+        ds = ds.flat_map(decode_and_cut, fn_kwargs={"cfg": cfg, "options": options}, num_cpus=cfg.decode_num_cpus)
+        ds = ds.map_batches(
+            CaptionEmbedder, fn_constructor_kwargs={"cfg": cfg}, batch_size=cfg.embed_batch_size,
+            compute=ray.data.ActorPoolStrategy(size=cfg.embed_actors), num_gpus=cfg.embed_num_gpus or None,
+            num_cpus=0.5,
+        )
+        ds = ds.map_batches(write_shard, fn_kwargs={"output_uri": output_uri, "options": options},
+                            batch_size=cfg.shard_clips, num_cpus=0.5)
+        last = 0.0
+        for part in ds.iter_rows():
+            written[part["kind"] + "_rows"] += int(part["rows"])
+            written[part["kind"] + "_files"] += 1
+            written["frames"] += int(part["frames"])
+            if time.time() - last > 2:
+                last = time.time()
+                rate = written["shard_rows"] / max(1e-9, last - t0)
+                log(f"[ingest] {written['shard_rows']} clips in {written['shard_files']} shards, "
+                    f"{written['rejects_rows']} rejects, {rate:.2f} clips/s, {last - t0:.0f}s")
+    return finalize(input_uri, output_uri, captions_uri, files, skipped, cfg, options, t0, written, log)
+
+
+def finalize(input_uri, output_uri, captions_uri, files, skipped, cfg: IngestConfig, options, t0, written,
+             log=print) -> dict:
+    """Check completeness, write rejects.parquet, report.json and — last — manifest.json."""
+    shard_parts = _read_parts(output_uri, "shards", ["clip_id", "source", "num_frames"], options)
+    reject_parts = _read_parts(output_uri, "rejects", REJECT_SCHEMA.names, options)
+    committed = scan_committed(output_uri, options)
+    sources = {f["source"] for f in files}
+    incomplete = [s for s in sources
+                  if s not in committed or len(committed[s]["ids"]) < (committed[s]["expected"] or 1)]
+    clip_ids = [cid for _, t in shard_parts for cid in t["clip_id"].to_pylist()]
+    reject_ids = [cid for _, t in reject_parts for cid in t["clip_id"].to_pylist()]
+    dupes = len(clip_ids) + len(reject_ids) - len(set(clip_ids) | set(reject_ids))
+    if dupes:
+        raise LumiereError(f"{dupes} duplicate clip ids in {output_uri}: the output was written by another job")
+    if incomplete:
+        raise LumiereError(f"{len(incomplete)} files were not fully processed (e.g. {sorted(incomplete)[0]}); "
+                           "re-run the same command to finish them")
+
+    rejects = (pa.concat_tables([t for _, t in reject_parts]) if reject_parts
+               else REJECT_SCHEMA.empty_table())
+    rejects = rejects.filter(pa.compute.is_in(rejects["source"], pa.array(sorted(sources))))
+    sink = io.BytesIO()
+    pq.write_table(rejects, sink)
+    storage.write_bytes(storage.join(output_uri, "rejects.parquet"), sink.getvalue(), options)
+
+    shards = []
+    for uri, t in shard_parts:
+        srcs = set(t["source"].to_pylist())
+        if srcs & sources:
+            shards.append({"path": uri[len(str(output_uri).rstrip("/")) + 1:], "clips": t.num_rows,
+                           "frames": int(pa.compute.sum(t["num_frames"]).as_py() or 0)})
+    n_clips = sum(s["clips"] for s in shards)
+    n_frames = sum(s["frames"] for s in shards)
+    reasons = Counter(rejects["reason"].to_pylist())
+    file_rejects = Counter(r for r, cid in zip(rejects["reason"].to_pylist(), rejects["clip_id"].to_pylist(),
+                                               strict=True) if cid.endswith("-file"))
+    elapsed = time.time() - t0
+    report = {
+        "input": str(input_uri), "output": str(output_uri),
+        "files": len(files), "non_video_files_ignored": skipped,
+        "files_with_clips": len({s for _, t in shard_parts for s in t["source"].to_pylist()} & sources),
+        "files_rejected": sum(file_rejects.values()),
+        "clips": n_clips, "frames": n_frames, "rejects": dict(sorted(reasons.items())),
+        "rejected_files_by_reason": dict(sorted(file_rejects.items())),
+        "this_run": {"clips_written": written["shard_rows"], "rejects_written": written["rejects_rows"],
+                     "seconds": round(elapsed, 2),
+                     "clips_per_s": round(written["shard_rows"] / elapsed, 3) if elapsed else 0.0,
+                     "frames_per_s": round(written["frames"] / elapsed, 1) if elapsed else 0.0},
+        "reason_codes": REASONS,
+    }
+    storage.write_bytes(storage.join(output_uri, "report.json"), json.dumps(report, indent=2).encode(), options)
+
+    from lumiere.text_encoder import TextEncoder
+
+    enc_cfg = cfg.text_encoder()
+    encoder = TextEncoder(enc_cfg)
+    tokens, pooled = encoder.encode_text([""])
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "input": str(input_uri), "captions": captions_uri,
+        "clips": n_clips, "frames": n_frames, "files": len(files),
+        "clip_frames": cfg.clip_frames, "fps": cfg.fps, "size": cfg.size, "hr_size": cfg.hr_size,
+        "frames_format": cfg.frame_format,
+        "text_encoder": {"config": vars(enc_cfg), "fingerprint": encoder.fingerprint(),
+                         "token_shape": list(tokens.shape[1:]), "token_dtype": "float16",
+                         "pooled_dim": int(pooled.shape[1])},
+        "config": cfg.model_dump(mode="json"),
+        "shards": sorted(shards, key=lambda s: s["path"]),
+    }
+    storage.write_bytes(storage.join(output_uri, "manifest.json"), json.dumps(manifest, indent=2).encode(), options)
+    _print_summary(report, log)
+    return report
+
+
+def _print_summary(report: dict, log=print) -> None:
+    rows = [("files", report["files"]), ("  with clips", report["files_with_clips"]),
+            ("  rejected whole", report["files_rejected"]), ("clips", report["clips"]),
+            ("frames", report["frames"])]
+    rows += [(f"reject: {k}", v) for k, v in report["rejects"].items()]
+    run = report["this_run"]
+    rows += [("this run: seconds", run["seconds"]), ("this run: clips/s", run["clips_per_s"]),
+             ("this run: frames/s", run["frames_per_s"])]
+    width = max(len(k) for k, _ in rows)
+    log("\n" + "\n".join(f"  {k:<{width}}  {v:>10}" for k, v in rows))
+    log(f"\nshards, rejects.parquet, report.json and manifest.json in {report['output']}")

@@ -1,0 +1,125 @@
+"""Ingestion stages without Ray: shot cuts, filters, crops, captions, timeouts, the embedding actor."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import corpus
+from lumiere.storage import StorageOptions
+from pipelines.curation import (
+    Reject,
+    clip_scores,
+    decode_with_timeout,
+    resample_indices,
+    resize_center_crop,
+    shot_boundaries,
+)
+from pipelines.ingest_config import load_ingest_config
+from pipelines.ingest_stages import CaptionEmbedder, decode_and_cut, list_inputs
+
+CFG = load_ingest_config(None, ["encoder_from=tiny"])
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    return root, corpus.build(root)
+
+
+def _file(root, name, caption="a caption"):
+    path = root / "videos" / name
+    return {"source": str(path), "size": path.stat().st_size, "caption": caption, "has_caption": bool(caption)}
+
+
+@pytest.mark.parametrize("src_fps", [24, 25, 30000 / 1001, 30, 60])
+def test_resampling_picks_nearest_source_frame(src_fps):
+    idx = resample_indices(int(src_fps * 10), src_fps, 16)
+    t_out = np.arange(len(idx)) / 16
+    assert np.all(np.abs(idx / src_fps - t_out) <= 0.5 / src_fps + 1e-9)
+    assert len(idx) == 160
+
+
+def test_shot_boundaries_split_at_hard_cuts_only():
+    a = corpus.moving(40, 64, 64, seed=0, background=30)
+    b = corpus.moving(30, 64, 64, seed=1, spec=("circle", "blue", "up"), background=200)
+    assert shot_boundaries(np.concatenate([a, b]), 0.5) == [(0, 40), (40, 70)]
+    assert shot_boundaries(a, 0.5) == [(0, 40)]  # motion alone is no cut
+
+
+def test_clip_scores_flag_static_black_and_blank():
+    moving = clip_scores(corpus.moving(32, 128, 128, seed=0))
+    static = clip_scores(np.repeat(corpus.moving(1, 128, 128, seed=0), 32, axis=0))
+    black = clip_scores(np.zeros((32, 64, 64, 3), np.uint8))
+    blank = clip_scores(np.full((32, 64, 64, 3), 128, np.uint8))
+    assert moving["motion_score"] > CFG.static_threshold > static["motion_score"]
+    assert black["black_fraction"] == 1 and moving["black_fraction"] == 0
+    assert blank["blank_fraction"] == 1 and blank["black_fraction"] == 0 and moving["blank_fraction"] == 0
+
+
+def test_resize_center_crop_keeps_the_centre():
+    frames = np.zeros((2, 100, 200, 3), np.uint8)
+    frames[:, :, 50:150] = 255  # the centre square is white
+    out = resize_center_crop(frames, 64)
+    assert out.shape == (2, 64, 64, 3) and out[:, :, 2:-2].min() > 250  # antialiasing softens only the edge
+
+
+def test_decode_timeout_is_a_reject(built):
+    root, _ = built
+    with pytest.raises(Reject) as info:
+        decode_with_timeout(str(root / "videos" / "fps60_hd.mp4"), 16, 128, timeout_s=0.001)
+    assert info.value.reason == "decode_timeout"
+    rows = decode_and_cut(_file(root, "fps60_hd.mp4"), CFG.model_copy(update={"decode_timeout_s": 0.001}),
+                          StorageOptions())
+    assert [r["reason"] for r in rows] == ["decode_timeout"]
+
+
+def test_missing_caption_can_be_kept(built):
+    root, _ = built
+    keep = CFG.model_copy(update={"missing_caption": "keep"})
+    rows = decode_and_cut(_file(root, "no_caption.mp4", caption=""), keep, StorageOptions())
+    assert [r["status"] for r in rows] == ["ok"] and rows[0]["caption"] == ""
+    rows = decode_and_cut(_file(root, "no_caption.mp4", caption=""), CFG, StorageOptions())
+    assert [r["reason"] for r in rows] == ["no_caption"]
+
+
+def test_candidates_share_keys_and_skip_committed_ids(built):
+    root, _ = built
+    rows = decode_and_cut(_file(root, "cut.mp4"), CFG, StorageOptions())
+    assert len(rows) == 2 and len({tuple(sorted(r)) for r in rows}) == 1
+    assert all(r["file_candidates"] == 2 for r in rows)
+    again = decode_and_cut({**_file(root, "cut.mp4"), "skip_ids": [rows[0]["clip_id"]]}, CFG, StorageOptions())
+    assert [r["clip_id"] for r in again] == [rows[1]["clip_id"]]
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet", "jsonl"])
+def test_caption_sidecars(built, tmp_path, fmt):
+    root, _ = built
+    records = [{"path": "fps25.mp4", "caption": "from the sidecar"}]
+    side = tmp_path / f"captions.{fmt}"
+    if fmt == "csv":
+        side.write_text("path,caption\nfps25.mp4,from the sidecar\n")
+    elif fmt == "parquet":
+        pq.write_table(pa.Table.from_pylist(records), side)
+    else:
+        side.write_text("\n".join(json.dumps(r) for r in records))
+    files, skipped = list_inputs(str(root / "videos"), str(side), CFG, StorageOptions())
+    by_name = {f["source"].rsplit("/", 1)[1]: f for f in files}
+    assert by_name["fps25.mp4"]["caption"] == "from the sidecar"
+    assert by_name["beside.mp4"]["caption"] == "a green circle moving down"
+    assert not by_name["fps60_hd.mp4"]["has_caption"] and skipped == 2
+
+
+def test_embedder_scores_and_low_clip_score_filter(built):
+    root, _ = built
+    rows = decode_and_cut(_file(root, "fps25.mp4"), CFG, StorageOptions())
+    batch = {k: np.array([r[k] for r in rows], dtype=object) for k in rows[0]}
+    out = CaptionEmbedder(CFG)(dict(batch))
+    assert out["status"][0] == "ok" and -1 <= out["clip_score"][0] <= 1
+    strict = CaptionEmbedder(CFG.model_copy(update={"min_clip_score": 1.5}))
+    out = strict({k: v.copy() for k, v in batch.items()})
+    assert out["status"][0] == "reject" and out["reason"][0] == "low_clip_score"
