@@ -99,6 +99,45 @@ def ingest(
         _echo("warning: no clip passed the filters; see rejects.parquet and report.json for the reasons")
 
 
+@app.command(context_settings={"allow_extra_args": False})
+def train(
+    kind: str = typer.Argument(..., help="t2i (the 2D prior) or stunet (inflate a t2i checkpoint)."),
+    data: str = typer.Option(..., help="An ingestion output (directory or s3:// prefix with manifest.json)."),
+    output: Path = typer.Option(..., help="Run directory: Ray Train state and checkpoints/latest."),
+    config: str = typer.Option("small", help="A named config (tiny, small, base) or a YAML path."),
+    init_from: str | None = typer.Option(None, help="Checkpoint dir, a run's output dir, or a models:/ URI."),
+    num_workers: int = typer.Option(1, min=1, help="Ray Train workers (DDP)."),
+    gpu: bool = typer.Option(False, help="One GPU per worker, bf16 autocast, nccl."),
+    compile: bool = typer.Option(False, help="torch.compile the model (GPU only)."),
+    max_steps: int | None = typer.Option(None, min=1, help="Shorthand for --set train.max_steps=N."),
+    batch_size: int | None = typer.Option(None, min=1, help="Per-worker batch (train.batch_size)."),
+    lr: float | None = typer.Option(None, min=0.0, help="Peak learning rate (train.lr)."),
+    run_name: str | None = typer.Option(None, help="Re-using a run name resumes that run."),
+    address: str | None = typer.Option(
+        None, help="http://HOST:8265 submits through the Ray Jobs API; HOST:PORT joins a cluster as driver."
+    ),
+    max_failures: int = typer.Option(3, min=0, help="Worker failures survived by restoring the last checkpoint."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+):
+    """Train the text-to-image prior or the STUNet on Ray Train, tracked in MLflow."""
+    from .config import load_config
+
+    overrides = list(set_)
+    for key, value in (("train.max_steps", max_steps), ("train.batch_size", batch_size), ("train.lr", lr)):
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    cfg = load_config(config, overrides)
+    if address and address.startswith(("http://", "https://")):
+        from pipelines.submit import submit_and_follow
+
+        argv = [a for a in sys.argv[1:]]
+        raise typer.Exit(submit_and_follow(address, argv))
+    from pipelines.train import run_training
+
+    run_training(kind, data, str(output), cfg, init_from=init_from, num_workers=num_workers, gpu=gpu,
+                 run_name=run_name, address=address, compile=compile, max_failures=max_failures)
+
+
 @app.command()
 def generate(
     prompt: str = typer.Option(..., help="What the video should show."),

@@ -77,9 +77,11 @@ def lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
 class TrainStep:
     """Owns optimizer, LR schedule, EMA and noise schedule for one model; `__call__` does one step."""
 
-    def __init__(self, model: nn.Module, cfg: LumiereConfig, kind: str, forward: nn.Module | None = None):
+    def __init__(self, model: nn.Module, cfg: LumiereConfig, kind: str, forward: nn.Module | None = None,
+                 amp_dtype: torch.dtype | None = None):
         self.model = model  # the module whose weights are saved
         self.forward = forward or model  # what is called (e.g. a DDP wrapper of `model`)
+        self.amp_dtype = amp_dtype  # e.g. torch.bfloat16 on GPU: autocast for the forward pass
         self.cfg = cfg
         self.to_input = INPUTS[kind]
         params = [p for p in model.parameters() if p.requires_grad]
@@ -100,7 +102,8 @@ class TrainStep:
         self.model.train()
         x0 = self.to_input(clips, self.generator)
         cond = drop_conditioning(cond, self.cfg.diffusion.cond_dropout, self.generator)
-        loss = diffusion_loss(self.forward, x0, cond, self.noise_schedule, self.generator)
+        with torch.autocast(x0.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+            loss = diffusion_loss(self.forward, x0, cond, self.noise_schedule, self.generator)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -26,11 +27,18 @@ def perturb_(module: torch.nn.Module, std: float = 0.05, seed: int = 0) -> torch
     return module
 
 
-def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run the `lumiere` CLI in a subprocess (as a user would), capturing output."""
-    return subprocess.run(
-        [sys.executable, "-m", "lumiere.cli", *args], capture_output=True, text=True, timeout=timeout
-    )
+def run_cli(*args: str, timeout: float = 300, env: dict | None = None,
+            retries_until_up: int = 0) -> subprocess.CompletedProcess:
+    """Run the `lumiere` CLI in a subprocess (as a user would), capturing output. With retries_until_up, a run
+    that fails because a server it talks to is not up yet ("cannot reach") is retried once a second."""
+    for _ in range(retries_until_up + 1):
+        proc = subprocess.run(
+            [sys.executable, "-m", "lumiere.cli", *args], capture_output=True, text=True, timeout=timeout, env=env
+        )
+        if "cannot reach" not in proc.stderr:
+            break
+        time.sleep(1)
+    return proc
 
 
 @pytest.fixture(scope="session")

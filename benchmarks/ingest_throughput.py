@@ -1,0 +1,355 @@
+"""End-to-end ingestion throughput (`pipelines.ingest.run_ingest`) against the decode limit, and where the time goes.
+
+1. Corpus: `--videos` moving-shapes videos at `--side`×`--side`, `--seconds` long, written with
+   `lumiere.video.write_mp4` at frame rates cycling through `--fps-list` (so the pipeline resamples to 16 fps),
+   plus captions.jsonl, in a temp dir.
+2. Raw decode: a plain decord loop over the same files (`VideoReader` + `get_batch` of every frame, one
+   process), with decord's default threading and with `num_threads=1` → source frames/s.
+3. Stages in-process, no Ray: the curation functions called in `decode_and_cut`'s order, each timed
+   (probe, decode_with_timeout = forked decode, decode_resampled alone for comparison, shot_boundaries,
+   clip_scores, resize_center_crop base/hr, mp4 encode base/hr), then `decode_and_cut` itself per file,
+   `CaptionEmbedder` (construction and calls) and `write_shard`. torch runs with 1 thread here, as in a Ray
+   task with num_cpus=1.
+4. End to end: `run_ingest` on a local Ray started with `ray.init(address="local", num_cpus=N)` for each N in
+   `--ray-cpus`, with decode_num_cpus=1, so at most N−1 decode tasks run at once (the embedding actor holds 0.5
+   CPU, a writer needs 0.5). Ray start-up is timed separately; the pipeline time is from just before
+   `run_ingest` to just after it returns (listing, Ray Data, embedding actor start-up, shards, finalize).
+   Each stage function is wrapped (in this script only) to log its start/end times and process id, which
+   gives the real decode concurrency and a timeline. A watchdog stops a run after `--timeout` s.
+
+    .venv/bin/python benchmarks/ingest_throughput.py                          # 24 videos, N = 2 3 4
+    .venv/bin/python benchmarks/ingest_throughput.py --videos 8 --ray-cpus 4 --json /tmp/ingest.json
+"""
+
+from __future__ import annotations
+
+import _thread
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from lumiere.shapes import COLORS, DIRECTIONS, SHAPES, ShapeSpec, caption, render_clip  # noqa: E402
+from lumiere.storage import StorageOptions  # noqa: E402
+from lumiere.video import write_mp4  # noqa: E402
+from pipelines import curation, ingest, ingest_stages  # noqa: E402
+from pipelines.ingest_config import IngestConfig, load_ingest_config  # noqa: E402
+
+
+# --- 1. corpus ----------------------------------------------------------------------------------------------
+def make_videos(root: Path, count: int, side: int, seconds: float, fps_list: list[float], seed: int) -> list[dict]:
+    (root / "videos").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    records = []
+    for i in range(count):
+        fps = fps_list[i % len(fps_list)]
+        spec = ShapeSpec(str(rng.choice(SHAPES)), str(rng.choice(list(COLORS))), str(rng.choice(list(DIRECTIONS))))
+        frames = render_clip([spec], round(fps * seconds), side, np.random.default_rng([seed, i]))
+        rel = f"videos/v{i:03d}_{fps:g}fps.mp4"
+        write_mp4(root / rel, frames, fps=fps)
+        records.append({"path": rel, "caption": caption(spec), "fps": fps, "frames": len(frames)})
+    with open(root / "captions.jsonl", "w") as f:
+        for r in records:
+            f.write(json.dumps({"path": r["path"], "caption": r["caption"]}) + "\n")
+    return records
+
+
+# --- 2. raw decode ------------------------------------------------------------------------------------------
+def raw_decode(paths: list[str], num_threads: int) -> dict:
+    import decord
+
+    frames = 0
+    c0, t0 = time.process_time(), time.perf_counter()
+    for p in paths:
+        vr = decord.VideoReader(p, ctx=decord.cpu(0), num_threads=num_threads)
+        frames += len(vr.get_batch(list(range(len(vr)))).asnumpy())
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {"frames": frames, "seconds": wall, "cpu_seconds": cpu, "frames_per_s": frames / wall}
+
+
+# --- 3. stages in-process -----------------------------------------------------------------------------------
+class Timer:
+    def __init__(self):
+        self.total = defaultdict(float)
+        self.calls = defaultdict(int)
+
+    def __call__(self, name, fn, *a, **kw):
+        t0 = time.perf_counter()
+        out = fn(*a, **kw)
+        self.total[name] += time.perf_counter() - t0
+        self.calls[name] += 1
+        return out
+
+
+def stage_breakdown(files: list[dict], cfg: IngestConfig, out_dir: str) -> dict:
+    """Per-file work in decode_and_cut's order (same functions, same arguments), then the real stages."""
+    import torch
+
+    torch.set_num_threads(1)
+    T = Timer()
+    clips = 0
+    for row in files:
+        path = row["source"]
+        meta = T("probe", curation.probe, path)
+        short_side = max(cfg.size, cfg.hr_size or 0)
+        frames, _, _ = T("decode_with_timeout (fork)", curation.decode_with_timeout, path, cfg.fps, short_side,
+                         cfg.decode_timeout_s)
+        T("(decode_resampled in-process)", curation.decode_resampled, path, cfg.fps, short_side)
+        shots = T("shot_boundaries", curation.shot_boundaries, frames, cfg.cut_threshold)
+        for a, b in shots:
+            for k in range((b - a) // cfg.clip_frames):
+                clip = frames[a + k * cfg.clip_frames: a + (k + 1) * cfg.clip_frames]
+                T("clip_scores", curation.clip_scores, clip)
+                base = T("resize_center_crop base", curation.resize_center_crop, clip, cfg.size)
+                T("encode base (mp4)" if cfg.frame_format == "mp4" else "encode base (raw)",
+                  ingest_stages._encode, base, cfg)
+                if cfg.hr_size and min(meta.width, meta.height) >= cfg.hr_size:
+                    hr = T("resize_center_crop hr", curation.resize_center_crop, clip, cfg.hr_size)
+                    T("encode hr", ingest_stages._encode, hr, cfg)
+                clips += 1
+    parts = {k: v for k, v in T.total.items() if not k.startswith("(")}
+    per_file = {"sum_of_parts_s": sum(parts.values())}
+
+    options = StorageOptions()
+    rows = []
+    for row in files:
+        rows += T("decode_and_cut (whole)", ingest_stages.decode_and_cut, row, cfg, options)
+    per_file["decode_and_cut_s"] = T.total["decode_and_cut (whole)"]
+    ok = sum(r["status"] == "ok" for r in rows)
+
+    embedder = T("CaptionEmbedder() construction", ingest_stages.CaptionEmbedder, cfg)
+    batches = []
+    for i in range(0, len(rows), cfg.embed_batch_size):
+        chunk = rows[i:i + cfg.embed_batch_size]
+        batch = {k: np.array([r[k] for r in chunk], dtype=object) for k in chunk[0]}
+        batches.append(T("CaptionEmbedder() call", embedder, batch))
+    for b in batches:
+        T("write_shard", ingest_stages.write_shard, b, out_dir, options)
+    torch.set_num_threads(os.cpu_count() or 1)
+    return {"clips": clips, "ok_rows": ok, "rows": len(rows), "seconds": dict(T.total), "calls": dict(T.calls),
+            **per_file}
+
+
+# --- 4. end to end on Ray -----------------------------------------------------------------------------------
+def _traced(kind: str, fn, log_dir: str):
+    """fn wrapped to append (kind, pid, start, end) to a per-process file in log_dir (runs inside Ray workers)."""
+    def wrapper(*a, **kw):
+        t0 = time.time()
+        try:
+            return fn(*a, **kw)
+        finally:
+            with open(os.path.join(log_dir, f"{os.getpid()}.log"), "a") as f:
+                f.write(f"{kind} {os.getpid()} {t0} {time.time()}\n")
+    return wrapper
+
+
+def _traced_embedder(log_dir: str):
+    base = ingest_stages.CaptionEmbedder
+
+    class TracedEmbedder(base):
+        def __init__(self, cfg):
+            _traced("embed_init", super().__init__, log_dir)(cfg)
+
+        def __call__(self, batch):
+            return _traced("embed", super().__call__, log_dir)(batch)
+
+    return TracedEmbedder
+
+
+def _read_trace(log_dir: str) -> list[tuple[str, int, float, float]]:
+    events = []
+    for name in os.listdir(log_dir):
+        with open(os.path.join(log_dir, name)) as f:
+            for line in f:
+                kind, pid, a, b = line.split()
+                events.append((kind, int(pid), float(a), float(b)))
+    return events
+
+
+def _max_concurrency(spans: list[tuple[float, float]]) -> int:
+    points = sorted([(a, 1) for a, _ in spans] + [(b, -1) for _, b in spans])
+    best = cur = 0
+    for _, d in points:
+        cur += d
+        best = max(best, cur)
+    return best
+
+
+def end_to_end(root: Path, cfg: IngestConfig, num_cpus: int, timeout: float, work: Path) -> dict:
+    import ray
+
+    log_dir = tempfile.mkdtemp(prefix="trace-", dir=work)
+    out = work / f"out-{num_cpus}cpu"
+    t0 = time.perf_counter()
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    ray_start = time.perf_counter() - t0
+    saved = ingest.decode_and_cut, ingest.CaptionEmbedder, ingest.write_shard
+    ingest.decode_and_cut = _traced("decode", ingest_stages.decode_and_cut, log_dir)
+    ingest.CaptionEmbedder = _traced_embedder(log_dir)
+    ingest.write_shard = _traced("write", ingest_stages.write_shard, log_dir)
+    done = threading.Event()
+
+    def watchdog():
+        if not done.wait(timeout):
+            _thread.interrupt_main()
+
+    threading.Thread(target=watchdog, daemon=True).start()
+    result = {"ray_cpus": num_cpus, "ray_start_s": ray_start}
+    lines = []
+    start = time.time()
+    t0 = time.perf_counter()
+    try:
+        report = ingest.run_ingest(str(root), str(out), str(root / "captions.jsonl"), cfg, log=lines.append)
+        result.update(seconds=time.perf_counter() - t0, clips=report["clips"], rejects=report["rejects"],
+                      status="ok")
+    except KeyboardInterrupt:
+        result.update(seconds=time.perf_counter() - t0, status=f"stopped by the watchdog after {timeout:g}s")
+    finally:
+        done.set()
+        ingest.decode_and_cut, ingest.CaptionEmbedder, ingest.write_shard = saved
+        t1 = time.perf_counter()
+        ray.shutdown()
+        result["ray_shutdown_s"] = time.perf_counter() - t1
+    events = _read_trace(log_dir)
+    by = defaultdict(list)
+    for kind, pid, a, b in events:
+        by[kind].append((pid, a - start, b - start))
+    dec = by["decode"]
+    if dec:
+        result["decode_tasks"] = len(dec)
+        result["decode_processes"] = len({p for p, _, _ in dec})
+        result["decode_max_concurrent"] = _max_concurrency([(a, b) for _, a, b in dec])
+        result["decode_task_s_median"] = statistics.median(b - a for _, a, b in dec)
+        result["decode_task_s_sum"] = sum(b - a for _, a, b in dec)
+        result["first_decode_start_s"] = min(a for _, a, _ in dec)
+        result["last_decode_end_s"] = max(b for _, _, b in dec)
+    for kind in ("embed_init", "embed", "write"):
+        if by[kind]:
+            result[f"{kind}_start_s"] = min(a for _, a, _ in by[kind])
+            result[f"{kind}_end_s"] = max(b for _, _, b in by[kind])
+            result[f"{kind}_s_sum"] = sum(b - a for _, a, b in by[kind])
+            result[f"{kind}_calls"] = len(by[kind])
+    return result
+
+
+# --- report -------------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--videos", type=int, default=24)
+    ap.add_argument("--side", type=int, default=160, help="source frame size (square), default 160")
+    ap.add_argument("--seconds", type=float, default=5.5, help="video length; 5 s = one 80-frame clip at 16 fps")
+    ap.add_argument("--fps-list", type=float, nargs="+", default=[16, 24, 25, 30, 30000 / 1001])
+    ap.add_argument("--ray-cpus", type=int, nargs="*", default=[2, 3, 4],
+                    help="logical CPUs of the local Ray, one end-to-end run each (default 2 3 4)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[],
+                    help="ingest config override, e.g. --set frame_format=raw (default: encoder_from=small)")
+    ap.add_argument("--timeout", type=float, default=170, help="watchdog per end-to-end run, seconds")
+    ap.add_argument("--skip-stages", action="store_true", help="skip the in-process stage breakdown")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", type=Path, help="also write all measurements as JSON here")
+    args = ap.parse_args(argv)
+    cfg = load_ingest_config(None, ["encoder_from=small", *args.overrides])
+    say = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
+
+    with tempfile.TemporaryDirectory(prefix="lumiere-ingest-bench-") as tmp:
+        work = Path(tmp)
+        root = work / "corpus"
+        t0 = time.perf_counter()
+        records = make_videos(root, args.videos, args.side, args.seconds, args.fps_list, args.seed)
+        src_frames = sum(r["frames"] for r in records)
+        say(f"corpus: {len(records)} videos, {src_frames} source frames, {time.perf_counter() - t0:.1f}s")
+        files, _ = ingest_stages.list_inputs(str(root), str(root / "captions.jsonl"), cfg, StorageOptions())
+        assert len(files) == args.videos and all(f["has_caption"] for f in files), "captions not matched"
+        paths = [f["source"] for f in files]
+
+        raw_default = raw_decode(paths, 0)
+        raw_one = raw_decode(paths, 1)
+        assert raw_default["frames"] == src_frames, (raw_default["frames"], src_frames)
+        say(f"raw decode: {raw_default['frames_per_s']:.0f} frames/s (default threads), "
+            f"{raw_one['frames_per_s']:.0f} frames/s (1 thread)")
+
+        stages = None
+        if not args.skip_stages:
+            stages = stage_breakdown(files, cfg, str(work / "stage-out"))
+            say(f"stages in-process: decode_and_cut {stages['decode_and_cut_s']:.1f}s")
+
+        e2e = []
+        for n in args.ray_cpus:
+            r = end_to_end(root, cfg, n, args.timeout, work)
+            e2e.append(r)
+            say(f"end to end, Ray num_cpus={n}: {r['status']}, {r['seconds']:.1f}s (+{r['ray_start_s']:.1f}s start)")
+
+    base = raw_default["seconds"]
+    cores = os.cpu_count() or 1
+    print(f"Corpus: {args.videos} videos, {args.side}×{args.side}, {args.seconds:g} s each at fps "
+          f"{', '.join(f'{f:g}' for f in args.fps_list)} → {src_frames} source frames; config: "
+          f"{', '.join(['encoder_from=small', *args.overrides])}, frame_format={cfg.frame_format}, "
+          f"crf {cfg.mp4_crf}, hr_size {cfg.hr_size}; {cores} cores\n")
+    print("| what | seconds | clips/s | source frames/s | frames/s per core | time / raw decode |")
+    print("|---|---|---|---|---|---|")
+    print(f"| raw decord decode, default threads (CPU {raw_default['cpu_seconds']:.1f}s) | {base:.2f} | – "
+          f"| {raw_default['frames_per_s']:.0f} | {raw_default['frames_per_s'] / cores:.0f} | 1.00× |")
+    print(f"| raw decord decode, num_threads=1 (CPU {raw_one['cpu_seconds']:.1f}s) | {raw_one['seconds']:.2f} | – "
+          f"| {raw_one['frames_per_s']:.0f} | {raw_one['frames_per_s']:.0f} | {raw_one['seconds'] / base:.2f}× |")
+    if stages:
+        s = stages["decode_and_cut_s"]
+        print(f"| decode_and_cut in-process, 1 process, torch 1 thread | {s:.2f} | {stages['clips'] / s:.2f} "
+              f"| {src_frames / s:.0f} | {src_frames / s:.0f} | {s / base:.2f}× |")
+    for r in e2e:
+        if r["status"] != "ok":
+            print(f"| run_ingest, Ray num_cpus={r['ray_cpus']} | {r['status']} | | | | |")
+            continue
+        s = r["seconds"]
+        used = min(cores, r.get("decode_max_concurrent", 1))
+        print(f"| run_ingest, Ray num_cpus={r['ray_cpus']} (≤{r.get('decode_max_concurrent', '?')} decode tasks "
+              f"at once; Ray start {r['ray_start_s']:.1f}s not included) | {s:.2f} | {r['clips'] / s:.2f} "
+              f"| {src_frames / s:.0f} | {src_frames / s / used:.0f} (over {used}) | {s / base:.2f}× |")
+
+    if stages:
+        print("\nIn-process breakdown (same functions and order as decode_and_cut; torch 1 thread):\n")
+        print("| step | calls | total s | ms/call | share of decode_and_cut |")
+        print("|---|---|---|---|---|")
+        for k, v in sorted(stages["seconds"].items(), key=lambda kv: -kv[1]):
+            n = stages["calls"][k]
+            share = "" if k.startswith(("decode_and_cut", "CaptionEmbedder", "write_shard", "(")) \
+                else f"{100 * v / stages['decode_and_cut_s']:.0f}%"
+            print(f"| {k} | {n} | {v:.2f} | {1e3 * v / n:.1f} | {share} |")
+        print(f"\nsum of the timed parts {stages['sum_of_parts_s']:.2f}s vs decode_and_cut "
+              f"{stages['decode_and_cut_s']:.2f}s")
+
+    print("\nEnd-to-end timeline (seconds from run_ingest's start):\n")
+    print("| Ray num_cpus | decode tasks (processes) | max concurrent | decode task median s | decode busy s "
+          "| first decode → last decode | embed actor init | embed calls (busy s) | writes (last ends) | total |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in e2e:
+        if "decode_tasks" not in r:
+            continue
+        print(f"| {r['ray_cpus']} | {r['decode_tasks']} ({r['decode_processes']}) | {r['decode_max_concurrent']} "
+              f"| {r['decode_task_s_median']:.2f} | {r['decode_task_s_sum']:.1f} "
+              f"| {r['first_decode_start_s']:.1f} → {r['last_decode_end_s']:.1f} "
+              f"| {r.get('embed_init_start_s', float('nan')):.1f} → {r.get('embed_init_end_s', float('nan')):.1f} "
+              f"| {r.get('embed_calls', 0)} ({r.get('embed_s_sum', 0):.2f}) "
+              f"| {r.get('write_calls', 0)} ({r.get('write_end_s', float('nan')):.1f}) | {r['seconds']:.1f} |")
+
+    if args.json:
+        meta = {"argv": sys.argv[1:], "python": platform.python_version(), "cores": cores,
+                "source_frames": src_frames, "config": cfg.model_dump(mode="json")}
+        args.json.write_text(json.dumps({"meta": meta, "raw_decode": {"default": raw_default, "one_thread": raw_one},
+                                         "stages": stages, "end_to_end": e2e}, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

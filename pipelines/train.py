@@ -1,0 +1,346 @@
+"""`lumiere train {t2i,stunet}`: Ray Train V2 jobs over ingestion shards, with MLflow and fault tolerance.
+
+    driver   validate data / init checkpoint / cluster size      one-line errors before anything starts
+             MLflow run (created, or found again by run name)     rank 0 logs into it
+             TorchTrainer(train_loop, datasets={"train": clips})  RunConfig(name, storage_path): same name resumes
+    workers  build model (t2i: the 2D prior; stunet: inflate the t2i checkpoint, prior frozen)
+             DDP via prepare_model (gloo on CPU, nccl on GPU); bf16 autocast / torch.compile on GPU
+             restore from ray.train.get_checkpoint() if any (weights, EMA, optimizer, schedule, step, RNG)
+             loop: iter_torch_batches -> TrainStep (the loop shared with the demo) -> metrics / checkpoints
+    driver   copy the final checkpoint to OUTPUT/checkpoints/, register it in the MLflow Model Registry
+
+The data position is not restored exactly: after a restart the loader starts a new pass over the shards
+(the step count, optimizer and schedule continue). A killed worker costs at most the steps since the last
+checkpoint (`train.checkpoint_every`).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from lumiere.checkpoint import build_prior, build_stunet, load_train_state, load_weights, read_meta, save_checkpoint
+from lumiere.config import LumiereConfig, build_config
+from lumiere.errors import LumiereError
+
+from .shards import check_manifest, clip_dataset, read_manifest
+
+KINDS = ("t2i", "stunet")
+SAMPLE_PROMPTS = ["a red square moving right", "a blue circle moving down"]
+
+
+@dataclass
+class TrainJob:
+    """What the driver hands every worker (plain data: it is pickled to the workers)."""
+
+    kind: str
+    cfg: dict
+    init_from: str | None
+    mlflow_uri: str
+    mlflow_run_id: str
+    text_fingerprint: str
+    use_gpu: bool = False
+    compile: bool = False
+    sample_every: int = 0
+    sample_prompts: list[str] = field(default_factory=lambda: list(SAMPLE_PROMPTS))
+
+
+# --- the worker side ---------------------------------------------------------------------------------------
+def build_for_training(kind: str, cfg: LumiereConfig, init_from: str | None) -> torch.nn.Module:
+    """t2i: a fresh prior (or one to fine-tune); stunet: the t2i prior inflated (or a stunet to continue)."""
+    if kind == "t2i":
+        model = build_prior(cfg)
+        if init_from:
+            load_weights(model, Path(init_from), use_ema=True)
+        return model
+    _, meta = read_meta(init_from)
+    if meta["kind"] == "t2i":
+        prior = build_prior(cfg)
+        load_weights(prior, Path(init_from), use_ema=True)
+        return build_stunet(cfg, prior)
+    model = build_stunet(cfg)
+    load_weights(model, Path(init_from), use_ema=True)
+    return model
+
+
+def _log_sample_video(model, cfg: LumiereConfig, kind: str, step_fn, prompts, mlflow_client, run_id) -> None:
+    """Render the fixed prompts with the EMA weights and log them as an mp4 artifact."""
+    import copy
+
+    from lumiere.pipeline import TextToVideo
+    from lumiere.text_encoder import TextEncoder
+    from lumiere.video import write_mp4
+
+    ema = copy.deepcopy(model).cpu().eval()
+    ema.load_state_dict({k: v.cpu() for k, v in step_fn.ema.state_dict(model).items()})
+    stunet = ema if kind == "stunet" else build_stunet(cfg, ema)
+    gen = TextToVideo(stunet, TextEncoder(cfg.text), cfg, "training sample")
+    result = gen.generate(prompts, seed=0, steps=min(cfg.sample.steps, 20))
+    with tempfile.TemporaryDirectory() as d:
+        for i, video in enumerate(result.videos):
+            path = Path(d) / f"step{step_fn.step:07d}_{i}_{'_'.join(prompts[i].split())[:40]}.mp4"
+            write_mp4(path, video, fps=result.fps)
+            mlflow_client.log_artifact(run_id, str(path), artifact_path="samples")
+
+
+def train_loop_per_worker(job_dict: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    from lumiere.diffusion import Conditioning
+    from lumiere.trainer import TrainStep, clips_to_model
+
+    job = TrainJob(**job_dict)
+    cfg = build_config(job.cfg)
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.train.seed + rank)
+
+    model = build_for_training(job.kind, cfg, job.init_from).to(device)
+    forward = ray.train.torch.prepare_model(model, move_to_device=False)  # DDP: gloo on CPU, nccl on GPU
+    if job.compile and job.use_gpu:
+        forward = torch.compile(forward)
+    amp = torch.bfloat16 if job.use_gpu else None
+    step_fn = TrainStep(model, cfg, job.kind, forward=forward, amp_dtype=amp)
+
+    restored = ray.train.get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as d:
+            load_weights(model, Path(d), use_ema=False)
+            from safetensors.torch import load_file
+
+            ema = load_file(Path(d) / "ema.safetensors") if (Path(d) / "ema.safetensors").exists() else None
+            step_fn.load_state_dict(load_train_state(d), ema)
+        print(f"[train] rank {rank}: resumed from checkpoint at step {step_fn.step}", flush=True)
+
+    client = None
+    if rank == 0:
+        import mlflow
+
+        client = mlflow.MlflowClient(tracking_uri=job.mlflow_uri)
+
+    def checkpoint_and_report(metrics: dict) -> None:
+        with tempfile.TemporaryDirectory() as d:
+            ckpt = None
+            if rank == 0:
+                path = save_checkpoint(
+                    Path(d) / "ckpt", model, cfg, job.kind, step=step_fn.step, ema_state=step_fn.ema.state_dict(model),
+                    train_state=step_fn.state_dict(), extra_meta={"text_fingerprint": job.text_fingerprint},
+                )
+                ckpt = ray.train.Checkpoint.from_directory(str(path))
+            ray.train.report(metrics, checkpoint=ckpt)
+
+    shard = ray.train.get_dataset_shard("train")
+    max_steps, t_last, window = cfg.train.max_steps, time.perf_counter(), []
+    metrics = {"step": step_fn.step}
+    while step_fn.step < max_steps:
+        for batch in shard.iter_torch_batches(batch_size=cfg.train.batch_size, drop_last=True):
+            clips = clips_to_model(batch["video"].to(device))
+            cond = Conditioning(batch["context"].to(device), batch["pooled"].to(device))
+            metrics = step_fn(clips, cond)
+            window.append(metrics["loss"])
+            step = step_fn.step
+            if rank == 0 and (step % cfg.train.log_every == 0 or step == max_steps):
+                now = time.perf_counter()
+                logged = {
+                    "loss": sum(window) / len(window), "lr": metrics["lr"], "grad_norm": metrics["grad_norm"],
+                    "step_time_s": metrics["step_time_s"],
+                    "samples_per_s": len(window) * cfg.train.batch_size * ctx.get_world_size() / (now - t_last),
+                }
+                if device.type == "cuda":
+                    logged["gpu_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+                else:
+                    import resource
+
+                    logged["cpu_maxrss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+                for k, v in logged.items():
+                    client.log_metric(job.mlflow_run_id, k, float(v), step=step)
+                print(f"[train] {job.kind} step {step}/{max_steps} loss {logged['loss']:.4f} "
+                      f"lr {logged['lr']:.2e} {logged['samples_per_s']:.1f} samples/s", flush=True)
+                window, t_last = [], now
+            if rank == 0 and job.sample_every and step % job.sample_every == 0:
+                _log_sample_video(model, cfg, job.kind, step_fn, job.sample_prompts, client, job.mlflow_run_id)
+            if step % cfg.train.checkpoint_every == 0 and step < max_steps:
+                checkpoint_and_report({"step": step, "loss": metrics["loss"]})
+            if step >= max_steps:
+                break
+    if rank == 0 and job.sample_every:
+        _log_sample_video(model, cfg, job.kind, step_fn, job.sample_prompts, client, job.mlflow_run_id)
+    checkpoint_and_report({"step": step_fn.step, "loss": metrics.get("loss", float("nan")), "final": 1})
+
+
+# --- the driver side ---------------------------------------------------------------------------------------
+def resolve_init(init_from: str | None, workdir: Path) -> str | None:
+    """A checkpoint directory, a run's output directory (its latest checkpoint) or an MLflow model URI."""
+    if init_from is None:
+        return None
+    if init_from.startswith(("models:/", "runs:/")):
+        import mlflow
+
+        try:
+            return mlflow.artifacts.download_artifacts(artifact_uri=init_from, dst_path=str(workdir / "init"))
+        except Exception as e:  # MLflow raises several types for unknown models/versions
+            raise LumiereError(f"cannot fetch {init_from} from MLflow ({mlflow.get_tracking_uri()}): "
+                               f"{str(e).splitlines()[0]}") from None
+    path = Path(init_from)
+    if (path / "checkpoints" / "latest" / "meta.json").exists():
+        path = path / "checkpoints" / "latest"
+    if not (path / "meta.json").exists():
+        raise LumiereError(f"--init-from {init_from}: not a checkpoint, a training output directory or a models:/ URI")
+    return str(path.resolve())
+
+
+def check_init(kind: str, init: str | None, cfg: LumiereConfig) -> None:
+    if kind == "stunet" and init is None:
+        raise LumiereError("training a stunet needs --init-from a t2i checkpoint (the prior it inflates)")
+    if init is None:
+        return
+    init_cfg, meta = read_meta(init)
+    if kind == "t2i" and meta["kind"] != "t2i":
+        raise LumiereError(f"--init-from {init} is a {meta['kind']} checkpoint; t2i training needs a t2i one")
+    diffs = [f"unet.{k}" for k, v in asdict(cfg.unet).items() if getattr(init_cfg.unet, k) != v]
+    diffs += [f"text.{k}" for k, v in vars(cfg.text).items() if getattr(init_cfg.text, k) != v]
+    if diffs:
+        raise LumiereError(f"--init-from {init} was trained with another config ('{init_cfg.name}'): it differs in "
+                           f"{', '.join(diffs[:5])}; use --config {init_cfg.name} or a matching checkpoint")
+
+
+def mlflow_run(kind: str, run_name: str, cfg: LumiereConfig, tracking_uri: str) -> str:
+    """The MLflow run for `run_name`: found again when resuming, created otherwise; params logged once."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    name = f"lumiere-{kind}"
+    exp = client.get_experiment_by_name(name)
+    exp_id = exp.experiment_id if exp else client.create_experiment(name)
+    found = client.search_runs([exp_id], filter_string=f"tags.`lumiere.run_name` = '{run_name}'")
+    if found:
+        return found[0].info.run_id
+    run = client.create_run(exp_id, run_name=run_name, tags={"lumiere.run_name": run_name, "lumiere.kind": kind})
+    flat = {}
+
+    def walk(prefix, value):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}{k}.", v)
+        else:
+            flat[prefix[:-1]] = value
+
+    walk("", cfg.to_dict())
+    for k, v in flat.items():
+        client.log_param(run.info.run_id, k, str(v)[:500])
+    import yaml
+
+    client.log_text(run.info.run_id, yaml.safe_dump(cfg.to_dict(), sort_keys=False), "config.yaml")
+    return run.info.run_id
+
+
+def _init_ray(address: str | None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=max(4, 2 * (os.cpu_count() or 2)), include_dashboard=False)
+
+
+def run_training(kind: str, data: str, output: str, cfg: LumiereConfig, *, init_from: str | None = None,
+                 num_workers: int = 1, gpu: bool = False, run_name: str | None = None, address: str | None = None,
+                 compile: bool = False, max_failures: int = 3, sample_every: int | None = None, log=print) -> dict:
+    """Train (or resume) and return {"checkpoint": path, "model_uri": ..., "step": ...}."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from lumiere.text_encoder import TextEncoder
+
+    if kind not in KINDS:
+        raise LumiereError(f"unknown model kind {kind!r}; choose one of {', '.join(KINDS)}")
+    if num_workers < 1:
+        raise LumiereError("--num-workers must be >= 1")
+    output_dir = Path(output).resolve()
+    run_name = run_name or f"{kind}-{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    manifest = read_manifest(data)
+    fingerprint = TextEncoder(cfg.text).fingerprint()
+    check_manifest(manifest, cfg, data, fingerprint)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    init = resolve_init(init_from, output_dir)
+    check_init(kind, init, cfg)
+    if gpu and not torch.cuda.is_available() and not address:
+        raise LumiereError("--gpu given but no CUDA device is visible here")
+
+    _init_ray(address)
+    have = ray.cluster_resources()
+    need_key, per_worker = ("GPU", 1) if gpu else ("CPU", 1)
+    if have.get(need_key, 0) < num_workers * per_worker:
+        raise LumiereError(f"--num-workers {num_workers} needs {num_workers * per_worker} {need_key}s but the Ray "
+                           f"cluster has {have.get(need_key, 0):g}; lower --num-workers or add nodes")
+
+    tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    run_id = mlflow_run(kind, run_name, cfg, tracking_uri)
+    log(f"[train] {kind} run '{run_name}' ({num_workers} worker(s), {'GPU' if gpu else 'CPU'}), "
+        f"{manifest['clips']} clips from {data}; MLflow {tracking_uri} run {run_id}")
+    job = TrainJob(kind=kind, cfg=cfg.to_dict(), init_from=init, mlflow_uri=tracking_uri, mlflow_run_id=run_id,
+                   text_fingerprint=fingerprint, use_gpu=gpu, compile=compile,
+                   sample_every=cfg.train.checkpoint_every if sample_every is None else sample_every)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=asdict(job),
+        scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=gpu,
+                                               resources_per_worker={"CPU": 1} if not gpu else None),
+        run_config=ray.train.RunConfig(
+            name=run_name, storage_path=str(output_dir / "ray"),
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+        datasets={"train": clip_dataset(data, manifest, cfg)},
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise LumiereError(f"training run '{run_name}' ended without a checkpoint: {result.error}")
+    final = output_dir / "checkpoints" / "latest"
+    with result.checkpoint.as_directory() as d:
+        tmp = output_dir / "checkpoints" / f".tmp-{run_name}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(d, tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    _, meta = read_meta(final)
+    model_uri = register(kind, final, tracking_uri, run_id)
+    log(f"[train] done at step {meta['step']}: checkpoint {final}; registered {model_uri}")
+    return {"checkpoint": str(final), "model_uri": model_uri, "step": meta["step"], "run_id": run_id,
+            "run_name": run_name}
+
+
+def register(kind: str, checkpoint: Path, tracking_uri: str, run_id: str) -> str:
+    """Log the checkpoint to the run and register it as a new version of `lumiere-<kind>`."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    client.log_artifacts(run_id, str(checkpoint), artifact_path="checkpoint")
+    name = f"lumiere-{kind}"
+    if not _exists(client, name):
+        client.create_registered_model(name, description=f"Lumiere {kind} checkpoints (lumiere train {kind})")
+    source = f"{client.get_run(run_id).info.artifact_uri}/checkpoint"
+    version = client.create_model_version(name, source=source, run_id=run_id)
+    client.set_terminated(run_id, "FINISHED")
+    return f"models:/{name}@latest (version {version.version})"
+
+
+def _exists(client, name: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+        return True
+    except MlflowException:
+        return False

@@ -1,0 +1,236 @@
+"""Ray Train jobs on tiny configs: t2i then stunet with MLflow and the model registry, a killed worker,
+a killed driver, submission through the Ray Jobs API, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import run_cli
+from lumiere.shapes import make_corpus
+from pipelines.ingest import run_ingest
+from pipelines.ingest_config import load_ingest_config
+
+pytestmark = pytest.mark.timeout(900)
+TINY = ["train.checkpoint_every=4", "train.log_every=2", "train.batch_size=2"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, ray_session):
+    """Standard 80-frame 128×128 shards of moving shapes, embedded with the tiny config's text encoder."""
+    root = tmp_path_factory.mktemp("train-data")
+    make_corpus(root / "corpus", 6, frames=88, size=128, seed=3)
+    run_ingest(str(root / "corpus"), str(root / "shards"), str(root / "corpus" / "captions.jsonl"),
+               load_ingest_config(None, ["encoder_from=tiny", "hr_size=null", "shard_clips=3"]), log=lambda *a: None)
+    return root / "shards"
+
+
+@pytest.fixture(scope="module")
+def mlflow_uri(tmp_path_factory):
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    old = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    yield uri
+    if old is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = old
+
+
+def _cfg(*extra):
+    from lumiere.config import load_config
+
+    return load_config("tiny", [*TINY, *extra])
+
+
+@pytest.fixture(scope="module")
+def t2i_run(shards, mlflow_uri, tmp_path_factory):
+    from pipelines.train import run_training
+
+    out = tmp_path_factory.mktemp("t2i")
+    result = run_training("t2i", str(shards), str(out), _cfg("train.max_steps=8"), num_workers=2,
+                          run_name="t2i-test", log=lambda *a: None)
+    return out, result
+
+
+def test_t2i_run_is_tracked_and_registered(t2i_run, mlflow_uri):
+    import mlflow
+
+    out, result = t2i_run
+    assert result["step"] == 8 and (out / "checkpoints" / "latest" / "model.safetensors").exists()
+    client = mlflow.MlflowClient(tracking_uri=mlflow_uri)
+    run = client.get_run(result["run_id"])
+    assert run.data.params["unet.base_channels"] == "8" and run.info.status == "FINISHED"
+    losses = client.get_metric_history(result["run_id"], "loss")
+    assert [m.step for m in losses] == [2, 4, 6, 8] and all(m.value > 0 for m in losses)
+    for key in ("lr", "samples_per_s", "step_time_s"):
+        assert client.get_metric_history(result["run_id"], key)
+    samples = [f.path for f in client.list_artifacts(result["run_id"], "samples")]
+    assert samples and all(p.endswith(".mp4") for p in samples)
+    assert "models:/lumiere-t2i@latest" in result["model_uri"]
+
+
+def test_stunet_from_t2i_keeps_the_prior_and_loads_from_the_registry(t2i_run, shards, mlflow_uri, tmp_path):
+    import mlflow
+
+    from lumiere.pipeline import TextToVideo
+    from pipelines.train import run_training
+
+    t2i_out, _ = t2i_run
+    result = run_training("stunet", str(shards), str(tmp_path), _cfg("train.max_steps=4"), num_workers=2,
+                          init_from=str(t2i_out), run_name="stunet-test", log=lambda *a: None)
+    assert result["step"] == 4
+    prior = load_file(t2i_out / "checkpoints" / "latest" / "ema.safetensors")
+    trained = load_file(Path(result["checkpoint"]) / "model.safetensors")
+    for name, weight in prior.items():
+        assert torch.equal(trained[f"prior.{name}"], weight), f"prior weight {name} changed"
+    assert mlflow.MlflowClient(tracking_uri=mlflow_uri).get_metric_history(result["run_id"], "loss")
+
+    mlflow.set_tracking_uri(mlflow_uri)
+    local = mlflow.artifacts.download_artifacts(artifact_uri="models:/lumiere-stunet@latest",
+                                                dst_path=str(tmp_path / "registry"))
+    video = TextToVideo.from_checkpoint(local).generate(["a red square moving right"], steps=2).videos
+    assert video.shape == (1, 8, 32, 32, 3)
+
+
+def _ray_train_worker_pids():
+    from ray.util.state import list_actors
+
+    actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    return [a.pid for a in actors]
+
+
+def _wait_for(predicate, timeout=300, what="condition"):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"timed out waiting for {what}")
+
+
+def _has_checkpoint(storage: Path) -> bool:
+    return storage.exists() and any(p.name.startswith("checkpoint_") for p in storage.rglob("checkpoint_*"))
+
+
+@pytest.mark.slow
+def test_killed_worker_resumes_from_last_checkpoint(shards, mlflow_uri, tmp_path):
+    import mlflow
+
+    from pipelines.train import run_training
+
+    result = {}
+
+    def train():
+        result.update(run_training("t2i", str(shards), str(tmp_path), _cfg("train.max_steps=40"), num_workers=2,
+                                   run_name="t2i-kill-worker", log=lambda *a: None))
+
+    thread = threading.Thread(target=train)
+    thread.start()
+    _wait_for(lambda: _has_checkpoint(tmp_path / "ray"), what="the first checkpoint")
+    pids = _ray_train_worker_pids()
+    assert len(pids) == 2
+    os.kill(pids[1], signal.SIGKILL)
+    thread.join(timeout=600)
+    assert result.get("step") == 40
+    steps = [m.step for m in mlflow.MlflowClient(tracking_uri=mlflow_uri).get_metric_history(result["run_id"], "loss")]
+    assert steps.count(2) == 1 and steps.count(4) == 1  # resumed from a checkpoint, not from scratch
+    assert max(steps) == 40
+
+
+@pytest.mark.slow
+def test_killed_driver_rerun_with_same_name_resumes(shards, mlflow_uri, tmp_path, ray_session):
+    import ray
+
+    cmd = [sys.executable, "-m", "lumiere.cli", "train", "t2i", "--data", str(shards), "--output", str(tmp_path),
+           "--config", "tiny", "--num-workers", "2", "--max-steps", "40", "--run-name", "t2i-kill-driver",
+           "--address", ray.get_runtime_context().gcs_address, *sum((["--set", o] for o in TINY), [])]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                            start_new_session=True)
+    _wait_for(lambda: _has_checkpoint(tmp_path / "ray"), what="the first checkpoint")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    _wait_for(lambda: not _ray_train_worker_pids(), timeout=120, what="the killed run's workers to exit")
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    logs = done.stdout + done.stderr
+    assert "resumed from checkpoint at step" in logs
+    assert "resumed from checkpoint at step 0" not in logs
+    assert "done at step 40" in logs
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_submit_with_address_to_a_local_head(shards, mlflow_uri, tmp_path):
+    gcs, dash = _free_port(), _free_port()
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri, "RAY_ADDRESS": ""}
+    head = subprocess.Popen(
+        [ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--num-cpus=4",
+         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+         f"--temp-dir={tmp_path / 'ray-head'}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    try:
+        proc = run_cli("train", "t2i", "--data", str(shards), "--output", str(tmp_path / "run"), "--config", "tiny",
+                       "--max-steps", "4", "--run-name", "t2i-submitted", "--address", f"http://127.0.0.1:{dash}",
+                       *sum((["--set", o] for o in TINY), []), timeout=600, env=env, retries_until_up=60)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert "SUCCEEDED" in proc.stdout and "done at step 4" in proc.stdout
+        assert (tmp_path / "run" / "checkpoints" / "latest" / "meta.json").exists()
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        shutil.rmtree(tmp_path / "ray-head", ignore_errors=True)
+
+
+def _one_line(proc, *needles):
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_bad_inputs_fail_before_training(shards, t2i_run, tmp_path, ray_session):
+    import ray
+
+    base = ["train", "t2i", "--output", str(tmp_path / "o"), "--config", "tiny"]
+    _one_line(run_cli(*base, "--data", str(tmp_path / "nowhere")), "no manifest.json")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    manifest = json.loads((shards / "manifest.json").read_text())
+    (empty / "manifest.json").write_text(json.dumps({**manifest, "shards": [], "clips": 0}))
+    _one_line(run_cli(*base, "--data", str(empty)), "has no clips")
+    future = tmp_path / "future"
+    future.mkdir()
+    (future / "manifest.json").write_text(json.dumps({**manifest, "schema_version": 99}))
+    _one_line(run_cli(*base, "--data", str(future)), "schema version 99")
+    _one_line(run_cli(*base, "--data", str(shards), "--set", "text.seed=5"), "another text encoder")
+    t2i_out, _ = t2i_run
+    _one_line(run_cli("train", "stunet", "--data", str(shards), "--output", str(tmp_path / "s"), "--config", "tiny",
+                      "--init-from", str(t2i_out), "--set", "unet.base_channels=16"), "differs in unet.base_channels")
+    _one_line(run_cli("train", "stunet", "--data", str(shards), "--output", str(tmp_path / "s"), "--config", "tiny"),
+              "needs --init-from")
+    _one_line(run_cli(*base, "--data", str(shards), "--num-workers", "64",
+                      "--address", ray.get_runtime_context().gcs_address), "needs 64 CPUs")
