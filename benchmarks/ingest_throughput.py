@@ -1,8 +1,10 @@
 """End-to-end ingestion throughput (`pipelines.ingest.run_ingest`) against the decode limit, and where the time goes.
 
-1. Corpus: `--videos` moving-shapes videos at `--side`×`--side`, `--seconds` long, written with
-   `lumiere.video.write_mp4` at frame rates cycling through `--fps-list` (so the pipeline resamples to 16 fps),
-   plus captions.jsonl, in a temp dir.
+1. Corpus: `--videos` videos, `--seconds` long, written with `lumiere.video.write_mp4` (CRF 12) at frame
+   rates cycling through `--fps-list` (so the pipeline resamples to 16 fps), plus captions.jsonl, in a temp dir:
+   `--source shapes`: moving shapes at `--side`×`--side`; `--source photo`: a camera pan + zoom over the sample
+   photographs of frame_storage.py at `--width`×`--height` (natural-image detail, so decoding and re-encoding
+   cost what they cost on real footage; sources of 256 px or more also get the 256×256 hr copy).
 2. Raw decode: a plain decord loop over the same files (`VideoReader` + `get_batch` of every frame, one
    process), with decord's default threading and with `num_threads=1` → source frames/s.
 3. Stages in-process, no Ray: the curation functions called in `decode_and_cut`'s order, each timed
@@ -11,13 +13,16 @@
    `CaptionEmbedder` (construction and calls) and `write_shard`. torch runs with 1 thread here, as in a Ray
    task with num_cpus=1.
 4. End to end: `run_ingest` on a local Ray started with `ray.init(address="local", num_cpus=N)` for each N in
-   `--ray-cpus`, with decode_num_cpus=1, so at most N−1 decode tasks run at once (the embedding actor holds 0.5
-   CPU, a writer needs 0.5). Ray start-up is timed separately; the pipeline time is from just before
-   `run_ingest` to just after it returns (listing, Ray Data, embedding actor start-up, shards, finalize).
+   `--ray-cpus`, with decode_num_cpus=1 (the embedding actor holds 0.5 CPU, a writer needs 0.5, so at most
+   N−1 decode tasks fit; how many really ran at once is measured). Ray start-up is timed separately; the
+   pipeline time is from just before `run_ingest` to just after it returns (listing, Ray Data, embedding actor
+   start-up, shards, finalize). A cold run on a fresh Ray (worker processes start and import torch etc. during
+   the run) is followed by a warm run into a new output on the same Ray (unless `--no-warm`).
    Each stage function is wrapped (in this script only) to log its start/end times and process id, which
    gives the real decode concurrency and a timeline. A watchdog stops a run after `--timeout` s.
 
     .venv/bin/python benchmarks/ingest_throughput.py                          # 24 videos, N = 2 3 4
+    .venv/bin/python benchmarks/ingest_throughput.py --source photo --videos 12 --ray-cpus 4
     .venv/bin/python benchmarks/ingest_throughput.py --videos 8 --ray-cpus 4 --json /tmp/ingest.json
 """
 
@@ -28,6 +33,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import sys
 import tempfile
@@ -47,19 +53,52 @@ from lumiere.video import write_mp4  # noqa: E402
 from pipelines import curation, ingest, ingest_stages  # noqa: E402
 from pipelines.ingest_config import IngestConfig, load_ingest_config  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from frame_storage import sample_photos  # noqa: E402
+
 
 # --- 1. corpus ----------------------------------------------------------------------------------------------
-def make_videos(root: Path, count: int, side: int, seconds: float, fps_list: list[float], seed: int) -> list[dict]:
+def photo_frames(path: Path, n: int, height: int, width: int, rng: np.random.Generator) -> np.ndarray:
+    """n frames of a height×width window panning (~1 px/frame, random direction) and zooming over a photo."""
+    from PIL import Image
+
+    img = Image.open(path).convert("RGB")
+    scale = 1.25 * max(height / img.height, width / img.width)  # room to pan and zoom
+    if scale != 1:
+        img = img.resize((round(img.width * scale), round(img.height * scale)), Image.Resampling.LANCZOS)
+    vx, vy = rng.uniform(-1, 1, size=2)
+    zoom = rng.uniform(-0.1, 0.1)
+    out = np.empty((n, height, width, 3), np.uint8)
+    for t in range(n):
+        u = t / max(n - 1, 1)
+        s = 1.0 / (1.0 + zoom * u)
+        cx = img.width / 2 + vx * (t - n / 2)
+        cy = img.height / 2 + vy * (t - n / 2)
+        data = (s, 0, cx - s * width / 2, 0, s, cy - s * height / 2)
+        out[t] = np.asarray(img.transform((width, height), Image.Transform.AFFINE, data, Image.Resampling.BICUBIC))
+    return out
+
+
+def make_videos(root: Path, args) -> list[dict]:
     (root / "videos").mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(args.seed)
+    photos = sample_photos() if args.source == "photo" else []
     records = []
-    for i in range(count):
-        fps = fps_list[i % len(fps_list)]
-        spec = ShapeSpec(str(rng.choice(SHAPES)), str(rng.choice(list(COLORS))), str(rng.choice(list(DIRECTIONS))))
-        frames = render_clip([spec], round(fps * seconds), side, np.random.default_rng([seed, i]))
+    for i in range(args.videos):
+        fps = args.fps_list[i % len(args.fps_list)]
+        n = round(fps * args.seconds)
+        if args.source == "photo":
+            frames = photo_frames(photos[i % len(photos)], n, args.height, args.width, rng)
+            text = f"a camera moving over {photos[i % len(photos)].stem.replace('_', ' ')}"
+        else:
+            spec = ShapeSpec(str(rng.choice(SHAPES)), str(rng.choice(list(COLORS))),
+                             str(rng.choice(list(DIRECTIONS))))
+            frames = render_clip([spec], n, args.side, np.random.default_rng([args.seed, i]))
+            text = caption(spec)
         rel = f"videos/v{i:03d}_{fps:g}fps.mp4"
         write_mp4(root / rel, frames, fps=fps)
-        records.append({"path": rel, "caption": caption(spec), "fps": fps, "frames": len(frames)})
+        records.append({"path": rel, "caption": text, "fps": fps, "frames": len(frames),
+                        "size": f"{frames.shape[2]}x{frames.shape[1]}"})
     with open(root / "captions.jsonl", "w") as f:
         for r in records:
             f.write(json.dumps({"path": r["path"], "caption": r["caption"]}) + "\n")
@@ -80,15 +119,25 @@ def raw_decode(paths: list[str], num_threads: int) -> dict:
 
 
 # --- 3. stages in-process -----------------------------------------------------------------------------------
+def _cpu() -> float:
+    """CPU seconds of this process (all threads) and its finished children (the forked decoders)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 class Timer:
+    """Wall and CPU seconds per named step (CPU time is less disturbed by other load on a shared machine)."""
+
     def __init__(self):
         self.total = defaultdict(float)
+        self.cpu = defaultdict(float)
         self.calls = defaultdict(int)
 
     def __call__(self, name, fn, *a, **kw):
-        t0 = time.perf_counter()
+        c0, t0 = _cpu(), time.perf_counter()
         out = fn(*a, **kw)
         self.total[name] += time.perf_counter() - t0
+        self.cpu[name] += _cpu() - c0
         self.calls[name] += 1
         return out
 
@@ -98,6 +147,8 @@ def stage_breakdown(files: list[dict], cfg: IngestConfig, out_dir: str) -> dict:
     import torch
 
     torch.set_num_threads(1)
+    for row in files[:2]:  # warm-up (first calls into torch, decord, x264), not timed
+        ingest_stages.decode_and_cut(row, cfg, StorageOptions())
     T = Timer()
     clips = 0
     for row in files:
@@ -119,14 +170,15 @@ def stage_breakdown(files: list[dict], cfg: IngestConfig, out_dir: str) -> dict:
                     hr = T("resize_center_crop hr", curation.resize_center_crop, clip, cfg.hr_size)
                     T("encode hr", ingest_stages._encode, hr, cfg)
                 clips += 1
-    parts = {k: v for k, v in T.total.items() if not k.startswith("(")}
-    per_file = {"sum_of_parts_s": sum(parts.values())}
+    per_file = {"sum_of_parts_s": sum(v for k, v in T.total.items() if not k.startswith("(")),
+                "sum_of_parts_cpu_s": sum(v for k, v in T.cpu.items() if not k.startswith("("))}
 
     options = StorageOptions()
     rows = []
     for row in files:
         rows += T("decode_and_cut (whole)", ingest_stages.decode_and_cut, row, cfg, options)
     per_file["decode_and_cut_s"] = T.total["decode_and_cut (whole)"]
+    per_file["decode_and_cut_cpu_s"] = T.cpu["decode_and_cut (whole)"]
     ok = sum(r["status"] == "ok" for r in rows)
 
     embedder = T("CaptionEmbedder() construction", ingest_stages.CaptionEmbedder, cfg)
@@ -138,8 +190,8 @@ def stage_breakdown(files: list[dict], cfg: IngestConfig, out_dir: str) -> dict:
     for b in batches:
         T("write_shard", ingest_stages.write_shard, b, out_dir, options)
     torch.set_num_threads(os.cpu_count() or 1)
-    return {"clips": clips, "ok_rows": ok, "rows": len(rows), "seconds": dict(T.total), "calls": dict(T.calls),
-            **per_file}
+    return {"clips": clips, "ok_rows": ok, "rows": len(rows), "seconds": dict(T.total), "cpu_seconds": dict(T.cpu),
+            "calls": dict(T.calls), **per_file}
 
 
 # --- 4. end to end on Ray -----------------------------------------------------------------------------------
@@ -187,14 +239,8 @@ def _max_concurrency(spans: list[tuple[float, float]]) -> int:
     return best
 
 
-def end_to_end(root: Path, cfg: IngestConfig, num_cpus: int, timeout: float, work: Path) -> dict:
-    import ray
-
-    log_dir = tempfile.mkdtemp(prefix="trace-", dir=work)
-    out = work / f"out-{num_cpus}cpu"
-    t0 = time.perf_counter()
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
-    ray_start = time.perf_counter() - t0
+def _one_run(root: Path, cfg: IngestConfig, out: Path, timeout: float, log_dir: str) -> dict:
+    """One traced run_ingest on the already started Ray; stopped by a watchdog after `timeout` s."""
     saved = ingest.decode_and_cut, ingest.CaptionEmbedder, ingest.write_shard
     ingest.decode_and_cut = _traced("decode", ingest_stages.decode_and_cut, log_dir)
     ingest.CaptionEmbedder = _traced_embedder(log_dir)
@@ -206,12 +252,13 @@ def end_to_end(root: Path, cfg: IngestConfig, num_cpus: int, timeout: float, wor
             _thread.interrupt_main()
 
     threading.Thread(target=watchdog, daemon=True).start()
-    result = {"ray_cpus": num_cpus, "ray_start_s": ray_start}
+    result = {"loadavg_before": os.getloadavg()[0]}
     lines = []
     start = time.time()
     t0 = time.perf_counter()
     try:
-        report = ingest.run_ingest(str(root), str(out), str(root / "captions.jsonl"), cfg, log=lines.append)
+        report = ingest.run_ingest(str(root), str(out), str(root / "captions.jsonl"), cfg,
+                                   log=lambda m: lines.append((time.time() - start, m)))
         result.update(seconds=time.perf_counter() - t0, clips=report["clips"], rejects=report["rejects"],
                       status="ok")
     except KeyboardInterrupt:
@@ -219,12 +266,10 @@ def end_to_end(root: Path, cfg: IngestConfig, num_cpus: int, timeout: float, wor
     finally:
         done.set()
         ingest.decode_and_cut, ingest.CaptionEmbedder, ingest.write_shard = saved
-        t1 = time.perf_counter()
-        ray.shutdown()
-        result["ray_shutdown_s"] = time.perf_counter() - t1
-    events = _read_trace(log_dir)
+    result["loadavg_after"] = os.getloadavg()[0]
+    result["log"] = [(round(t, 2), m) for t, m in lines]
     by = defaultdict(list)
-    for kind, pid, a, b in events:
+    for kind, pid, a, b in _read_trace(log_dir):
         by[kind].append((pid, a - start, b - start))
     dec = by["decode"]
     if dec:
@@ -244,18 +289,46 @@ def end_to_end(root: Path, cfg: IngestConfig, num_cpus: int, timeout: float, wor
     return result
 
 
+def end_to_end(root: Path, cfg: IngestConfig, num_cpus: int, timeout: float, work: Path, warm: bool) -> list[dict]:
+    """A cold run (fresh Ray: worker processes start and import during the run) and, with `warm`, a second
+    run into a new output on the same Ray (task workers already up; the embedding actor starts again)."""
+    import ray
+
+    t0 = time.perf_counter()
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    ray_start = time.perf_counter() - t0
+    results = []
+    try:
+        for run in ("cold", "warm") if warm else ("cold",):
+            log_dir = tempfile.mkdtemp(prefix="trace-", dir=work)
+            r = _one_run(root, cfg, work / f"out-{num_cpus}cpu-{run}", timeout, log_dir)
+            results.append({"ray_cpus": num_cpus, "run": run, "ray_start_s": ray_start, **r})
+            if r["status"] != "ok":
+                break
+    finally:
+        t1 = time.perf_counter()
+        ray.shutdown()
+        for r in results:
+            r["ray_shutdown_s"] = time.perf_counter() - t1
+    return results
+
+
 # --- report -------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--videos", type=int, default=24)
-    ap.add_argument("--side", type=int, default=160, help="source frame size (square), default 160")
+    ap.add_argument("--source", choices=["shapes", "photo"], default="shapes")
+    ap.add_argument("--side", type=int, default=160, help="shapes: source frame size (square), default 160")
+    ap.add_argument("--width", type=int, default=640, help="photo: source width, default 640")
+    ap.add_argument("--height", type=int, default=360, help="photo: source height, default 360")
     ap.add_argument("--seconds", type=float, default=5.5, help="video length; 5 s = one 80-frame clip at 16 fps")
     ap.add_argument("--fps-list", type=float, nargs="+", default=[16, 24, 25, 30, 30000 / 1001])
     ap.add_argument("--ray-cpus", type=int, nargs="*", default=[2, 3, 4],
-                    help="logical CPUs of the local Ray, one end-to-end run each (default 2 3 4)")
+                    help="logical CPUs of a fresh local Ray, one cold (+ one warm) run each (default 2 3 4)")
     ap.add_argument("--set", dest="overrides", action="append", default=[],
                     help="ingest config override, e.g. --set frame_format=raw (default: encoder_from=small)")
     ap.add_argument("--timeout", type=float, default=170, help="watchdog per end-to-end run, seconds")
+    ap.add_argument("--no-warm", action="store_true", help="no second (warm) run per Ray configuration")
     ap.add_argument("--skip-stages", action="store_true", help="skip the in-process stage breakdown")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, help="also write all measurements as JSON here")
@@ -263,11 +336,12 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_ingest_config(None, ["encoder_from=small", *args.overrides])
     say = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
 
+    load0 = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="lumiere-ingest-bench-") as tmp:
         work = Path(tmp)
         root = work / "corpus"
         t0 = time.perf_counter()
-        records = make_videos(root, args.videos, args.side, args.seconds, args.fps_list, args.seed)
+        records = make_videos(root, args)
         src_frames = sum(r["frames"] for r in records)
         say(f"corpus: {len(records)} videos, {src_frames} source frames, {time.perf_counter() - t0:.1f}s")
         files, _ = ingest_stages.list_inputs(str(root), str(root / "captions.jsonl"), cfg, StorageOptions())
@@ -287,16 +361,18 @@ def main(argv: list[str] | None = None) -> int:
 
         e2e = []
         for n in args.ray_cpus:
-            r = end_to_end(root, cfg, n, args.timeout, work)
-            e2e.append(r)
-            say(f"end to end, Ray num_cpus={n}: {r['status']}, {r['seconds']:.1f}s (+{r['ray_start_s']:.1f}s start)")
+            for r in end_to_end(root, cfg, n, args.timeout, work, not args.no_warm):
+                e2e.append(r)
+                say(f"end to end, Ray num_cpus={n}, {r['run']}: {r['status']}, {r['seconds']:.1f}s "
+                    f"(+{r['ray_start_s']:.1f}s Ray start)")
 
     base = raw_default["seconds"]
     cores = os.cpu_count() or 1
-    print(f"Corpus: {args.videos} videos, {args.side}×{args.side}, {args.seconds:g} s each at fps "
+    print(f"Corpus: {args.videos} {args.source} videos, {records[0]['size']}, {args.seconds:g} s each at fps "
           f"{', '.join(f'{f:g}' for f in args.fps_list)} → {src_frames} source frames; config: "
           f"{', '.join(['encoder_from=small', *args.overrides])}, frame_format={cfg.frame_format}, "
-          f"crf {cfg.mp4_crf}, hr_size {cfg.hr_size}; {cores} cores\n")
+          f"crf {cfg.mp4_crf}, hr_size {cfg.hr_size}; {cores} cores; 1-min load average at the start "
+          f"{load0:.1f}, at the end {os.getloadavg()[0]:.1f}\n")
     print("| what | seconds | clips/s | source frames/s | frames/s per core | time / raw decode |")
     print("|---|---|---|---|---|---|")
     print(f"| raw decord decode, default threads (CPU {raw_default['cpu_seconds']:.1f}s) | {base:.2f} | – "
@@ -308,40 +384,45 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| decode_and_cut in-process, 1 process, torch 1 thread | {s:.2f} | {stages['clips'] / s:.2f} "
               f"| {src_frames / s:.0f} | {src_frames / s:.0f} | {s / base:.2f}× |")
     for r in e2e:
+        what = f"run_ingest, Ray num_cpus={r['ray_cpus']}, {r['run']}"
         if r["status"] != "ok":
-            print(f"| run_ingest, Ray num_cpus={r['ray_cpus']} | {r['status']} | | | | |")
+            print(f"| {what} | {r['status']} | | | | |")
             continue
         s = r["seconds"]
         used = min(cores, r.get("decode_max_concurrent", 1))
-        print(f"| run_ingest, Ray num_cpus={r['ray_cpus']} (≤{r.get('decode_max_concurrent', '?')} decode tasks "
-              f"at once; Ray start {r['ray_start_s']:.1f}s not included) | {s:.2f} | {r['clips'] / s:.2f} "
-              f"| {src_frames / s:.0f} | {src_frames / s / used:.0f} (over {used}) | {s / base:.2f}× |")
+        print(f"| {what} (≤{r.get('decode_max_concurrent', '?')} decode tasks at once) | {s:.2f} "
+              f"| {r['clips'] / s:.2f} | {src_frames / s:.0f} | {src_frames / s / used:.0f} (over {used}) "
+              f"| {s / base:.2f}× |")
 
     if stages:
         print("\nIn-process breakdown (same functions and order as decode_and_cut; torch 1 thread):\n")
-        print("| step | calls | total s | ms/call | share of decode_and_cut |")
-        print("|---|---|---|---|---|")
-        for k, v in sorted(stages["seconds"].items(), key=lambda kv: -kv[1]):
-            n = stages["calls"][k]
+        print("| step | calls | wall s | wall ms/call | CPU ms/call | CPU share of decode_and_cut |")
+        print("|---|---|---|---|---|---|")
+        for k, v in sorted(stages["cpu_seconds"].items(), key=lambda kv: -kv[1]):
+            n, wall = stages["calls"][k], stages["seconds"][k]
             share = "" if k.startswith(("decode_and_cut", "CaptionEmbedder", "write_shard", "(")) \
-                else f"{100 * v / stages['decode_and_cut_s']:.0f}%"
-            print(f"| {k} | {n} | {v:.2f} | {1e3 * v / n:.1f} | {share} |")
-        print(f"\nsum of the timed parts {stages['sum_of_parts_s']:.2f}s vs decode_and_cut "
-              f"{stages['decode_and_cut_s']:.2f}s")
+                else f"{100 * v / stages['decode_and_cut_cpu_s']:.0f}%"
+            print(f"| {k} | {n} | {wall:.2f} | {1e3 * wall / n:.1f} | {1e3 * v / n:.1f} | {share} |")
+        print(f"\nsum of the timed parts: wall {stages['sum_of_parts_s']:.2f}s, "
+              f"CPU {stages['sum_of_parts_cpu_s']:.2f}s; "
+              f"decode_and_cut: wall {stages['decode_and_cut_s']:.2f}s, CPU {stages['decode_and_cut_cpu_s']:.2f}s")
 
     print("\nEnd-to-end timeline (seconds from run_ingest's start):\n")
-    print("| Ray num_cpus | decode tasks (processes) | max concurrent | decode task median s | decode busy s "
-          "| first decode → last decode | embed actor init | embed calls (busy s) | writes (last ends) | total |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| Ray num_cpus, run | Ray start s | decode tasks (processes) | max concurrent | decode task median s "
+          "| decode busy s | first decode → last decode | embed actor init | embed calls (busy s) "
+          "| writes (last ends) | total | load avg before/after |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in e2e:
         if "decode_tasks" not in r:
             continue
-        print(f"| {r['ray_cpus']} | {r['decode_tasks']} ({r['decode_processes']}) | {r['decode_max_concurrent']} "
+        print(f"| {r['ray_cpus']}, {r['run']} | {r['ray_start_s']:.1f} | {r['decode_tasks']} ({r['decode_processes']}) "
+              f"| {r['decode_max_concurrent']} "
               f"| {r['decode_task_s_median']:.2f} | {r['decode_task_s_sum']:.1f} "
               f"| {r['first_decode_start_s']:.1f} → {r['last_decode_end_s']:.1f} "
               f"| {r.get('embed_init_start_s', float('nan')):.1f} → {r.get('embed_init_end_s', float('nan')):.1f} "
               f"| {r.get('embed_calls', 0)} ({r.get('embed_s_sum', 0):.2f}) "
-              f"| {r.get('write_calls', 0)} ({r.get('write_end_s', float('nan')):.1f}) | {r['seconds']:.1f} |")
+              f"| {r.get('write_calls', 0)} ({r.get('write_end_s', float('nan')):.1f}) | {r['seconds']:.1f} "
+              f"| {r['loadavg_before']:.1f} / {r['loadavg_after']:.1f} |")
 
     if args.json:
         meta = {"argv": sys.argv[1:], "python": platform.python_version(), "cores": cores,

@@ -85,18 +85,24 @@ def load_clip_batch(batch: dict[str, np.ndarray], frames: int, size: int,
     return {"video": videos, "context": context.astype(np.float32), "pooled": pooled}
 
 
+def _repeat_row(row: dict, times: int) -> list[dict]:
+    return [row] * times
+
+
 def clip_dataset(data_uri: str, manifest: dict, cfg: LumiereConfig, options: StorageOptions | None = None,
-                 min_pass_clips: int = 512):
+                 min_pass_clips: int = 256):
     """A Ray Dataset of model-ready clips: shards -> decode + crop + resize (tasks) -> rows."""
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False
     fs, _ = storage.resolve(data_uri, options)
     paths = [storage.resolve(u, options)[1] for u in shard_uris(manifest, data_uri)]
-    # a small dataset is listed several times per pass (each with fresh random crops), so a pass is long
-    # enough that the per-pass start-up of the streaming pipeline does not dominate
-    paths = paths * max(1, math.ceil(min_pass_clips / max(1, manifest["clips"])))
     ds = ray.data.read_parquet(paths, filesystem=fs, columns=COLUMNS)
+    # a small dataset is read several times per pass (each copy gets fresh random crops), so a pass is long
+    # enough that the per-pass start-up of the streaming pipeline does not dominate
+    repeats = math.ceil(min_pass_clips / max(1, manifest["clips"]))
+    if repeats > 1:
+        ds = ds.flat_map(_repeat_row, fn_kwargs={"times": repeats}, num_cpus=0.25)
     kwargs = {"frames": cfg.video.frames, "size": cfg.video.size,
               "token_shape": tuple(manifest["text_encoder"]["token_shape"])}
     return ds.map_batches(load_clip_batch, fn_kwargs=kwargs, batch_size=16, num_cpus=0.25)

@@ -106,10 +106,17 @@ def test_stunet_from_t2i_keeps_the_prior_and_loads_from_the_registry(t2i_run, sh
 
 
 def _ray_train_worker_pids():
-    from ray.util.state import list_actors
-
-    actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
-    return [a.pid for a in actors]
+    """PIDs of live Ray Train worker processes (Ray names them `ray::RayTrainWorker...`)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if cmdline.startswith(b"ray::RayTrainWorker"):
+                pids.append(int(entry.name))
+    return sorted(pids)
 
 
 def _wait_for(predicate, timeout=300, what="condition"):
@@ -122,7 +129,14 @@ def _wait_for(predicate, timeout=300, what="condition"):
 
 
 def _has_checkpoint(storage: Path) -> bool:
-    return storage.exists() and any(p.name.startswith("checkpoint_") for p in storage.rglob("checkpoint_*"))
+    """True once Ray Train's controller has registered a checkpoint (not just copied its files)."""
+    for snapshot in storage.rglob("checkpoint_manager_snapshot.json") if storage.exists() else []:
+        try:
+            if json.loads(snapshot.read_text()).get("latest_checkpoint_result"):
+                return True
+        except (OSError, json.JSONDecodeError):
+            pass  # being rewritten: look again
+    return False
 
 
 @pytest.mark.slow
