@@ -8,9 +8,10 @@ For 80-frame clips at the base size (128×128) and the high-resolution copy (256
 (c) a synthetic "natural-image-like" textured clip: a 1/f-spectrum colour texture panning at sub-pixel speed, a textured
     disc moving the other way across it (occlusion) and a slowly drifting lighting gradient, and
 (d) the same textured clip with per-frame sensor grain (σ = 4 grey levels), the codec's worst case,
-this measures, per format (raw; mp4 at each `--crf` with the pipeline's encoder, H.264 yuv420p; and, unless
-`--no-444`, H.264 yuv444p at the first CRF, written by this script, since 4:2:0 chroma subsampling alone limits
-the PSNR of colourful detail):
+this measures, per format (raw; mp4 at each `--crf` with the pipeline's encoder, H.264 yuv420p, x264 preset
+medium; and, unless `--no-variants`, two variants at the first CRF encoded by this script: x264 preset
+veryfast, since encoding is what mp4 costs the ingestion, and yuv444p, since 4:2:0 chroma subsampling alone
+limits the PSNR of colourful detail):
 
 - payload KiB/clip (the `frames` cell) and in-shard KiB/clip (a Parquet file of those cells, zstd, as
   `write_shard` writes it), and the raw/format ratio of in-shard sizes;
@@ -25,7 +26,7 @@ the PSNR of colourful detail):
 
 Timings are the best of `--repeats` runs, single process (decord and x264 use their default threading).
 
-    .venv/bin/python benchmarks/frame_storage.py       # 3 shape, 3 photo, 1+1 texture clips; CRF 18, 23, 18 4:4:4
+    .venv/bin/python benchmarks/frame_storage.py       # 3 shape, 3 photo, 1+1 texture clips
     .venv/bin/python benchmarks/frame_storage.py --shapes 2 --crf 18 --repeats 1 --json /tmp/fs.json
 """
 
@@ -145,16 +146,18 @@ def texture_clip(hr: int, seed: int, grain: float = 0.0) -> np.ndarray:
     return out
 
 
-def encode_444(frames: np.ndarray, fps: float, crf: int) -> bytes:
-    """Like `lumiere.video.encode_mp4_bytes` but H.264 yuv444p (High 4:4:4 profile): full-resolution chroma."""
+def encode_variant(frames: np.ndarray, fps: float, crf: int, pix_fmt: str = "yuv420p",
+                   preset: str = "medium") -> bytes:
+    """Like `lumiere.video.encode_mp4_bytes` (libx264, preset medium, yuv420p), with another pixel format
+    (yuv444p: High 4:4:4 profile, full-resolution chroma) or x264 preset."""
     import av
 
     buf = io.BytesIO()
     with av.open(buf, mode="w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
         stream.height, stream.width = frames.shape[1:3]
-        stream.pix_fmt = "yuv444p"
-        stream.options = {"crf": str(int(crf))}
+        stream.pix_fmt = pix_fmt
+        stream.options = {"crf": str(int(crf)), "preset": preset}
         for frame in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 container.mux(packet)
@@ -210,13 +213,15 @@ def shard_size_and_read(payloads: list[bytes], repeats: int) -> tuple[float, flo
 
 
 def measure_group(name: str, clips: list[np.ndarray], size: int, crfs: list[int], repeats: int,
-                  budget_ms: float, with_444: bool) -> list[dict]:
+                  budget_ms: float, variants: bool) -> list[dict]:
     """All formats for one (source, size) group of clips."""
     h, w = clips[0].shape[1:3]
     rows = []
     formats = [("raw", None, None)] + [(f"mp4 crf{c}", c, encode_mp4_bytes) for c in crfs]
-    if with_444:
-        formats.append((f"mp4 crf{crfs[0]} yuv444p", crfs[0], encode_444))
+    if variants:
+        formats.append((f"mp4 crf{crfs[0]} veryfast", crfs[0],
+                        lambda c, f, q: encode_variant(c, f, q, preset="veryfast")))
+        formats.append((f"mp4 crf{crfs[0]} yuv444p", crfs[0], lambda c, f, q: encode_variant(c, f, q, "yuv444p")))
     raw_shard = None
     for fmt, crf, encoder in formats:
         enc_t, dec_t, dec_cpu, payloads, psnrs, worst = [], [], [], [], [], []
@@ -284,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--textures", type=int, default=1,
                     help="textured clips, each with and without grain (default 1)")
     ap.add_argument("--crf", type=int, nargs="+", default=[18, 23], help="mp4 CRFs to compare (default 18 23)")
-    ap.add_argument("--no-444", action="store_true", help="skip the yuv444p variant")
+    ap.add_argument("--no-variants", action="store_true", help="skip the x264 veryfast and yuv444p variants")
     ap.add_argument("--size", type=int, default=128, help="base size (default 128)")
     ap.add_argument("--hr-size", type=int, default=256, help="high-resolution size (default 256)")
     ap.add_argument("--repeats", type=int, default=5, help="timing repeats, best of (default 5)")
@@ -308,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, hr_clips in sources.items():
         base_clips = [resize_center_crop(c, args.size) for c in hr_clips]  # as decode_and_cut makes them
         for size, clips in ((args.size, base_clips), (args.hr_size, hr_clips)):
-            rows += measure_group(name, clips, size, args.crf, args.repeats, args.budget_ms, not args.no_444)
+            rows += measure_group(name, clips, size, args.crf, args.repeats, args.budget_ms, not args.no_variants)
             print(f"{name} {size}: done at {time.perf_counter() - t0:.1f}s", file=sys.stderr)
 
     print(f"{FRAMES}-frame clips; decode = shard column read (zstd Parquet, per clip) + frombuffer/decode_mp4_bytes;"

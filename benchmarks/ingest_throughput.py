@@ -8,8 +8,9 @@
 2. Raw decode: a plain decord loop over the same files (`VideoReader` + `get_batch` of every frame, one
    process), with decord's default threading and with `num_threads=1` → source frames/s.
 3. Stages in-process, no Ray: the curation functions called in `decode_and_cut`'s order, each timed
-   (probe, decode_with_timeout = forked decode, decode_resampled alone for comparison, shot_boundaries,
-   clip_scores, resize_center_crop base/hr, mp4 encode base/hr), then `decode_and_cut` itself per file,
+   (probe, decode_with_timeout = forked decode, shot_boundaries, clip_scores, resize_center_crop base/hr,
+   mp4 encode base/hr), with comparisons in parentheses (decode_resampled in-process, an empty fork, the
+   np.save/np.load round trip, a uint8 resize), then `decode_and_cut` itself per file,
    `CaptionEmbedder` (construction and calls) and `write_shard`. torch runs with 1 thread here, as in a Ray
    task with num_cpus=1.
 4. End to end: `run_ingest` on a local Ray started with `ray.init(address="local", num_cpus=N)` for each N in
@@ -21,7 +22,7 @@
    Each stage function is wrapped (in this script only) to log its start/end times and process id, which
    gives the real decode concurrency and a timeline. A watchdog stops a run after `--timeout` s.
 
-    .venv/bin/python benchmarks/ingest_throughput.py                          # 24 videos, N = 2 3 4
+    .venv/bin/python benchmarks/ingest_throughput.py                 # 24 shapes videos, Ray num_cpus 2 and 4
     .venv/bin/python benchmarks/ingest_throughput.py --source photo --videos 12 --ray-cpus 4
     .venv/bin/python benchmarks/ingest_throughput.py --videos 8 --ray-cpus 4 --json /tmp/ingest.json
 """
@@ -142,11 +143,47 @@ class Timer:
         return out
 
 
+def _resize_uint8(frames: np.ndarray, size: int) -> np.ndarray:
+    """For comparison only: resize_center_crop's arithmetic on uint8 channels-last tensors (torch's uint8
+    antialiased bilinear kernel) instead of a float32 copy of the clip."""
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.from_numpy(frames).permute(0, 3, 1, 2)  # t c h w view, channels-last in memory
+    h, w = x.shape[-2:]
+    scale = size / min(h, w)
+    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    if (nh, nw) != (h, w):
+        x = F.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
+    top, left = (nh - size) // 2, (nw - size) // 2
+    return np.ascontiguousarray(x[..., top:top + size, left:left + size].permute(0, 2, 3, 1).numpy())
+
+
+def _save_load(frames: np.ndarray, directory: str) -> np.ndarray:
+    """For comparison only: the np.save + np.load round trip decode_with_timeout uses to return frames."""
+    path = os.path.join(directory, "frames.npy")
+    np.save(path, frames)
+    out = np.load(path)
+    os.unlink(path)
+    return out
+
+
+def _fork_empty() -> None:
+    """For comparison only: fork, start and join a child that does nothing."""
+    import multiprocessing as mp
+
+    proc = mp.get_context("fork").Process(target=int, daemon=True)
+    proc.start()
+    proc.join()
+
+
 def stage_breakdown(files: list[dict], cfg: IngestConfig, out_dir: str) -> dict:
-    """Per-file work in decode_and_cut's order (same functions, same arguments), then the real stages."""
+    """Per-file work in decode_and_cut's order (same functions, same arguments), then the real stages.
+    Names in parentheses are comparisons, not part of decode_and_cut."""
     import torch
 
     torch.set_num_threads(1)
+    os.makedirs(out_dir, exist_ok=True)
     for row in files[:2]:  # warm-up (first calls into torch, decord, x264), not timed
         ingest_stages.decode_and_cut(row, cfg, StorageOptions())
     T = Timer()
@@ -158,12 +195,15 @@ def stage_breakdown(files: list[dict], cfg: IngestConfig, out_dir: str) -> dict:
         frames, _, _ = T("decode_with_timeout (fork)", curation.decode_with_timeout, path, cfg.fps, short_side,
                          cfg.decode_timeout_s)
         T("(decode_resampled in-process)", curation.decode_resampled, path, cfg.fps, short_side)
+        T("(fork + join of an empty child)", _fork_empty)
+        T("(np.save + np.load of the frames)", _save_load, frames, out_dir)
         shots = T("shot_boundaries", curation.shot_boundaries, frames, cfg.cut_threshold)
         for a, b in shots:
             for k in range((b - a) // cfg.clip_frames):
                 clip = frames[a + k * cfg.clip_frames: a + (k + 1) * cfg.clip_frames]
                 T("clip_scores", curation.clip_scores, clip)
                 base = T("resize_center_crop base", curation.resize_center_crop, clip, cfg.size)
+                T("(resize base, uint8 channels-last)", _resize_uint8, clip, cfg.size)
                 T("encode base (mp4)" if cfg.frame_format == "mp4" else "encode base (raw)",
                   ingest_stages._encode, base, cfg)
                 if cfg.hr_size and min(meta.width, meta.height) >= cfg.hr_size:
@@ -175,7 +215,8 @@ def stage_breakdown(files: list[dict], cfg: IngestConfig, out_dir: str) -> dict:
 
     options = StorageOptions()
     rows = []
-    for row in files:
+    for row in files:  # the real thing
+
         rows += T("decode_and_cut (whole)", ingest_stages.decode_and_cut, row, cfg, options)
     per_file["decode_and_cut_s"] = T.total["decode_and_cut (whole)"]
     per_file["decode_and_cut_cpu_s"] = T.cpu["decode_and_cut (whole)"]
@@ -313,7 +354,70 @@ def end_to_end(root: Path, cfg: IngestConfig, num_cpus: int, timeout: float, wor
     return results
 
 
-# --- report -------------------------------------------------------------------------------------------------
+# --- report ---------------------------------------------------------------------------------------------------
+def report(data: dict) -> None:
+    """Print the markdown tables of one run (also used by --from-json)."""
+    m, stages, e2e = data["meta"], data["stages"], data["end_to_end"]
+    raw_default, raw_one = data["raw_decode"]["default"], data["raw_decode"]["one_thread"]
+    cfg, cores, src_frames = m["config"], m["cores"], m["source_frames"]
+    base = raw_default["seconds"]
+    print(f"Corpus: {m['videos']} {m['source']} videos, {m['size']}, {m['seconds']:g} s each at fps "
+          f"{', '.join(f'{f:g}' for f in m['fps_list'])} → {src_frames} source frames; config: "
+          f"{', '.join(['encoder_from=small', *m['overrides']])} (frame_format {cfg['frame_format']}, "
+          f"crf {cfg['mp4_crf']}, hr_size {cfg['hr_size']}); {cores} cores; 1-min load average "
+          f"{m['loadavg_start']:.1f} at the start, {m['loadavg_end']:.1f} at the end\n")
+    print("| what | seconds | clips/s | source frames/s | source frames per core-second | time / raw decode |")
+    print("|---|---|---|---|---|---|")
+    for name, r in (("raw decord decode, default threads", raw_default),
+                    ("raw decord decode, num_threads=1", raw_one)):
+        print(f"| {name} (CPU {r['cpu_seconds']:.2f}s) | {r['seconds']:.2f} | – | {r['frames_per_s']:.0f} "
+              f"| {r['frames'] / r['cpu_seconds']:.0f} (per CPU s) | {r['seconds'] / base:.2f}× |")
+    if stages:
+        s, c = stages["decode_and_cut_s"], stages["decode_and_cut_cpu_s"]
+        print(f"| decode_and_cut in-process, one process, torch 1 thread (CPU {c:.2f}s) | {s:.2f} "
+              f"| {stages['clips'] / s:.2f} | {src_frames / s:.0f} | {src_frames / c:.0f} (per CPU s) "
+              f"| {s / base:.2f}× |")
+    for r in e2e:
+        what = f"run_ingest, Ray num_cpus={r['ray_cpus']}, {r['run']}"
+        if r["status"] != "ok":
+            print(f"| {what} | {r['status']} | | | | |")
+            continue
+        s = r["seconds"]
+        print(f"| {what} (≤{r.get('decode_max_concurrent', '?')} decode tasks at once) | {s:.2f} "
+              f"| {r['clips'] / s:.2f} | {src_frames / s:.0f} | {src_frames / s / cores:.0f} (whole machine) "
+              f"| {s / base:.2f}× |")
+
+    if stages:
+        print("\nIn-process breakdown (same functions and order as decode_and_cut; torch 1 thread):\n")
+        print("| step | calls | wall s | wall ms/call | CPU ms/call | CPU share of decode_and_cut |")
+        print("|---|---|---|---|---|---|")
+        for k, v in sorted(stages["cpu_seconds"].items(), key=lambda kv: -kv[1]):
+            n, wall = stages["calls"][k], stages["seconds"][k]
+            share = "" if k.startswith(("decode_and_cut", "CaptionEmbedder", "write_shard", "(")) \
+                else f"{100 * v / stages['decode_and_cut_cpu_s']:.0f}%"
+            print(f"| {k} | {n} | {wall:.2f} | {1e3 * wall / n:.1f} | {1e3 * v / n:.1f} | {share} |")
+        print(f"\nsum of the timed parts: wall {stages['sum_of_parts_s']:.2f}s, "
+              f"CPU {stages['sum_of_parts_cpu_s']:.2f}s; "
+              f"decode_and_cut: wall {stages['decode_and_cut_s']:.2f}s, CPU {stages['decode_and_cut_cpu_s']:.2f}s")
+
+    print("\nEnd-to-end timeline (seconds from run_ingest's start):\n")
+    print("| Ray num_cpus, run | Ray start s | decode tasks (processes) | max concurrent | decode task median s "
+          "| decode busy s | first decode → last decode | embed actor init | embed calls (busy s) "
+          "| writes (last ends) | total | load avg before/after |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in e2e:
+        if "decode_tasks" not in r:
+            continue
+        print(f"| {r['ray_cpus']}, {r['run']} | {r['ray_start_s']:.1f} | {r['decode_tasks']} ({r['decode_processes']}) "
+              f"| {r['decode_max_concurrent']} "
+              f"| {r['decode_task_s_median']:.2f} | {r['decode_task_s_sum']:.1f} "
+              f"| {r['first_decode_start_s']:.1f} → {r['last_decode_end_s']:.1f} "
+              f"| {r.get('embed_init_start_s', float('nan')):.1f} → {r.get('embed_init_end_s', float('nan')):.1f} "
+              f"| {r.get('embed_calls', 0)} ({r.get('embed_s_sum', 0):.2f}) "
+              f"| {r.get('write_calls', 0)} ({r.get('write_end_s', float('nan')):.1f}) | {r['seconds']:.1f} "
+              f"| {r['loadavg_before']:.1f} / {r['loadavg_after']:.1f} |")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--videos", type=int, default=24)
@@ -323,8 +427,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--height", type=int, default=360, help="photo: source height, default 360")
     ap.add_argument("--seconds", type=float, default=5.5, help="video length; 5 s = one 80-frame clip at 16 fps")
     ap.add_argument("--fps-list", type=float, nargs="+", default=[16, 24, 25, 30, 30000 / 1001])
-    ap.add_argument("--ray-cpus", type=int, nargs="*", default=[2, 3, 4],
-                    help="logical CPUs of a fresh local Ray, one cold (+ one warm) run each (default 2 3 4)")
+    ap.add_argument("--ray-cpus", type=int, nargs="*", default=[2, 4],
+                    help="logical CPUs of a fresh local Ray, one cold (+ one warm) run each (default 2 4)")
     ap.add_argument("--set", dest="overrides", action="append", default=[],
                     help="ingest config override, e.g. --set frame_format=raw (default: encoder_from=small)")
     ap.add_argument("--timeout", type=float, default=170, help="watchdog per end-to-end run, seconds")
@@ -332,7 +436,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-stages", action="store_true", help="skip the in-process stage breakdown")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, help="also write all measurements as JSON here")
+    ap.add_argument("--from-json", type=Path, help="only print the tables of a run saved with --json")
     args = ap.parse_args(argv)
+    if args.from_json:
+        report(json.loads(args.from_json.read_text()))
+        return 0
     cfg = load_ingest_config(None, ["encoder_from=small", *args.overrides])
     say = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
 
@@ -366,69 +474,16 @@ def main(argv: list[str] | None = None) -> int:
                 say(f"end to end, Ray num_cpus={n}, {r['run']}: {r['status']}, {r['seconds']:.1f}s "
                     f"(+{r['ray_start_s']:.1f}s Ray start)")
 
-    base = raw_default["seconds"]
-    cores = os.cpu_count() or 1
-    print(f"Corpus: {args.videos} {args.source} videos, {records[0]['size']}, {args.seconds:g} s each at fps "
-          f"{', '.join(f'{f:g}' for f in args.fps_list)} → {src_frames} source frames; config: "
-          f"{', '.join(['encoder_from=small', *args.overrides])}, frame_format={cfg.frame_format}, "
-          f"crf {cfg.mp4_crf}, hr_size {cfg.hr_size}; {cores} cores; 1-min load average at the start "
-          f"{load0:.1f}, at the end {os.getloadavg()[0]:.1f}\n")
-    print("| what | seconds | clips/s | source frames/s | frames/s per core | time / raw decode |")
-    print("|---|---|---|---|---|---|")
-    print(f"| raw decord decode, default threads (CPU {raw_default['cpu_seconds']:.1f}s) | {base:.2f} | – "
-          f"| {raw_default['frames_per_s']:.0f} | {raw_default['frames_per_s'] / cores:.0f} | 1.00× |")
-    print(f"| raw decord decode, num_threads=1 (CPU {raw_one['cpu_seconds']:.1f}s) | {raw_one['seconds']:.2f} | – "
-          f"| {raw_one['frames_per_s']:.0f} | {raw_one['frames_per_s']:.0f} | {raw_one['seconds'] / base:.2f}× |")
-    if stages:
-        s = stages["decode_and_cut_s"]
-        print(f"| decode_and_cut in-process, 1 process, torch 1 thread | {s:.2f} | {stages['clips'] / s:.2f} "
-              f"| {src_frames / s:.0f} | {src_frames / s:.0f} | {s / base:.2f}× |")
-    for r in e2e:
-        what = f"run_ingest, Ray num_cpus={r['ray_cpus']}, {r['run']}"
-        if r["status"] != "ok":
-            print(f"| {what} | {r['status']} | | | | |")
-            continue
-        s = r["seconds"]
-        used = min(cores, r.get("decode_max_concurrent", 1))
-        print(f"| {what} (≤{r.get('decode_max_concurrent', '?')} decode tasks at once) | {s:.2f} "
-              f"| {r['clips'] / s:.2f} | {src_frames / s:.0f} | {src_frames / s / used:.0f} (over {used}) "
-              f"| {s / base:.2f}× |")
-
-    if stages:
-        print("\nIn-process breakdown (same functions and order as decode_and_cut; torch 1 thread):\n")
-        print("| step | calls | wall s | wall ms/call | CPU ms/call | CPU share of decode_and_cut |")
-        print("|---|---|---|---|---|---|")
-        for k, v in sorted(stages["cpu_seconds"].items(), key=lambda kv: -kv[1]):
-            n, wall = stages["calls"][k], stages["seconds"][k]
-            share = "" if k.startswith(("decode_and_cut", "CaptionEmbedder", "write_shard", "(")) \
-                else f"{100 * v / stages['decode_and_cut_cpu_s']:.0f}%"
-            print(f"| {k} | {n} | {wall:.2f} | {1e3 * wall / n:.1f} | {1e3 * v / n:.1f} | {share} |")
-        print(f"\nsum of the timed parts: wall {stages['sum_of_parts_s']:.2f}s, "
-              f"CPU {stages['sum_of_parts_cpu_s']:.2f}s; "
-              f"decode_and_cut: wall {stages['decode_and_cut_s']:.2f}s, CPU {stages['decode_and_cut_cpu_s']:.2f}s")
-
-    print("\nEnd-to-end timeline (seconds from run_ingest's start):\n")
-    print("| Ray num_cpus, run | Ray start s | decode tasks (processes) | max concurrent | decode task median s "
-          "| decode busy s | first decode → last decode | embed actor init | embed calls (busy s) "
-          "| writes (last ends) | total | load avg before/after |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in e2e:
-        if "decode_tasks" not in r:
-            continue
-        print(f"| {r['ray_cpus']}, {r['run']} | {r['ray_start_s']:.1f} | {r['decode_tasks']} ({r['decode_processes']}) "
-              f"| {r['decode_max_concurrent']} "
-              f"| {r['decode_task_s_median']:.2f} | {r['decode_task_s_sum']:.1f} "
-              f"| {r['first_decode_start_s']:.1f} → {r['last_decode_end_s']:.1f} "
-              f"| {r.get('embed_init_start_s', float('nan')):.1f} → {r.get('embed_init_end_s', float('nan')):.1f} "
-              f"| {r.get('embed_calls', 0)} ({r.get('embed_s_sum', 0):.2f}) "
-              f"| {r.get('write_calls', 0)} ({r.get('write_end_s', float('nan')):.1f}) | {r['seconds']:.1f} "
-              f"| {r['loadavg_before']:.1f} / {r['loadavg_after']:.1f} |")
-
+    data = {
+        "meta": {"argv": sys.argv[1:], "python": platform.python_version(), "cores": os.cpu_count() or 1,
+                 "videos": args.videos, "source": args.source, "size": records[0]["size"], "seconds": args.seconds,
+                 "fps_list": args.fps_list, "overrides": args.overrides, "source_frames": src_frames,
+                 "loadavg_start": load0, "loadavg_end": os.getloadavg()[0], "config": cfg.model_dump(mode="json")},
+        "raw_decode": {"default": raw_default, "one_thread": raw_one}, "stages": stages, "end_to_end": e2e,
+    }
+    report(data)
     if args.json:
-        meta = {"argv": sys.argv[1:], "python": platform.python_version(), "cores": cores,
-                "source_frames": src_frames, "config": cfg.model_dump(mode="json")}
-        args.json.write_text(json.dumps({"meta": meta, "raw_decode": {"default": raw_default, "one_thread": raw_one},
-                                         "stages": stages, "end_to_end": e2e}, indent=2, default=str))
+        args.json.write_text(json.dumps(data, indent=2, default=str))
     return 0
 
 

@@ -33,7 +33,15 @@ def submit_and_follow(address: str, argv: list[str], poll_s: float = 1.0) -> int
     except Exception as e:  # connection errors come in many types
         raise LumiereError(f"cannot reach the Ray Jobs API at {address}: {str(e).splitlines()[0]}") from None
     entrypoint = "lumiere " + " ".join(shlex.quote(a) for a in strip_address(argv))
-    job_id = client.submit_job(entrypoint=entrypoint)
+    deadline = time.time() + 120
+    while True:
+        try:
+            job_id = client.submit_job(entrypoint=entrypoint)
+            break
+        except RuntimeError as e:  # a just-started head answers 500 until its job agent is up
+            if "No available agent" not in str(e) or time.time() > deadline:
+                raise LumiereError(f"the Ray Jobs API at {address} refused the job: {str(e).splitlines()[0]}") from None
+            time.sleep(2)
     print(f"[submit] job {job_id} on {address}: {entrypoint}", flush=True)
     shown = 0
     while True:
