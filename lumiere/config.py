@@ -148,13 +148,19 @@ def load_config_dict(name_or_path: str) -> dict[str, Any]:
                 f"config error: no config named {name_or_path!r}; use one of {', '.join(available_configs())} "
                 "or a path to a .yaml file"
             )
+    data = read_yaml_mapping(path)
+    data.setdefault("name", path.stem)
+    return data
+
+
+def read_yaml_mapping(path: Path) -> dict[str, Any]:
+    """A YAML file that must hold a mapping; any problem is a one-line ConfigError naming the file."""
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"config error: {path} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"config error: {path} must be a mapping of sections")
-    data.setdefault("name", path.stem)
+        raise ConfigError(f"config error: {path} must be a mapping of keys")
     return data
 
 

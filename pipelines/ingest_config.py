@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from lumiere.config import _format_error, _set_path, load_config, parse_override
+from lumiere.config import _format_error, _set_path, load_config, parse_override, read_yaml_mapping
 from lumiere.errors import ConfigError
 from lumiere.text_encoder import TextEncoderConfig
 
@@ -66,12 +65,7 @@ def load_ingest_config(path: str | Path | None = None, overrides: list[str] | No
         path = Path(path)
         if not path.exists():
             raise ConfigError(f"config error: ingest config {path} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config error: {path} is not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config error: {path} must be a mapping of keys")
+        data = read_yaml_mapping(path)
     for text in overrides or []:
         _set_path(data, *parse_override(text))
     try:
