@@ -248,7 +248,9 @@ def _init_ray(address: str | None) -> None:
     if ray.is_initialized():
         return
     if address:
-        ray.init(address=address, log_to_driver=True)
+        import logging
+
+        ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING)  # errors stay one line
     else:
         ray.init(num_cpus=max(4, 2 * (os.cpu_count() or 2)), include_dashboard=False)
 
