@@ -2,7 +2,7 @@
 
 A checkpoint is a directory:
     config.yaml          the full LumiereConfig the model was built from
-    meta.json            {"kind": "t2i" | "stunet", "step": N, "text_fingerprint": ..., "format": 1}
+    meta.json            {"kind": "t2i" | "stunet" | "ssr", "step": N, "text_fingerprint": ..., "format": 1}
     model.safetensors    the model's weights (for a STUNet: prior.* and the temporal layers)
     ema.safetensors      EMA weights, same keys (used for sampling)
     train_state.pt       optimizer / LR-scheduler / step, loaded with torch.load(weights_only=True)
@@ -29,7 +29,7 @@ from .stunet import STUNet
 from .unet2d import UNet2D
 
 FORMAT = 1
-KINDS = ("t2i", "stunet")
+KINDS = ("t2i", "stunet", "ssr")
 
 
 def build_prior(cfg: LumiereConfig) -> UNet2D:
@@ -41,11 +41,18 @@ def build_stunet(cfg: LumiereConfig, prior: UNet2D | None = None) -> STUNet:
     return STUNet(prior if prior is not None else build_prior(cfg), cfg.stunet)
 
 
+def build_ssr(cfg: LumiereConfig) -> STUNet:
+    """The inflated super-resolution U-Net (see ssr.py): 6 input channels, every weight trainable."""
+    return STUNet(UNet2D(cfg.ssr.unet_config(cfg.unet.context_dim, cfg.unet.pooled_dim)), cfg.ssr.stunet_config())
+
+
 def build_model(cfg: LumiereConfig, kind: str) -> nn.Module:
     if kind == "t2i":
         return build_prior(cfg)
     if kind == "stunet":
         return build_stunet(cfg)
+    if kind == "ssr":
+        return build_ssr(cfg)
     raise LumiereError(f"unknown model kind {kind!r}; expected one of {', '.join(KINDS)}")
 
 
@@ -97,10 +104,13 @@ def read_meta(path: str | os.PathLike) -> tuple[LumiereConfig, dict[str, Any]]:
     return cfg, meta
 
 
-def load_weights(model: nn.Module, path: Path, use_ema: bool = True) -> None:
+def load_weights(model: nn.Module, path: Path, use_ema: bool = True, may_miss: tuple[str, ...] = ()) -> None:
+    """Load a checkpoint's (EMA) weights; keys starting with a `may_miss` prefix keep their initial values
+    (e.g. the conditional STUNet's `conv_in.`, initialised from the prior, when starting from an unconditional one)."""
     file = path / "ema.safetensors" if use_ema and (path / "ema.safetensors").exists() else path / "model.safetensors"
     state = load_file(file)
     missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith(may_miss)] if may_miss else missing
     if missing or unexpected:
         raise LumiereError(
             f"checkpoint {path} does not match the model built from its config "

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from .diffusion import DiffusionConfig
 from .errors import ConfigError
+from .ssr import SSRConfig
 from .stunet import STUNetConfig
 from .text_encoder import TextEncoderConfig
 from .unet2d import UNetConfig
@@ -81,6 +82,7 @@ class LumiereConfig(BaseModel):
     video: VideoConfig = Field(default_factory=VideoConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     sample: SampleConfig = Field(default_factory=SampleConfig)
+    ssr: SSRConfig = Field(default_factory=SSRConfig)
 
     @model_validator(mode="after")
     def _derive(self):

@@ -108,14 +108,31 @@ def drop_conditioning(cond: Conditioning, p: float, generator: torch.Generator |
     )
 
 
+def with_condition(x: torch.Tensor, condition: torch.Tensor | None) -> torch.Tensor:
+    """The model input: the noisy sample with the condition channels appended (b c+k ...).
+
+    A condition batch smaller than x (guidance doubles the batch) is repeated to match.
+    """
+    if condition is None:
+        return x
+    if condition.shape[0] != x.shape[0]:
+        condition = condition.repeat(x.shape[0] // condition.shape[0], *[1] * (condition.ndim - 1))
+    return torch.cat([x, condition.to(x.dtype)], dim=1)
+
+
 def diffusion_loss(
     model: Denoiser,
     x0: torch.Tensor,
     cond: Conditioning,
     scheduler: DDPMScheduler,
     generator: torch.Generator | None = None,
+    condition: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """MSE between the model's prediction at a random timestep and the v (or ε) target; x0 in [-1, 1]."""
+    """MSE between the model's prediction at a random timestep and the v (or ε) target; x0 in [-1, 1].
+
+    `condition` (b k ...) is concatenated to the noisy input on the channel axis: the conditional STUNet's
+    ⟨C, M⟩ (k=4) or the SSR's upsampled low-resolution video (k=3).
+    """
     b = x0.shape[0]
     noise = torch.randn(x0.shape, generator=generator, device="cpu").to(x0)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator, device="cpu")
@@ -125,7 +142,7 @@ def diffusion_loss(
         target = scheduler.get_velocity(x0, noise, t)
     else:
         target = noise
-    pred = model(xt, t, cond.context, cond.pooled)
+    pred = model(with_condition(xt, condition), t, cond.context, cond.pooled)
     return F.mse_loss(pred.float(), target.float())
 
 
@@ -139,22 +156,33 @@ def sample(
     guidance_scale: float = 1.0,
     generator: torch.Generator | None = None,
     callback: Callable[[int, int], None] | None = None,
+    condition: torch.Tensor | None = None,
+    start_step: int = 0,
 ) -> torch.Tensor:
     """Denoise `noise` (b c ...) with `scheduler`'s timesteps; returns x0 in about [-1, 1].
 
     With guidance_scale != 1 the model sees [cond; null] in one batch and the prediction is
-    null + g · (cond − null).
+    null + g · (cond − null); the `condition` channels (image/mask/low-res video) are kept in both halves,
+    so guidance acts on the text only. With `start_step > 0`, `noise` is an already-noised sample at
+    timestep `scheduler.timesteps[start_step]` (SDEdit, see `noise_to_strength`) and sampling continues
+    from there.
     """
-    x = noise * scheduler.init_noise_sigma
+    timesteps = scheduler.timesteps[start_step:]
+    if start_step:
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(start_step)
+        x = noise
+    else:
+        x = noise * scheduler.init_noise_sigma
     guided = guidance_scale != 1.0
     both = cond.cat(cond.null()) if guided else cond
-    steps = len(scheduler.timesteps)
-    for i, t in enumerate(scheduler.timesteps):
+    steps = len(timesteps)
+    for i, t in enumerate(timesteps):
         x_in = scheduler.scale_model_input(x, t)
         if guided:
             x_in = torch.cat([x_in, x_in])
         ts = torch.full((x_in.shape[0],), int(t), device=x.device, dtype=torch.long)
-        out = model(x_in, ts, both.context, both.pooled)
+        out = model(with_condition(x_in, condition), ts, both.context, both.pooled)
         if guided:
             out_cond, out_null = out.chunk(2)
             out = out_null + guidance_scale * (out_cond - out_null)
@@ -162,3 +190,23 @@ def sample(
         if callback is not None:
             callback(i + 1, steps)
     return x
+
+
+def noise_to_strength(
+    scheduler, x0: torch.Tensor, strength: float, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, int]:
+    """SDEdit: noise a clean sample x0 to `strength` ∈ (0, 1] of the sampling schedule.
+
+    Returns (x_t, start_step) for `sample(..., start_step=start_step)`. strength 1 is pure noise (plain
+    generation); a strength below one step of the schedule returns x0 itself with start_step = len(steps).
+    """
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    steps = len(scheduler.timesteps)
+    n = min(steps, int(round(steps * strength)))
+    start = steps - n
+    if n == 0:
+        return x0, start
+    noise = torch.randn(x0.shape, generator=generator, device="cpu").to(x0)
+    t = scheduler.timesteps[start : start + 1].to(x0.device)
+    return scheduler.add_noise(x0, noise, t), start

@@ -13,6 +13,10 @@ Inflation (Lumiere §3.1), added around the prior's unchanged spatial layers:
 Every new block starts as the identity (or as nearest-neighbour resampling in time), so at initialisation the
 STUNet reproduces the prior frame by frame on a static video; the prior's weights are frozen.
 
+With `conditional=True` the first conv takes ⟨J, C, M⟩ (7 channels, see `conditioning.py`); it is a new,
+trainable layer initialised from the prior's first conv with zero weights on the 4 condition channels, so the
+conditional model starts as the unconditional one.
+
 `temporal_resampling=False` keeps time at full resolution at every level: the fixed-temporal-resolution
 video U-Net that the paper compares against, with the same width and depth.
 """
@@ -30,6 +34,8 @@ from torch import nn
 from .errors import FrameCountError
 from .unet2d import Attention, UNet2D, zero_init
 
+CONDITION_CHANNELS = 4  # C (3) + M (1)
+
 
 @dataclass
 class STUNetConfig:
@@ -37,6 +43,9 @@ class STUNetConfig:
     temporal_attention: bool = True  # attention inflation blocks at the coarsest level
     temporal_head_dim: int = 32
     freeze_prior: bool = True  # train only the inflation / temporal layers
+    # conditional: the input is ⟨J, C, M⟩ = noisy video (3) + masked condition video (3) + mask (1) = 7 channels
+    # (Lumiere §4), one model for image-to-video, inpainting, cinemagraphs and extension
+    conditional: bool = False
 
     __pydantic_config__ = {"extra": "forbid"}
 
@@ -144,8 +153,19 @@ class STUNet(nn.Module):
             for i, level in enumerate(prior.up):
                 if level.resample is not None:
                     self.time_up[str(i)] = TemporalUpsample(level.resample.conv.out_channels)
+        if cfg.conditional:
+            prior_in = prior.conv_in
+            self.conv_in = nn.Conv2d(prior_in.in_channels + CONDITION_CHANNELS, prior_in.out_channels, 3, padding=1)
+            with torch.no_grad():  # the prior's filters on J, zero on ⟨C, M⟩: starts as the unconditional model
+                self.conv_in.weight.zero_()
+                self.conv_in.weight[:, : prior_in.in_channels] = prior_in.weight
+                self.conv_in.bias.copy_(prior_in.bias)
         if cfg.freeze_prior:
             self.prior.requires_grad_(False)
+
+    @property
+    def in_channels(self) -> int:
+        return self.conv_in.in_channels if self.cfg.conditional else self.prior.cfg.in_channels
 
     @property
     def temporal_factor(self) -> int:
@@ -195,10 +215,14 @@ class STUNet(nn.Module):
     ) -> torch.Tensor:
         if x.ndim != 5:
             raise ValueError(f"STUNet expects a video batch b c t h w, got shape {tuple(x.shape)}")
+        if x.shape[1] != self.in_channels:
+            what = "⟨J, C, M⟩ (3 + 3 + 1)" if self.cfg.conditional else "an RGB video"
+            raise ValueError(f"this STUNet takes {self.in_channels} input channels ({what}), got {x.shape[1]}")
         frames = x.shape[2]
         self.check_frames(frames)
         out = self.prior(
-            rearrange(x, "b c t h w -> (b t) c h w"), timesteps, context, pooled, inflation=self, frames=frames
+            rearrange(x, "b c t h w -> (b t) c h w"), timesteps, context, pooled, inflation=self, frames=frames,
+            stem=self.conv_in if self.cfg.conditional else None,
         )
         return rearrange(out, "(b t) c h w -> b c t h w", t=frames)
 

@@ -1,10 +1,12 @@
-"""The training step shared by every model (t2i prior, STUNet, and later the SSR), torchtitan-style.
+"""The training step shared by every model (t2i prior, STUNet, conditional STUNet, SSR), torchtitan-style.
 
 What differs between models is passed in, not branched on: the model (a UNet2D or a STUNet), and how a batch
-of clips becomes the model's input (`to_model_input`: a random frame per clip for the 2D prior, the whole clip
-for the STUNet). Optimisation is the same for all: AdamW on the parameters that require grad (the STUNet's
-prior is frozen, so it is not even in the optimizer), linear warm-up then cosine decay, gradient clipping, an
-EMA of the trained weights, classifier-free-guidance text dropout.
+of clips becomes the model's target and condition (`model_input(kind, cfg)`: a random frame per clip for the 2D
+prior; the whole clip for the STUNet; the clip with a random ⟨C, M⟩ condition for the conditional STUNet; the
+high-resolution window with its degraded, re-upsampled copy for the SSR). Optimisation is the same for all:
+AdamW on the parameters that require grad (the STUNet's prior is frozen, so it is not even in the optimizer),
+linear warm-up then cosine decay, gradient clipping, an EMA of the trained weights, classifier-free-guidance text
+dropout.
 
 Axes: b batch, c channels, t frames, h w height/width, l text tokens, d text width, e pooled width.
 """
@@ -19,23 +21,49 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from .conditioning import composite, random_training_condition
 from .config import LumiereConfig
 from .diffusion import Conditioning, diffusion_loss, drop_conditioning, training_scheduler
+from .ssr import degrade, upsample_condition
+
+ModelInput = tuple[torch.Tensor, torch.Tensor | None]  # (x0 the denoising target, condition channels or None)
 
 
-def random_frames(clips: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def random_frames(clips: torch.Tensor, generator: torch.Generator | None = None) -> ModelInput:
     """One random frame per clip: b c t h w -> b c h w (how the 2D prior trains on video shards)."""
     b, _, t = clips.shape[:3]
     idx = torch.randint(0, t, (b,), generator=generator, device="cpu").to(clips.device)
     picked = clips[torch.arange(b, device=clips.device), :, idx]
-    return picked
+    return picked, None
 
 
-def whole_clip(clips: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    return clips
+def whole_clip(clips: torch.Tensor, generator: torch.Generator | None = None) -> ModelInput:
+    return clips, None
 
 
-INPUTS: dict[str, Callable] = {"t2i": random_frames, "stunet": whole_clip}
+def conditioned_clip(clips: torch.Tensor, generator: torch.Generator | None = None) -> ModelInput:
+    """The conditional STUNet: a random condition type per clip (conditioning.random_training_condition)."""
+    cm = random_training_condition(clips, generator or torch.Generator())
+    return composite(clips, cm), cm
+
+
+def ssr_window(scale: int) -> Callable[..., ModelInput]:
+    """The SSR: high-res clips (already a random window) -> target, bilinear-upsampled low-res condition."""
+
+    def f(clips: torch.Tensor, generator: torch.Generator | None = None) -> ModelInput:
+        return clips, upsample_condition(degrade(clips, scale), scale)
+
+    return f
+
+
+def model_input(kind: str, cfg: LumiereConfig) -> Callable[..., ModelInput]:
+    if kind == "t2i":
+        return random_frames
+    if kind == "stunet":
+        return conditioned_clip if cfg.stunet.conditional else whole_clip
+    if kind == "ssr":
+        return ssr_window(cfg.ssr.scale)
+    raise ValueError(f"unknown model kind {kind!r}")
 
 
 class EMA:
@@ -83,7 +111,7 @@ class TrainStep:
         self.forward = forward or model  # what is called (e.g. a DDP wrapper of `model`)
         self.amp_dtype = amp_dtype  # e.g. torch.bfloat16 on GPU: autocast for the forward pass
         self.cfg = cfg
-        self.to_input = INPUTS[kind]
+        self.to_input = model_input(kind, cfg)
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("the model has no trainable parameters")
@@ -100,10 +128,10 @@ class TrainStep:
         """clips: b c t h w in [-1, 1]; cond: text features for each clip."""
         t0 = time.perf_counter()
         self.model.train()
-        x0 = self.to_input(clips, self.generator)
+        x0, condition = self.to_input(clips, self.generator)
         cond = drop_conditioning(cond, self.cfg.diffusion.cond_dropout, self.generator)
         with torch.autocast(x0.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
-            loss = diffusion_loss(self.forward, x0, cond, self.noise_schedule, self.generator)
+            loss = diffusion_loss(self.forward, x0, cond, self.noise_schedule, self.generator, condition)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(

@@ -256,8 +256,11 @@ class UNet2D(nn.Module):
         *,
         inflation: Inflation | None = None,
         frames: int = 1,
+        stem: nn.Module | None = None,
     ) -> torch.Tensor:
-        """x: (b f) c h w; timesteps (b,) or scalar; context b l d; pooled b e. Returns (b f) c h w."""
+        """x: (b f) c h w; timesteps (b,) or scalar; context b l d; pooled b e. Returns (b f) c h w.
+
+        `stem` replaces `conv_in` (the conditional STUNet's wider first conv takes ⟨J, C, M⟩)."""
         batch = context.shape[0]
         timesteps = torch.as_tensor(timesteps, device=x.device).reshape(-1).expand(batch)
         emb = self.embed(timesteps, pooled)
@@ -274,7 +277,7 @@ class UNet2D(nn.Module):
         def after(key: str, h: torch.Tensor) -> torch.Tensor:
             return inflation.block(key, h, frames) if inflation is not None else h
 
-        h = self.conv_in(x)
+        h = (stem if stem is not None else self.conv_in)(x)
         skips = [h]
         for i, level in enumerate(self.down):
             for j, block in enumerate(level.blocks):

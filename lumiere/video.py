@@ -212,3 +212,59 @@ def save_png(path: str | os.PathLike, image: np.ndarray) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8)).save(path, format="PNG")
+
+
+MAX_IMAGE_PIXELS = 4096 * 4096  # a decompression bomb is refused, not decoded
+
+
+def read_image(source: str | os.PathLike | bytes, what: str = "image", mode: str = "RGB") -> np.ndarray:
+    """An image file (path or bytes) -> uint8 (h, w, 3) RGB, or (h, w) with mode="L" (masks: white, or
+    transparent in an RGBA image as in OpenAI's edit API, marks the region).
+
+    Raises ValueError naming `what` when it cannot be decoded or is too large.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        data = source if isinstance(source, bytes) else Path(source).read_bytes()
+    except OSError as e:
+        raise ValueError(f"cannot read the {what} {source}: {e.strerror or e}") from None
+    if not data:
+        raise ValueError(f"the {what} is empty (0 bytes)")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if img.width * img.height > MAX_IMAGE_PIXELS:
+                raise ValueError(f"the {what} is {img.width}x{img.height}; at most {MAX_IMAGE_PIXELS} pixels")
+            if mode == "L" and img.mode in ("RGBA", "LA") and _alpha_has_holes(img):
+                return 255 - np.asarray(img.getchannel("A"), dtype=np.uint8)  # transparent = the region
+            return np.asarray(img.convert(mode), dtype=np.uint8).copy()
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
+        raise ValueError(f"the {what} does not decode as an image (PNG, JPEG, WebP, …): {e}") from None
+
+
+def _alpha_has_holes(img) -> bool:
+    """An RGBA mask whose alpha is not all opaque marks its region by alpha (OpenAI's edit convention: the
+    transparent part is the region); an opaque one by its brightness."""
+    alpha = np.asarray(img.getchannel("A"))
+    return bool((alpha < 255).any())
+
+
+def fit_frames(frames: np.ndarray, size: int, nearest: bool = False) -> np.ndarray:
+    """(t, h, w, c) or (t, h, w) uint8 -> square `size`×`size`: center-crop to square, then resize
+    (bilinear with antialiasing for pictures, nearest for masks)."""
+    frames = np.asarray(frames)
+    squeeze = frames.ndim == 3
+    x = frames[..., None] if squeeze else frames
+    t, h, w, _ = x.shape
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    x = x[:, top : top + side, left : left + side]
+    if side != size:
+        v = rearrange(torch.from_numpy(np.ascontiguousarray(x)).float(), "t h w c -> t c h w")
+        if nearest:
+            v = torch.nn.functional.interpolate(v, size=(size, size), mode="nearest")
+        else:
+            v = torch.nn.functional.interpolate(v, size=(size, size), mode="bilinear", antialias=True,
+                                                align_corners=False)
+        x = rearrange(v.round().clamp(0, 255).to(torch.uint8), "t c h w -> t h w c").numpy()
+    return np.ascontiguousarray(x[..., 0] if squeeze else x)
