@@ -23,6 +23,8 @@ data_app = typer.Typer(no_args_is_help=True, help="Make and inspect datasets.")
 config_app = typer.Typer(no_args_is_help=True, help="Inspect configs.")
 app.add_typer(data_app, name="data")
 app.add_typer(config_app, name="config")
+style_app = typer.Typer(no_args_is_help=True, help="Stylized generation: fit a style from reference images.")
+app.add_typer(style_app, name="style")
 
 SET_HELP = "Override any config key, e.g. --set unet.base_channels=32 (repeatable)."
 
@@ -101,7 +103,8 @@ def ingest(
 
 @app.command(context_settings={"allow_extra_args": False})
 def train(
-    kind: str = typer.Argument(..., help="t2i (the 2D prior) or stunet (inflate a t2i checkpoint)."),
+    kind: str = typer.Argument(..., help="t2i (the 2D prior), stunet (inflate a t2i checkpoint) or ssr "
+                               "(the super-resolution model, on the high-resolution copies)."),
     data: str = typer.Option(..., help="An ingestion output (directory or s3:// prefix with manifest.json)."),
     output: Path = typer.Option(..., help="Run directory: Ray Train state and checkpoints/latest."),
     config: str = typer.Option("small", help="A named config (tiny, small, base) or a YAML path."),
@@ -117,12 +120,16 @@ def train(
         None, help="http://HOST:8265 submits through the Ray Jobs API; HOST:PORT joins a cluster as driver."
     ),
     max_failures: int = typer.Option(3, min=0, help="Worker failures survived by restoring the last checkpoint."),
+    conditional: bool = typer.Option(False, help="stunet: the 7-channel ⟨J, C, M⟩ model for i2v, inpainting, "
+                                     "cinemagraphs and extension (stunet.conditional=true)."),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
 ):
-    """Train the text-to-image prior or the STUNet on Ray Train, tracked in MLflow."""
+    """Train the text-to-image prior, the STUNet or the SSR on Ray Train, tracked in MLflow."""
     from .config import load_config
 
-    overrides = list(set_)
+    if conditional and kind != "stunet":
+        raise LumiereError("--conditional applies to `lumiere train stunet` only")
+    overrides = list(set_) + (["stunet.conditional=true"] if conditional else [])
     for key, value in (("train.max_steps", max_steps), ("train.batch_size", batch_size), ("train.lr", lr)):
         if value is not None:
             overrides.append(f"{key}={value}")
@@ -138,12 +145,40 @@ def train(
                  run_name=run_name, address=address, compile=compile, max_failures=max_failures)
 
 
+def _load_media(path: Path | None, what: str, cfg, kind: str):
+    """--image / --video / --mask files -> uint8 arrays, or a one-line error naming the option."""
+    if path is None:
+        return None
+    from .video import VideoReadError, read_image, read_video
+
+    try:
+        if kind == "video" or (kind == "mask" and path.suffix.lower() in (".mp4", ".mov", ".webm", ".mkv")):
+            frames, _ = read_video(path, fps=cfg.video.fps)
+            return frames if kind == "video" else frames.max(axis=-1)  # a mask video: bright = region
+        return read_image(path, what=f"{what} {path}", mode="L" if kind == "mask" else "RGB")
+    except (VideoReadError, ValueError) as e:
+        raise LumiereError(f"--{what}: {e}") from None
+
+
 @app.command()
 def generate(
     prompt: str = typer.Option(..., help="What the video should show."),
     out: Path = typer.Option(..., help="Output .mp4 path."),
     checkpoint: Path | None = typer.Option(None, help="A checkpoint directory (t2i or stunet)."),
     config: str = typer.Option("tiny", help="Config used when no --checkpoint is given."),
+    task: str = typer.Option("t2v", help="t2v, i2v, inpaint, cinemagraph, v2v or extend."),
+    image: Path | None = typer.Option(None, help="i2v: the first frame; cinemagraph: the still image."),
+    video: Path | None = typer.Option(None, help="inpaint / v2v: the clip to edit; extend: the clip to continue."),
+    mask: Path | None = typer.Option(
+        None, help="inpaint / cinemagraph: image (or video) whose white (or transparent) pixels mark the region."
+    ),
+    strength: float | None = typer.Option(None, help="v2v: how much to change, in (0, 1] (default 0.6)."),
+    context_frames: int | None = typer.Option(None, min=1, help="extend: frames of the input that condition "
+                                              "the continuation (default: a quarter of the clip)."),
+    style: Path | None = typer.Option(None, help="A style directory from `lumiere style fit`."),
+    style_strength: float = typer.Option(0.75, min=0.0, max=1.0, help="α in W = α·W_style + (1−α)·W_orig."),
+    upsample: bool = typer.Option(False, help="Run the SSR with MultiDiffusion on the result (--ssr-checkpoint)."),
+    ssr_checkpoint: Path | None = typer.Option(None, help="An ssr checkpoint for --upsample."),
     frames: int | None = typer.Option(None, min=1, max=1024, help="Frames (default: the config's)."),
     steps: int | None = typer.Option(None, min=1, max=1000, help="Sampling steps."),
     guidance: float | None = typer.Option(None, min=0.0, max=50.0, help="Classifier-free guidance scale."),
@@ -153,10 +188,10 @@ def generate(
     device: str = typer.Option("cpu", help="cpu or cuda."),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
 ):
-    """Generate a video from a text prompt and write it as an mp4."""
+    """Generate a video (text-to-video, image-to-video, inpainting, cinemagraph, edit, extension) as an mp4."""
     from .config import load_config
     from .diffusion import SAMPLERS
-    from .pipeline import TextToVideo
+    from .pipeline import TASKS, TextToVideo, Upsampler
     from .video import save_png, write_mp4
     from .video import spritesheet as make_sheet
 
@@ -164,8 +199,12 @@ def generate(
         raise LumiereError(f"--out must end in .mp4, got {out}")
     if sampler is not None and sampler not in SAMPLERS:
         raise LumiereError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+    if task not in TASKS:
+        raise LumiereError(f"--task must be one of {', '.join(TASKS)}, got {task!r}")
     if not prompt.strip():
         raise LumiereError("--prompt is empty; describe the video to generate")
+    if upsample and ssr_checkpoint is None and checkpoint is not None:
+        raise LumiereError("--upsample needs --ssr-checkpoint (train one with `lumiere train ssr`)")
     if checkpoint is not None:
         if set_:
             raise LumiereError("--set applies to --config; a checkpoint brings its own config")
@@ -173,19 +212,76 @@ def generate(
     else:
         gen = TextToVideo.random_init(load_config(config, set_), device=device)
     gen.model.check_frames(frames or gen.cfg.video.frames)  # fail before any output
+    inputs = {
+        "image": _load_media(image, "image", gen.cfg, "image"),
+        "video": _load_media(video, "video", gen.cfg, "video"),
+        "mask": _load_media(mask, "mask", gen.cfg, "mask"),
+    }
     if checkpoint is None:
         _echo(f"note: no --checkpoint given: using a RANDOMLY INITIALISED {gen.cfg.name} model (output is noise)")
-    _echo(f"model: {gen.source}")
+    _echo(f"model: {gen.source}; task {task}")
     result = gen.generate(
-        [prompt], frames=frames, steps=steps, guidance_scale=guidance, sampler=sampler, seed=seed,
+        [prompt], task=task, **{k: v for k, v in inputs.items() if v is not None}, strength=strength,
+        context_frames=context_frames, style=str(style) if style else None, style_strength=style_strength,
+        frames=frames, steps=steps, guidance_scale=guidance, sampler=sampler, seed=seed,
         callback=lambda i, n: _echo(f"  step {i}/{n}") if i == n or i % 10 == 0 else None,
     )
+    for note in result.notes:
+        _echo(f"note: {note}")
+    if upsample:
+        ups = Upsampler.from_checkpoint(ssr_checkpoint, device) if ssr_checkpoint else Upsampler.random_init(gen.cfg)
+        _echo(f"upsampling ×{ups.cfg.ssr.scale} with {ups.source}: MultiDiffusion windows of {ups.cfg.ssr.window} "
+              f"frames, overlap {ups.cfg.ssr.overlap}")
+        result = ups.upsample(result.videos, [prompt], seed=seed,
+                              callback=lambda i, n: _echo(f"  ssr step {i}/{n}") if i == n or i % 10 == 0 else None)
     write_mp4(out, result.videos[0], fps=result.fps)
-    video = result.videos[0]
-    typer.echo(f"wrote {out} ({video.shape[0]} frames, {video.shape[2]}x{video.shape[1]}, {result.fps:g} fps)")
+    video_out = result.videos[0]
+    typer.echo(f"wrote {out} ({video_out.shape[0]} frames, {video_out.shape[2]}x{video_out.shape[1]}, "
+               f"{result.fps:g} fps)")
     if spritesheet is not None:
-        save_png(spritesheet, make_sheet(video))
+        save_png(spritesheet, make_sheet(video_out))
         typer.echo(f"wrote {spritesheet}")
+
+
+@style_app.command("fit")
+def style_fit(
+    checkpoint: Path = typer.Option(..., help="The t2i or stunet checkpoint whose prior is fine-tuned."),
+    images: list[Path] = typer.Option(..., "--images", help="Style reference images (repeat the option)."),
+    out: Path = typer.Option(..., help="The style directory to write."),
+    prompt: str = typer.Option("", help="Caption for the style images (empty: the unconditional text)."),
+    steps: int = typer.Option(100, min=1, max=100_000, help="Fine-tuning steps."),
+    lr: float = typer.Option(2e-4, min=0.0, help="Learning rate."),
+    seed: int = typer.Option(0),
+):
+    """Fine-tune the T2I prior on style images; generate with it via `lumiere generate --style DIR`."""
+    import numpy as np
+
+    from .checkpoint import load_model
+    from .style import fit_style, prior_fingerprint, save_style
+    from .text_encoder import TextEncoder
+    from .video import fit_frames, read_image
+
+    model, cfg, meta = load_model(checkpoint, use_ema=True, as_kind="stunet")
+    pictures = []
+    for path in images:
+        try:
+            pictures.append(fit_frames(read_image(path, what=f"style image {path}")[None], cfg.video.size)[0])
+        except ValueError as e:
+            raise LumiereError(f"--images: {e}") from None
+    encoder = TextEncoder(cfg.text)
+    context, pooled = encoder.encode_text([prompt])
+    from .diffusion import Conditioning
+
+    _echo(f"fitting a style on {len(pictures)} image(s) at {cfg.video.size}x{cfg.video.size} for {steps} steps "
+          f"from {checkpoint}")
+    state = fit_style(model.prior, np.stack(pictures), Conditioning(context, pooled), cfg.diffusion, steps=steps,
+                      lr=lr, seed=seed,
+                      callback=lambda i, loss: _echo(f"  step {i}/{steps} loss {loss:.4f}") if i % 25 == 0 or i == steps
+                      else None)
+    save_style(out, state, {"base_fingerprint": prior_fingerprint(model.prior), "base_checkpoint": str(checkpoint),
+                            "prompt": prompt, "steps": steps, "lr": lr, "images": [str(p) for p in images]})
+    typer.echo(f"wrote style {out}; use it with: lumiere generate --checkpoint {checkpoint} --style {out} "
+               "--style-strength 0.75 ...")
 
 
 @app.command()

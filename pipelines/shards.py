@@ -23,6 +23,14 @@ from lumiere.video import decode_mp4_bytes
 
 SUPPORTED_SCHEMA = 1
 COLUMNS = ["clip_id", "frames", "frames_format", "num_frames", "height", "width", "text_tokens", "text_pooled"]
+HR_COLUMNS = ["clip_id", "hr_frames", "hr_size", "frames_format", "num_frames", "text_tokens", "text_pooled"]
+
+
+def clip_shape(cfg: LumiereConfig, kind: str) -> tuple[int, int]:
+    """(frames, size) a model kind trains on: the SSR sees `ssr.window`-frame windows at the high resolution."""
+    if kind == "ssr":
+        return cfg.ssr.window, cfg.video.size * cfg.ssr.scale
+    return cfg.video.frames, cfg.video.size
 
 
 def read_manifest(data_uri: str, options: StorageOptions | None = None) -> dict:
@@ -37,7 +45,8 @@ def read_manifest(data_uri: str, options: StorageOptions | None = None) -> dict:
     return manifest
 
 
-def check_manifest(manifest: dict, cfg: LumiereConfig, data_uri: str, text_fingerprint: str | None) -> None:
+def check_manifest(manifest: dict, cfg: LumiereConfig, data_uri: str, text_fingerprint: str | None,
+                   kind: str = "stunet") -> None:
     """Every problem the trainer can see before starting: a clear one-line error."""
     version = manifest.get("schema_version")
     if version != SUPPORTED_SCHEMA:
@@ -45,9 +54,15 @@ def check_manifest(manifest: dict, cfg: LumiereConfig, data_uri: str, text_finge
                            f"{SUPPORTED_SCHEMA} (re-ingest with this version of lumiere)")
     if not manifest.get("shards") or not manifest.get("clips"):
         raise LumiereError(f"{data_uri} has no clips (0 shards): nothing to train on; see its report.json")
-    if manifest.get("clip_frames", 0) < cfg.video.frames:
+    frames, size = clip_shape(cfg, kind)
+    if manifest.get("clip_frames", 0) < frames:
+        key = "ssr.window" if kind == "ssr" else "video.frames"
         raise LumiereError(f"{data_uri} has {manifest.get('clip_frames')}-frame clips but the config needs "
-                           f"video.frames={cfg.video.frames}")
+                           f"{key}={frames}")
+    if kind == "ssr" and (manifest.get("hr_size") or 0) < size:
+        raise LumiereError(f"{data_uri} keeps high-resolution copies at {manifest.get('hr_size') or 'no'} pixels but "
+                           f"the SSR trains at {size} (video.size × ssr.scale); re-ingest with --set hr_size={size} "
+                           "or higher")
     expected = manifest.get("text_encoder", {}).get("fingerprint")
     if text_fingerprint and expected and expected != text_fingerprint:
         raise LumiereError(f"{data_uri} was embedded with another text encoder (fingerprint {expected}) than "
@@ -72,17 +87,28 @@ def _decode_clip(data: bytes, fmt: str, t: int, h: int, w: int, frames: int, siz
 
 
 def load_clip_batch(batch: dict[str, np.ndarray], frames: int, size: int,
-                    token_shape: tuple[int, int]) -> dict[str, np.ndarray]:
-    """A batch of shard rows -> model-ready arrays (a Ray Data task, so decoding stays out of the loop)."""
+                    token_shape: tuple[int, int], high_res: bool = False) -> dict[str, np.ndarray]:
+    """A batch of shard rows -> model-ready arrays (a Ray Data task, so decoding stays out of the loop).
+
+    With `high_res` (SSR training) the high-resolution copies are read (`clip_dataset` keeps only rows with one)."""
     rng = np.random.default_rng()
-    videos = np.stack([
-        _decode_clip(batch["frames"][i], batch["frames_format"][i], int(batch["num_frames"][i]),
-                     int(batch["height"][i]), int(batch["width"][i]), frames, size, rng)
-        for i in range(len(batch["clip_id"]))
-    ])
-    context = np.stack([np.frombuffer(b, np.float16).reshape(token_shape) for b in batch["text_tokens"]])
-    pooled = np.stack([np.asarray(p, dtype=np.float32) for p in batch["text_pooled"]])
-    return {"video": videos, "context": context.astype(np.float32), "pooled": pooled}
+    if high_res:
+        rows = [i for i in range(len(batch["clip_id"])) if int(batch["hr_size"][i]) > 0]
+        data = [(batch["hr_frames"][i], int(batch["hr_size"][i]), int(batch["hr_size"][i])) for i in rows]
+    else:
+        rows = list(range(len(batch["clip_id"])))
+        data = [(batch["frames"][i], int(batch["height"][i]), int(batch["width"][i])) for i in rows]
+    videos = [
+        _decode_clip(d, batch["frames_format"][i], int(batch["num_frames"][i]), h, w, frames, size, rng)
+        for i, (d, h, w) in zip(rows, data, strict=True)
+    ]
+    context = [np.frombuffer(batch["text_tokens"][i], np.float16).reshape(token_shape) for i in rows]
+    pooled = [np.asarray(batch["text_pooled"][i], dtype=np.float32) for i in rows]
+    return {"video": np.stack(videos), "context": np.stack(context).astype(np.float32), "pooled": np.stack(pooled)}
+
+
+def _has_high_res(row: dict) -> bool:
+    return int(row["hr_size"]) > 0
 
 
 def _repeat_row(row: dict, times: int) -> list[dict]:
@@ -90,19 +116,22 @@ def _repeat_row(row: dict, times: int) -> list[dict]:
 
 
 def clip_dataset(data_uri: str, manifest: dict, cfg: LumiereConfig, options: StorageOptions | None = None,
-                 min_pass_clips: int = 256):
+                 min_pass_clips: int = 256, kind: str = "stunet"):
     """A Ray Dataset of model-ready clips: shards -> decode + crop + resize (tasks) -> rows."""
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False
     fs, _ = storage.resolve(data_uri, options)
     paths = [storage.resolve(u, options)[1] for u in shard_uris(manifest, data_uri)]
-    ds = ray.data.read_parquet(paths, filesystem=fs, columns=COLUMNS)
+    ds = ray.data.read_parquet(paths, filesystem=fs, columns=HR_COLUMNS if kind == "ssr" else COLUMNS)
+    if kind == "ssr":  # clips from sources smaller than hr_size have no high-resolution copy
+        ds = ds.filter(_has_high_res, num_cpus=0.25)
     # a small dataset is read several times per pass (each copy gets fresh random crops), so a pass is long
     # enough that the per-pass start-up of the streaming pipeline does not dominate
     repeats = math.ceil(min_pass_clips / max(1, manifest["clips"]))
     if repeats > 1:
         ds = ds.flat_map(_repeat_row, fn_kwargs={"times": repeats}, num_cpus=0.25)
-    kwargs = {"frames": cfg.video.frames, "size": cfg.video.size,
-              "token_shape": tuple(manifest["text_encoder"]["token_shape"])}
+    frames, size = clip_shape(cfg, kind)
+    kwargs = {"frames": frames, "size": size, "token_shape": tuple(manifest["text_encoder"]["token_shape"]),
+              "high_res": kind == "ssr"}
     return ds.map_batches(load_clip_batch, fn_kwargs=kwargs, batch_size=16, num_cpus=0.25)

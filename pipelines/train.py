@@ -1,9 +1,11 @@
-"""`lumiere train {t2i,stunet}`: Ray Train V2 jobs over ingestion shards, with MLflow and fault tolerance.
+"""`lumiere train {t2i,stunet,ssr}`: Ray Train V2 jobs over ingestion shards, with MLflow and fault tolerance.
 
     driver   validate data / init checkpoint / cluster size      one-line errors before anything starts
              MLflow run (created, or found again by run name)     rank 0 logs into it
              TorchTrainer(train_loop, datasets={"train": clips})  RunConfig(name, storage_path): same name resumes
-    workers  build model (t2i: the 2D prior; stunet: inflate the t2i checkpoint, prior frozen)
+    workers  build model (t2i: the 2D prior; stunet: inflate the t2i checkpoint, prior frozen — with
+             stunet.conditional the 7-channel ⟨J, C, M⟩ model, from a t2i or an unconditional stunet; ssr: the
+             super-resolution STUNet on high-resolution windows)
              DDP via prepare_model (gloo on CPU, nccl on GPU); bf16 autocast / torch.compile on GPU
              restore from ray.train.get_checkpoint() if any (weights, EMA, optimizer, schedule, step, RNG)
              loop: iter_torch_batches -> TrainStep (the loop shared with the demo) -> metrics / checkpoints
@@ -25,13 +27,21 @@ from pathlib import Path
 
 import torch
 
-from lumiere.checkpoint import build_prior, build_stunet, load_train_state, load_weights, read_meta, save_checkpoint
+from lumiere.checkpoint import (
+    build_prior,
+    build_ssr,
+    build_stunet,
+    load_train_state,
+    load_weights,
+    read_meta,
+    save_checkpoint,
+)
 from lumiere.config import LumiereConfig, build_config
 from lumiere.errors import LumiereError
 
 from .shards import check_manifest, clip_dataset, read_manifest
 
-KINDS = ("t2i", "stunet")
+KINDS = ("t2i", "stunet", "ssr")
 SAMPLE_PROMPTS = ["a red square moving right", "a blue circle moving down"]
 
 
@@ -59,13 +69,19 @@ def build_for_training(kind: str, cfg: LumiereConfig, init_from: str | None) -> 
         if init_from:
             load_weights(model, Path(init_from), use_ema=True)
         return model
+    if kind == "ssr":
+        model = build_ssr(cfg)
+        if init_from:
+            load_weights(model, Path(init_from), use_ema=True)
+        return model
     _, meta = read_meta(init_from)
     if meta["kind"] == "t2i":
         prior = build_prior(cfg)
         load_weights(prior, Path(init_from), use_ema=True)
         return build_stunet(cfg, prior)
     model = build_stunet(cfg)
-    load_weights(model, Path(init_from), use_ema=True)
+    # an unconditional stunet starts a conditional one: its wider first conv keeps the prior-based init
+    load_weights(model, Path(init_from), use_ema=True, may_miss=("conv_in.",) if cfg.stunet.conditional else ())
     return model
 
 
@@ -203,9 +219,16 @@ def check_init(kind: str, init: str | None, cfg: LumiereConfig) -> None:
     if init is None:
         return
     init_cfg, meta = read_meta(init)
-    if kind == "t2i" and meta["kind"] != "t2i":
-        raise LumiereError(f"--init-from {init} is a {meta['kind']} checkpoint; t2i training needs a t2i one")
-    diffs = [f"unet.{k}" for k, v in asdict(cfg.unet).items() if getattr(init_cfg.unet, k) != v]
+    if kind in ("t2i", "ssr") and meta["kind"] != kind:
+        raise LumiereError(f"--init-from {init} is a {meta['kind']} checkpoint; {kind} training needs a {kind} one")
+    if kind == "stunet" and meta["kind"] == "ssr":
+        raise LumiereError(f"--init-from {init} is an ssr checkpoint; a stunet starts from a t2i or stunet one")
+    if kind == "stunet" and meta["kind"] == "stunet" and init_cfg.stunet.conditional and not cfg.stunet.conditional:
+        raise LumiereError(f"--init-from {init} is a conditional stunet; continue it with --conditional")
+    section = "ssr" if kind == "ssr" else "unet"
+    diffs = [f"{section}.{k}" for k, v in asdict(getattr(cfg, section)).items()
+             if k not in ("window", "overlap", "weighting", "steps", "guidance_scale")  # sampling-time only
+             and getattr(getattr(init_cfg, section), k) != v]
     diffs += [f"text.{k}" for k, v in vars(cfg.text).items() if getattr(init_cfg.text, k) != v]
     if diffs:
         raise LumiereError(f"--init-from {init} was trained with another config ('{init_cfg.name}'): it differs in "
@@ -273,7 +296,7 @@ def run_training(kind: str, data: str, output: str, cfg: LumiereConfig, *, init_
     run_name = run_name or f"{kind}-{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     manifest = read_manifest(data)
     fingerprint = TextEncoder(cfg.text).fingerprint()
-    check_manifest(manifest, cfg, data, fingerprint)
+    check_manifest(manifest, cfg, data, fingerprint, kind)
     output_dir.mkdir(parents=True, exist_ok=True)
     init = resolve_init(init_from, output_dir)
     check_init(kind, init, cfg)
@@ -293,7 +316,9 @@ def run_training(kind: str, data: str, output: str, cfg: LumiereConfig, *, init_
         f"{manifest['clips']} clips from {data}; MLflow {tracking_uri} run {run_id}")
     job = TrainJob(kind=kind, cfg=cfg.to_dict(), init_from=init, mlflow_uri=tracking_uri, mlflow_run_id=run_id,
                    text_fingerprint=fingerprint, use_gpu=gpu, compile=compile,
-                   sample_every=cfg.train.checkpoint_every if sample_every is None else sample_every)
+                   # SSR samples need a base video to upsample: none are logged during SSR training
+                   sample_every=0 if kind == "ssr" else cfg.train.checkpoint_every if sample_every is None
+                   else sample_every)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=asdict(job),
@@ -304,7 +329,7 @@ def run_training(kind: str, data: str, output: str, cfg: LumiereConfig, *, init_
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
-        datasets={"train": clip_dataset(data, manifest, cfg)},
+        datasets={"train": clip_dataset(data, manifest, cfg, kind=kind)},
     )
     result = trainer.fit()
     if result.checkpoint is None:
