@@ -1,4 +1,6 @@
 """Ray Serve application: the OpenAI-compatible Videos API over `lumiere.pipeline`.
 
-Not built yet: see the README's status table.
+Modules: `app` (build_app, the YAML's import_path), `api` (FastAPI ingress), `deployments` (TextEncoder,
+Generator, Upsampler), `jobs` (SQL job store), `artifacts` (local/S3 content), `models` (where weights come from).
+The Serve config is `serve/config.yaml`.
 """
