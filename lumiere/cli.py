@@ -285,6 +285,31 @@ def style_fit(
 
 
 @app.command()
+def serve(
+    checkpoint: str | None = typer.Option(None, help="A stunet (or t2i) checkpoint dir, or a training output dir."),
+    model_uri: str | None = typer.Option(None, help="An MLflow model URI, e.g. models:/lumiere-stunet/1."),
+    random_init: str | None = typer.Option(None, help="TESTS/DEMOS ONLY: serve a randomly initialised config."),
+    ssr_checkpoint: str | None = typer.Option(None, help="An SSR checkpoint: adds the upsampled output size."),
+    host: str | None = typer.Option(None, help="Bind address (default: the config's, 127.0.0.1)."),
+    port: int | None = typer.Option(None, min=1, max=65535, help="HTTP port (default: the config's, 8000)."),
+    config: Path | None = typer.Option(None, help="Serve config YAML (default: serve/config.yaml)."),
+    data_dir: Path | None = typer.Option(None, help="Jobs DB and artifacts directory (default: lumiere-serve)."),
+    db_url: str | None = typer.Option(None, help="SQLAlchemy URL for jobs (env LUMIERE_DB_URL)."),
+    artifacts: str | None = typer.Option(None, help="Directory or s3:// prefix for videos (env LUMIERE_ARTIFACTS)."),
+    device: str | None = typer.Option(None, help="cpu or cuda (cuda: one GPU per model replica)."),
+    no_auth: bool = typer.Option(False, "--no-auth", help="Serve WITHOUT API keys (else LUMIERE_API_KEYS)."),
+    set_: list[str] = typer.Option([], "--set", help="Config overrides for --random-init."),
+):
+    """Serve the OpenAI-compatible Videos API (/v1/videos) and a web page on Ray Serve."""
+    from serve.launch import run_server
+
+    flags = {"checkpoint": checkpoint, "model_uri": model_uri, "random_init": random_init,
+             "ssr_checkpoint": ssr_checkpoint, "data_dir": str(data_dir) if data_dir else None, "db_url": db_url,
+             "artifacts": artifacts, "device": device, "no_auth": no_auth, "set": list(set_)}
+    run_server(config, flags, host, port, echo=_echo)
+
+
+@app.command()
 def demo(
     workdir: Path = typer.Option(Path("demo-output"), help="Where the corpus, checkpoints and videos go."),
     config: str = typer.Option("small", help="Model config to train."),

@@ -42,9 +42,13 @@ class ModelSpec:
             from pipelines.train import resolve_init
 
             return resolve_init(self.model_uri, Path(tempfile.mkdtemp(prefix="lumiere-model-")))
-        from pipelines.train import resolve_init
-
-        return resolve_init(self.checkpoint, Path(tempfile.gettempdir()))
+        path = Path(self.checkpoint).expanduser()
+        if (path / "checkpoints" / "latest" / "meta.json").exists():
+            path = path / "checkpoints" / "latest"
+        if not (path / "meta.json").exists():
+            raise LumiereError(f"checkpoint {self.checkpoint}: not a checkpoint directory (no meta.json) nor a "
+                               "training output directory")
+        return str(path.resolve())
 
     def config(self):
         if self.random_init:

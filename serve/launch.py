@@ -1,0 +1,96 @@
+"""`lumiere serve`: read the Serve config YAML, apply the command-line flags to its app args, start Serve."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lumiere.errors import LumiereError
+
+from .app import CONFIG_YAML
+
+
+def read_serve_config(path: str | Path | None) -> dict[str, Any]:
+    path = Path(path) if path else CONFIG_YAML
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except OSError as e:
+        raise LumiereError(f"cannot read the Serve config {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise LumiereError(f"the Serve config {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    apps = data.get("applications") if isinstance(data, dict) else None
+    if not apps or not isinstance(apps, list) or not isinstance(apps[0], dict):
+        raise LumiereError(f"the Serve config {path} has no applications: list")
+    return data
+
+
+def plan(config: str | Path | None, flags: dict[str, Any]) -> tuple[dict, dict, dict]:
+    """(http_options, the application entry, its args with the flags applied) — checked before Ray starts."""
+    from .app import settings_from_args
+    from .models import ModelSpec
+
+    data = read_serve_config(config)
+    entry = data["applications"][0]
+    args = dict(entry.get("args") or {})
+    model_flags = ("checkpoint", "model_uri", "random_init")
+    if any(flags.get(k) for k in model_flags):
+        for k in model_flags:
+            args.pop(k, None)
+    if flags.get("ssr_checkpoint"):
+        for k in ("ssr_model_uri", "ssr_random_init"):
+            args.pop(k, None)
+    args.update({k: v for k, v in flags.items() if v not in (None, False, [], ())})
+    args["deployments"] = {d["name"]: d for d in entry.get("deployments") or [] if isinstance(d, dict)}
+    spec = ModelSpec.from_args(args)
+    if spec is None:
+        raise LumiereError("no model: give --checkpoint PATH, --model-uri models:/NAME/VERSION or --random-init tiny")
+    spec.config()  # a missing or broken checkpoint fails here, before Ray starts
+    ssr = ModelSpec.from_args(args, prefix="ssr_")
+    if ssr is not None:
+        ssr.config()
+    settings_from_args(args, spec)  # API keys
+    http = dict(data.get("http_options") or {})
+    return http, entry, args
+
+
+def run_server(config: str | Path | None, flags: dict[str, Any], host: str | None, port: int | None,
+               echo=print) -> None:
+    from .models import ModelSpec
+
+    http, entry, args = plan(config, flags)
+    http["host"] = host or http.get("host", "127.0.0.1")
+    http["port"] = int(port or http.get("port", 8000))
+    spec = ModelSpec.from_args(args)
+    if spec.random_init:
+        echo("=" * 78)
+        echo(f"WARNING: serving a {spec.describe()}")
+        echo("=" * 78)
+    if args.get("no_auth"):
+        echo("WARNING: --no-auth: the API accepts requests WITHOUT an API key; anyone who can reach "
+             f"{http['host']}:{http['port']} can use it")
+
+    import ray
+    from ray import serve
+
+    from .app import build_app
+
+    if not ray.is_initialized():
+        ray.init(log_to_driver=False)
+    serve.start(http_options={"host": http["host"], "port": http["port"]})
+    name, prefix = entry.get("name", "lumiere"), entry.get("route_prefix", "/")
+    serve.run(build_app(args), name=name, route_prefix=prefix)
+    base = f"http://{http['host']}:{http['port']}"
+    echo(f"serving {name} at {base}{prefix}  (web page {base}/, API {base}/v1, docs {base}/docs)")
+    echo(f"model: {spec.describe()}; jobs: {args.get('db_url') or args.get('data_dir') or 'lumiere-serve'}; "
+         f"auth: {'OFF (--no-auth)' if args.get('no_auth') else 'Bearer API keys'}")
+    echo("ready; Ctrl-C stops")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        echo("stopping")
+        serve.shutdown()
+        ray.shutdown()
