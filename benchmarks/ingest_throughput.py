@@ -8,11 +8,11 @@
 2. Raw decode: a plain decord loop over the same files (`VideoReader` + `get_batch` of every frame, one
    process), with decord's default threading and with `num_threads=1` → source frames/s.
 3. Stages in-process, no Ray: the curation functions called in `decode_and_cut`'s order, each timed
-   (probe, decode_with_timeout = forked decode, shot_boundaries, clip_scores, resize_center_crop base/hr,
-   mp4 encode base/hr), with comparisons in parentheses (decode_resampled in-process, an empty fork, the
-   np.save/np.load round trip, a uint8 resize), then `decode_and_cut` itself per file,
-   `CaptionEmbedder` (construction and calls) and `write_shard`. torch runs with 1 thread here, as in a Ray
-   task with num_cpus=1.
+   (probe, decode_with_timeout = in-process decode with a deadline, multi_thumbnails, shot_boundaries,
+   clip_scores, resize_center_crop base/hr, mp4 encode base/hr), with comparisons in parentheses (the forked
+   decode `decode_in_child` the pipeline used before, a float32 resize as before, an x264 `medium` encode as
+   before), then `decode_and_cut` itself per file, `CaptionEmbedder` (construction and calls) and
+   `write_shard`. torch runs with 1 thread here, as in a Ray task with num_cpus=1.
 4. End to end: `run_ingest` on a local Ray started with `ray.init(address="local", num_cpus=N)` for each N in
    `--ray-cpus`, with decode_num_cpus=1 (the embedding actor holds 0.5 CPU, a writer needs 0.5, so at most
    N−1 decode tasks fit; how many really ran at once is measured). Ray start-up is timed separately; the
@@ -25,6 +25,14 @@
     .venv/bin/python benchmarks/ingest_throughput.py                 # 24 shapes videos, Ray num_cpus 2 and 4
     .venv/bin/python benchmarks/ingest_throughput.py --source photo --videos 12 --ray-cpus 4
     .venv/bin/python benchmarks/ingest_throughput.py --videos 8 --ray-cpus 4 --json /tmp/ingest.json
+
+5. Side by side (`--against DIR`, DIR holding another version's `pipelines/` package, e.g. the commit before a
+   change: `git archive REV pipelines | tar -x -C DIR`): on the same corpus, `decode_and_cut` over all files
+   in one process and `run_ingest` end to end (fresh Ray, cold + warm) for the other version and this one,
+   alternating A B B A (`--rounds`), each in a fresh Python process (so both pay the same imports and Ray
+   start), next to the raw decode; ratios come from the same run.
+
+    .venv/bin/python benchmarks/ingest_throughput.py --source photo --videos 12 --against /tmp/base --ray-cpus 4
 """
 
 from __future__ import annotations
@@ -47,6 +55,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+if os.environ.get("INGEST_BENCH_TREE"):  # --against: import `pipelines` from another version's tree
+    sys.path.insert(0, os.environ["INGEST_BENCH_TREE"])
 
 from lumiere.shapes import COLORS, DIRECTIONS, SHAPES, ShapeSpec, caption, render_clip  # noqa: E402
 from lumiere.storage import StorageOptions  # noqa: E402
@@ -143,38 +153,20 @@ class Timer:
         return out
 
 
-def _resize_uint8(frames: np.ndarray, size: int) -> np.ndarray:
-    """For comparison only: resize_center_crop's arithmetic on uint8 channels-last tensors (torch's uint8
-    antialiased bilinear kernel) instead of a float32 copy of the clip."""
+def _resize_float(frames: np.ndarray, size: int) -> np.ndarray:
+    """For comparison only: resize_center_crop as it was before, on a float32 copy of the clip."""
     import torch
     import torch.nn.functional as F
 
-    x = torch.from_numpy(frames).permute(0, 3, 1, 2)  # t c h w view, channels-last in memory
+    x = torch.from_numpy(frames).permute(0, 3, 1, 2).float()
     h, w = x.shape[-2:]
     scale = size / min(h, w)
     nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
     if (nh, nw) != (h, w):
         x = F.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
     top, left = (nh - size) // 2, (nw - size) // 2
-    return np.ascontiguousarray(x[..., top:top + size, left:left + size].permute(0, 2, 3, 1).numpy())
-
-
-def _save_load(frames: np.ndarray, directory: str) -> np.ndarray:
-    """For comparison only: the np.save + np.load round trip decode_with_timeout uses to return frames."""
-    path = os.path.join(directory, "frames.npy")
-    np.save(path, frames)
-    out = np.load(path)
-    os.unlink(path)
-    return out
-
-
-def _fork_empty() -> None:
-    """For comparison only: fork, start and join a child that does nothing."""
-    import multiprocessing as mp
-
-    proc = mp.get_context("fork").Process(target=int, daemon=True)
-    proc.start()
-    proc.join()
+    x = x[..., top:top + size, left:left + size]
+    return np.ascontiguousarray(x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy())
 
 
 def stage_breakdown(files: list[dict], cfg: IngestConfig, out_dir: str) -> dict:
@@ -192,23 +184,30 @@ def stage_breakdown(files: list[dict], cfg: IngestConfig, out_dir: str) -> dict:
         path = row["source"]
         meta = T("probe", curation.probe, path)
         short_side = max(cfg.size, cfg.hr_size or 0)
-        frames, _, _ = T("decode_with_timeout (fork)", curation.decode_with_timeout, path, cfg.fps, short_side,
+        frames, _, _ = T("decode_with_timeout", curation.decode_with_timeout, path, cfg.fps, short_side,
                          cfg.decode_timeout_s)
-        T("(decode_resampled in-process)", curation.decode_resampled, path, cfg.fps, short_side)
-        T("(fork + join of an empty child)", _fork_empty)
-        T("(np.save + np.load of the frames)", _save_load, frames, out_dir)
-        shots = T("shot_boundaries", curation.shot_boundaries, frames, cfg.cut_threshold)
+        T("(decode_in_child: forked decode, as before)", curation.decode_in_child, path, cfg.fps, short_side,
+          cfg.decode_timeout_s)
+        thumbs = T("multi_thumbnails", curation.multi_thumbnails, frames, (32, 64))
+        shots = T("shot_boundaries", curation.shot_boundaries, frames, cfg.cut_threshold, thumbs[32])
         for a, b in shots:
             for k in range((b - a) // cfg.clip_frames):
-                clip = frames[a + k * cfg.clip_frames: a + (k + 1) * cfg.clip_frames]
-                T("clip_scores", curation.clip_scores, clip)
+                start = a + k * cfg.clip_frames
+                clip = frames[start: start + cfg.clip_frames]
+                T("clip_scores", curation.clip_scores, clip, thumbs=thumbs[64][start:start + cfg.clip_frames])
                 base = T("resize_center_crop base", curation.resize_center_crop, clip, cfg.size)
-                T("(resize base, uint8 channels-last)", _resize_uint8, clip, cfg.size)
-                T("encode base (mp4)" if cfg.frame_format == "mp4" else "encode base (raw)",
-                  ingest_stages._encode, base, cfg)
+                T("(resize base, float32 as before)", _resize_float, clip, cfg.size)
+                kind = "mp4 " + cfg.mp4_preset if cfg.frame_format == "mp4" else "raw"
+                T(f"encode base ({kind})", ingest_stages._encode, base, cfg)
+                if cfg.frame_format == "mp4" and cfg.mp4_preset != "medium":
+                    T("(encode base, mp4 medium as before)", ingest_stages._encode, base,
+                      cfg.model_copy(update={"mp4_preset": "medium"}))
                 if cfg.hr_size and min(meta.width, meta.height) >= cfg.hr_size:
                     hr = T("resize_center_crop hr", curation.resize_center_crop, clip, cfg.hr_size)
-                    T("encode hr", ingest_stages._encode, hr, cfg)
+                    T(f"encode hr ({kind})", ingest_stages._encode, hr, cfg)
+                    if cfg.frame_format == "mp4" and cfg.mp4_preset != "medium":
+                        T("(encode hr, mp4 medium as before)", ingest_stages._encode, hr,
+                          cfg.model_copy(update={"mp4_preset": "medium"}))
                 clips += 1
     per_file = {"sum_of_parts_s": sum(v for k, v in T.total.items() if not k.startswith("(")),
                 "sum_of_parts_cpu_s": sum(v for k, v in T.cpu.items() if not k.startswith("("))}
@@ -354,6 +353,85 @@ def end_to_end(root: Path, cfg: IngestConfig, num_cpus: int, timeout: float, wor
     return results
 
 
+# --- 5. side by side with another version ------------------------------------------------------------------
+def _phase(args, cfg: IngestConfig) -> dict:
+    """In a child process (`--phase`), with `pipelines` from INGEST_BENCH_TREE or this tree: one measurement."""
+    root = args.corpus
+    files, _ = ingest_stages.list_inputs(str(root), str(root / "captions.jsonl"), cfg, StorageOptions())
+    if args.phase == "dac":
+        import torch
+
+        torch.set_num_threads(1)
+        for row in files[:2]:  # warm-up, not timed
+            ingest_stages.decode_and_cut(row, cfg, StorageOptions())
+        c0, t0 = _cpu(), time.perf_counter()
+        rows = [r for row in files for r in ingest_stages.decode_and_cut(row, cfg, StorageOptions())]
+        return {"seconds": time.perf_counter() - t0, "cpu_seconds": _cpu() - c0,
+                "clips": sum(r["status"] == "ok" for r in rows)}
+    work = Path(tempfile.mkdtemp(prefix="e2e-", dir=root.parent))
+    return {"runs": end_to_end(root, cfg, args.ray_cpus[0], args.timeout, work, True)}
+
+
+def side_by_side(args, root: Path, work: Path) -> list[dict]:
+    """decode_and_cut in one process, then run_ingest (cold, warm) per Ray CPU count, for the version in
+    args.against and this one, alternating A B (B A …) per measurement; each in a fresh process."""
+    order = [("before", str(args.against)), ("after", "")]
+    rounds = [order if i % 2 == 0 else order[::-1] for i in range(args.rounds)]
+    phases = [("dac", None)] + [("e2e", n) for n in args.ray_cpus]
+    out = []
+    for phase, n in phases:
+        for rnd in rounds:
+            for label, tree in rnd:
+                env = {**os.environ, "INGEST_BENCH_TREE": tree}
+                res = work / f"side-{phase}-{n}-{label}-{len(out)}.json"
+                cmd = [sys.executable, __file__, "--corpus", str(root), "--phase", phase, "--json", str(res),
+                       "--timeout", str(args.timeout), *sum((["--set", o] for o in args.overrides), [])]
+                if n:
+                    cmd += ["--ray-cpus", str(n)]
+                t0 = time.perf_counter()
+                proc = __import__("subprocess").run(cmd, env=env, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    print(proc.stderr[-3000:], file=sys.stderr)
+                    raise SystemExit(f"side-by-side {phase} {label} failed")
+                data = json.loads(res.read_text())
+                print(f"side by side: {phase} {n or ''} {label}: {time.perf_counter() - t0:.1f}s "
+                      f"(process)", file=sys.stderr, flush=True)
+                out.append({"phase": phase, "ray_cpus": n, "version": label, **data})
+    return out
+
+
+def report_side_by_side(rows: list[dict], raw_s: float, src_frames: int, cores: int) -> None:
+    def mean(xs):
+        return statistics.mean(xs) if xs else float("nan")
+
+    print("\nSide by side, same corpus, alternating before/after, each in a fresh process (mean of the rounds; "
+          "time / raw = time ÷ the raw decord decode above):\n")
+    print("| what | before s | after s | before / after | before / raw | after / raw | after: clips/s "
+          "| after: source frames/s per core |")
+    print("|---|---|---|---|---|---|---|---|")
+    keys = [("dac", None, None)] + sorted({("e2e", r["ray_cpus"], run["run"]) for r in rows if r["phase"] == "e2e"
+                                          for run in r["runs"]}, key=lambda k: (k[1], k[2] != "cold"))
+    for phase, n, run in keys:
+        vals = {}
+        clips = 0
+        for v in ("before", "after"):
+            if phase == "dac":
+                sel = [r["seconds"] for r in rows if r["phase"] == "dac" and r["version"] == v]
+                clips = [r["clips"] for r in rows if r["phase"] == "dac"][0]
+            else:
+                runs = [x for r in rows if r["phase"] == "e2e" and r["ray_cpus"] == n and r["version"] == v
+                        for x in r["runs"] if x["run"] == run and x["status"] == "ok"]
+                sel = [x["seconds"] for x in runs]
+                clips = runs[0]["clips"] if runs else 0
+            vals[v] = mean(sel)
+        b, a = vals["before"], vals["after"]
+        what = ("decode_and_cut in-process, one process, torch 1 thread" if phase == "dac"
+                else f"run_ingest, Ray num_cpus={n}, {run}")
+        per_core = src_frames / a if phase == "dac" else src_frames / a / cores
+        print(f"| {what} | {b:.2f} | {a:.2f} | {b / a:.2f}× | {b / raw_s:.2f}× | {a / raw_s:.2f}× "
+              f"| {clips / a:.2f} | {per_core:.0f} |")
+
+
 # --- report ---------------------------------------------------------------------------------------------------
 def report(data: dict) -> None:
     """Print the markdown tables of one run (also used by --from-json)."""
@@ -387,6 +465,8 @@ def report(data: dict) -> None:
               f"| {r['clips'] / s:.2f} | {src_frames / s:.0f} | {src_frames / s / cores:.0f} (whole machine) "
               f"| {s / base:.2f}× |")
 
+    if data.get("side_by_side"):
+        report_side_by_side(data["side_by_side"], base, src_frames, cores)
     if stages:
         print("\nIn-process breakdown (same functions and order as decode_and_cut; torch 1 thread):\n")
         print("| step | calls | wall s | wall ms/call | CPU ms/call | CPU share of decode_and_cut |")
@@ -400,6 +480,8 @@ def report(data: dict) -> None:
               f"CPU {stages['sum_of_parts_cpu_s']:.2f}s; "
               f"decode_and_cut: wall {stages['decode_and_cut_s']:.2f}s, CPU {stages['decode_and_cut_cpu_s']:.2f}s")
 
+    if not e2e:
+        return
     print("\nEnd-to-end timeline (seconds from run_ingest's start):\n")
     print("| Ray num_cpus, run | Ray start s | decode tasks (processes) | max concurrent | decode task median s "
           "| decode busy s | first decode → last decode | embed actor init | embed calls (busy s) "
@@ -437,11 +519,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, help="also write all measurements as JSON here")
     ap.add_argument("--from-json", type=Path, help="only print the tables of a run saved with --json")
+    ap.add_argument("--against", type=Path,
+                    help="side by side with the `pipelines/` package under this directory (another version)")
+    ap.add_argument("--rounds", type=int, default=2, help="--against: rounds, alternating A B / B A (default 2)")
+    ap.add_argument("--corpus", type=Path, help=argparse.SUPPRESS)  # child of --against: existing corpus
+    ap.add_argument("--phase", choices=["dac", "e2e"], help=argparse.SUPPRESS)  # child of --against
     args = ap.parse_args(argv)
     if args.from_json:
         report(json.loads(args.from_json.read_text()))
         return 0
     cfg = load_ingest_config(None, ["encoder_from=small", *args.overrides])
+    if args.phase:
+        args.json.write_text(json.dumps(_phase(args, cfg), default=str))
+        return 0
     say = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
 
     load0 = os.getloadavg()[0]
@@ -467,8 +557,11 @@ def main(argv: list[str] | None = None) -> int:
             stages = stage_breakdown(files, cfg, str(work / "stage-out"))
             say(f"stages in-process: decode_and_cut {stages['decode_and_cut_s']:.1f}s")
 
+        side = None
+        if args.against:
+            side = side_by_side(args, root, work)
         e2e = []
-        for n in args.ray_cpus:
+        for n in ([] if args.against else args.ray_cpus):
             for r in end_to_end(root, cfg, n, args.timeout, work, not args.no_warm):
                 e2e.append(r)
                 say(f"end to end, Ray num_cpus={n}, {r['run']}: {r['status']}, {r['seconds']:.1f}s "
@@ -480,6 +573,7 @@ def main(argv: list[str] | None = None) -> int:
                  "fps_list": args.fps_list, "overrides": args.overrides, "source_frames": src_frames,
                  "loadavg_start": load0, "loadavg_end": os.getloadavg()[0], "config": cfg.model_dump(mode="json")},
         "raw_decode": {"default": raw_default, "one_thread": raw_one}, "stages": stages, "end_to_end": e2e,
+        "side_by_side": side,
     }
     report(data)
     if args.json:

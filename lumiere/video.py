@@ -53,8 +53,9 @@ def _check_encodable(frames: np.ndarray, fps: float) -> np.ndarray:
     return frames
 
 
-def _encode_h264(target, frames: np.ndarray, fps: float, crf: int) -> None:
-    """Encode checked frames into `target` (a path or a binary file object) as an H.264 mp4."""
+def _encode_h264(target, frames: np.ndarray, fps: float, crf: int, preset: str | None = None) -> None:
+    """Encode checked frames into `target` (a path or a binary file object) as an H.264 mp4 (x264's default
+    preset, `medium`, unless `preset` names another)."""
     import av  # imported lazily: only encoding needs it
 
     _, h, w, _ = frames.shape
@@ -63,7 +64,7 @@ def _encode_h264(target, frames: np.ndarray, fps: float, crf: int) -> None:
         stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
         stream.width, stream.height = w, h
         stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": str(int(crf))}
+        stream.options = {"crf": str(int(crf)), **({"preset": preset} if preset else {})}
         for frame in frames:
             vf = av.VideoFrame.from_ndarray(frame, format="rgb24")
             for packet in stream.encode(vf):
@@ -93,11 +94,12 @@ def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: float = 16, crf:
         raise
 
 
-def encode_mp4_bytes(frames: np.ndarray, fps: float = 16, crf: int = 18) -> bytes:
-    """Frames (t, h, w, 3) uint8 -> the bytes of an H.264 mp4 (how dataset shards store clips)."""
+def encode_mp4_bytes(frames: np.ndarray, fps: float = 16, crf: int = 18, preset: str | None = None) -> bytes:
+    """Frames (t, h, w, 3) uint8 -> the bytes of an H.264 mp4 (how dataset shards store clips); `preset`: an
+    x264 preset (ultrafast … veryslow), x264's default (medium) when None."""
     frames = _check_encodable(frames, fps)
     buf = io.BytesIO()
-    _encode_h264(buf, frames, fps, crf)
+    _encode_h264(buf, frames, fps, crf, preset)
     return buf.getvalue()
 
 

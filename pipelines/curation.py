@@ -9,6 +9,7 @@ import math
 import multiprocessing as mp
 import os
 import tempfile
+import threading
 import traceback
 from dataclasses import dataclass
 
@@ -77,9 +78,18 @@ def resample_indices(n: int, src_fps: float, fps: float) -> np.ndarray:
     return np.minimum(idx, n - 1)
 
 
-def decode_resampled(path: str, fps: float, short_side: int) -> tuple[np.ndarray, float, int]:
+class _Cancelled(Exception):
+    """Raised inside a decode whose caller has given up on it (decode timeout)."""
+
+
+_CHUNK = 64  # frames per decord get_batch call; a cancelled decode stops at the next chunk
+
+
+def decode_resampled(path: str, fps: float, short_side: int,
+                     cancel: threading.Event | None = None) -> tuple[np.ndarray, float, int]:
     """Decode with decord at `fps` (nearest source frame) and, if larger, scaled so the shorter side is
-    `short_side` (decoding smaller keeps memory bounded for HD sources). Returns (frames, src_fps, n_src)."""
+    `short_side` (decoding smaller keeps memory bounded for HD sources). Returns (frames, src_fps, n_src).
+    With `cancel`, the decode stops (raising _Cancelled) at the next chunk of frames once it is set."""
     import decord
 
     try:
@@ -97,8 +107,12 @@ def decode_resampled(path: str, fps: float, short_side: int) -> tuple[np.ndarray
         if n == 0 or not src_fps > 0:
             raise Reject("unreadable", f"no frames or no frame rate (frames={n}, fps={src_fps})")
         idx = resample_indices(n, src_fps, fps)
-        chunks = [reader.get_batch(idx[i:i + 256].tolist()).asnumpy() for i in range(0, len(idx), 256)]
-    except Reject:
+        chunks = []
+        for i in range(0, len(idx), _CHUNK):
+            if cancel is not None and cancel.is_set():
+                raise _Cancelled
+            chunks.append(reader.get_batch(idx[i:i + _CHUNK].tolist()).asnumpy())
+    except (Reject, _Cancelled):
         raise
     except Exception as e:  # decord raises DECORDError / RuntimeError / IndexError on broken streams
         raise Reject("unreadable", f"decode failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
@@ -119,11 +133,9 @@ def _child(conn, path, fps, short_side, tmpdir):
         conn.close()
 
 
-def decode_with_timeout(path: str, fps: float, short_side: int, timeout_s: float) -> tuple[np.ndarray, float, int]:
-    """`decode_resampled` in a forked child that is killed after `timeout_s` (a hung decoder cannot be
-    interrupted from inside); timeout_s <= 0 decodes in-process."""
-    if timeout_s <= 0:
-        return decode_resampled(path, fps, short_side)
+def decode_in_child(path: str, fps: float, short_side: int, timeout_s: float) -> tuple[np.ndarray, float, int]:
+    """`decode_resampled` in a forked child that is killed after `timeout_s` (the fully isolated path:
+    50–160 ms of fork + frame transfer per file). Used once a decode in this process has hung."""
     ctx = mp.get_context("fork")
     with tempfile.TemporaryDirectory(prefix="lumiere-decode-") as tmpdir:
         recv, send = ctx.Pipe(duplex=False)
@@ -146,10 +158,76 @@ def decode_with_timeout(path: str, fps: float, short_side: int, timeout_s: float
         return np.load(a), b, c
 
 
+# decode threads that passed their deadline and have not stopped yet (a decoder stuck inside one native call)
+_STUCK: list[threading.Thread] = []
+_STUCK_LOCK = threading.Lock()
+
+
+def _stuck_decoders() -> int:
+    with _STUCK_LOCK:
+        _STUCK[:] = [t for t in _STUCK if t.is_alive()]
+        return len(_STUCK)
+
+
+def decode_with_timeout(path: str, fps: float, short_side: int, timeout_s: float) -> tuple[np.ndarray, float, int]:
+    """`decode_resampled` bounded by `timeout_s`; timeout_s <= 0 decodes in-process without a bound.
+
+    The decode runs in-process on a helper thread (no fork, no copy of the frames: a fork + transfer cost
+    50–160 ms per file, more than decoding a short clip) and the caller waits at most `timeout_s`. On
+    timeout the caller gets Reject('decode_timeout') at once and the decode is cancelled: it stops at its
+    next chunk of frames (decord releases the GIL while it decodes, so the wait is never blocked by it). A
+    decoder that hangs inside one native call cannot be stopped from a thread; if that happens the thread is
+    left behind and every later decode in this process runs in a forked child that is killed on timeout
+    (`decode_in_child`), so a hung decoder costs at most one thread and never blocks the caller."""
+    if timeout_s <= 0:
+        return decode_resampled(path, fps, short_side)
+    if _stuck_decoders():
+        return decode_in_child(path, fps, short_side, timeout_s)
+    cancel = threading.Event()
+    result: list = []
+
+    def work():
+        try:
+            result.append(("ok", decode_resampled(path, fps, short_side, cancel)))
+        except _Cancelled:
+            pass
+        except BaseException as e:  # Reject or anything else: re-raised in the caller
+            result.append(("error", e))
+
+    thread = threading.Thread(target=work, name=f"lumiere-decode-{os.path.basename(path)}", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        cancel.set()
+        thread.join(0.05)  # usually stops within a chunk; otherwise it is stuck in the decoder
+        if thread.is_alive():
+            with _STUCK_LOCK:
+                _STUCK.append(thread)
+        raise Reject("decode_timeout", f"decoding took longer than {timeout_s:g}s")
+    status, value = result[0]
+    if status == "error":
+        if isinstance(value, Reject):
+            raise value
+        raise Reject("unreadable", f"decode failed ({type(value).__name__}: {value})")
+    return value
+
+
 def thumbnails(frames: np.ndarray, size: int = 32) -> torch.Tensor:
-    """t h w c uint8 -> t c size size float in [0, 255] (for cheap per-frame statistics)."""
-    x = rearrange(torch.from_numpy(frames), "t h w c -> t c h w").float()
-    return F.interpolate(x, size=(size, size), mode="area")
+    """t h w c uint8 -> t c size size float in [0, 255] (for cheap per-frame statistics): area averages."""
+    return multi_thumbnails(frames, (size,))[size]
+
+
+def multi_thumbnails(frames: np.ndarray, sizes: tuple[int, ...] = (32, 64), chunk: int = 8) -> dict[int, torch.Tensor]:
+    """thumbnails(frames, s) for every s in `sizes` in one pass: each chunk of frames is converted to float once
+    (while it is in cache) and area-pooled to every size. The same values as separate calls, at a fraction of
+    the cost (the float copy of full-resolution frames was most of it). Frames are independent, so the
+    thumbnails of frames[a:b] are multi_thumbnails(frames)[s][a:b]."""
+    out: dict[int, list[torch.Tensor]] = {s: [] for s in sizes}
+    for i in range(0, max(len(frames), 1), chunk):
+        x = rearrange(torch.from_numpy(frames[i:i + chunk]), "t h w c -> t c h w").float().contiguous()
+        for s in sizes:
+            out[s].append(F.interpolate(x, size=(s, s), mode="area"))
+    return {s: torch.cat(v) for s, v in out.items()}
 
 
 def color_histograms(thumbs: torch.Tensor, bins: int = 8) -> torch.Tensor:
@@ -160,25 +238,26 @@ def color_histograms(thumbs: torch.Tensor, bins: int = 8) -> torch.Tensor:
     return hist / code.shape[1]
 
 
-def shot_boundaries(frames: np.ndarray, threshold: float) -> list[tuple[int, int]]:
+def shot_boundaries(frames: np.ndarray, threshold: float, thumbs: torch.Tensor | None = None) -> list[tuple[int, int]]:
     """Split at hard cuts: where the colour-histogram distance (½·L1, in [0, 1]) between consecutive frames
-    exceeds `threshold`. Returns [start, end) frame ranges."""
+    exceeds `threshold`. Returns [start, end) frame ranges. `thumbs`: thumbnails(frames, 32) if already made."""
     if len(frames) < 2:
         return [(0, len(frames))]
-    hist = color_histograms(thumbnails(frames))
+    hist = color_histograms(thumbs if thumbs is not None else thumbnails(frames))
     dist = 0.5 * (hist[1:] - hist[:-1]).abs().sum(dim=1)
     cuts = (torch.nonzero(dist > threshold).flatten() + 1).tolist()
     edges = [0, *cuts, len(frames)]
     return [(a, b) for a, b in zip(edges[:-1], edges[1:], strict=True) if b > a]
 
 
-def clip_scores(frames: np.ndarray, stride: int = 4) -> dict[str, float]:
+def clip_scores(frames: np.ndarray, stride: int = 4, thumbs: torch.Tensor | None = None) -> dict[str, float]:
     """Statistics the filters use, over a clip's frames (t h w c uint8):
     motion = mean |Δ| between grey frames `stride` apart (0–255 scale, 64×64 thumbnails; a stride of a quarter
     second at 16 fps makes slow motion measurable, while a truly static video stays at 0);
     black_fraction = share of frames whose 99th-percentile brightness is below 24;
-    blank_fraction = share of frames whose grey level varies by less than 3 (std), i.e. one flat colour."""
-    thumbs = thumbnails(frames, 64)
+    blank_fraction = share of frames whose grey level varies by less than 3 (std), i.e. one flat colour.
+    `thumbs`: thumbnails(frames, 64) if already made."""
+    thumbs = thumbs if thumbs is not None else thumbnails(frames, 64)
     grey = thumbs.mean(dim=1)  # t h w
     stride = min(stride, len(grey) - 1)
     motion = (grey[stride:] - grey[:-stride]).abs().mean().item() if stride > 0 else 0.0
@@ -193,8 +272,10 @@ def clip_scores(frames: np.ndarray, stride: int = 4) -> dict[str, float]:
 
 
 def resize_center_crop(frames: np.ndarray, size: int) -> np.ndarray:
-    """t h w c uint8 -> t size size c uint8: scale the shorter side to `size` (antialiased), crop the centre."""
-    x = rearrange(torch.from_numpy(frames), "t h w c -> t c h w").float()
+    """t h w c uint8 -> t size size c uint8: scale the shorter side to `size` (antialiased bilinear), crop the
+    centre. Runs on the uint8 frames as they are (channels-last: torch's vectorised uint8 kernel, ~10× faster
+    than a float32 copy of the clip; results within one grey level of the float path)."""
+    x = rearrange(torch.from_numpy(frames), "t h w c -> t c h w")  # a view, channels-last in memory
     h, w = x.shape[-2:]
     scale = size / min(h, w)
     nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
@@ -202,4 +283,4 @@ def resize_center_crop(frames: np.ndarray, size: int) -> np.ndarray:
         x = F.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
     top, left = (nh - size) // 2, (nw - size) // 2
     x = x[..., top:top + size, left:left + size]
-    return np.ascontiguousarray(rearrange(x.round().clamp(0, 255).to(torch.uint8), "t c h w -> t h w c").numpy())
+    return np.ascontiguousarray(rearrange(x, "t c h w -> t h w c").numpy())

@@ -54,16 +54,24 @@ def _read_parts(output_uri: str, folder: str, columns: list[str],
     return out
 
 
+_STATE_COLUMNS = ["clip_id", "source", "file_candidates"]
+
+
+def _committed_state(tables: list[pa.Table]) -> dict[str, dict]:
+    """source -> {"ids": committed candidate ids, "expected": candidates the file produces}, from parts that
+    have (at least) the columns clip_id, source and file_candidates."""
+    state: dict[str, dict] = defaultdict(lambda: {"ids": set(), "expected": None})
+    for table in tables:
+        for cid, src, n in zip(*(table[c].to_pylist() for c in _STATE_COLUMNS), strict=True):
+            state[src]["ids"].add(cid)
+            state[src]["expected"] = n
+    return state
+
+
 def scan_committed(output_uri: str, options: StorageOptions) -> dict[str, dict]:
     """source -> {"ids": committed candidate ids, "expected": candidates the file produces}."""
-    state: dict[str, dict] = defaultdict(lambda: {"ids": set(), "expected": None})
-    cols = ["clip_id", "source", "file_candidates"]
-    for folder in ("shards", "rejects"):
-        for _, table in _read_parts(output_uri, folder, cols, options):
-            for cid, src, n in zip(*(table[c].to_pylist() for c in cols), strict=True):
-                state[src]["ids"].add(cid)
-                state[src]["expected"] = n
-    return state
+    return _committed_state([t for folder in ("shards", "rejects")
+                             for _, t in _read_parts(output_uri, folder, _STATE_COLUMNS, options)])
 
 
 def _clean_temp_files(output_uri: str, options: StorageOptions) -> None:
@@ -151,9 +159,10 @@ def run_ingest(input_uri: str, output_uri: str, captions_uri: str | None = None,
 def finalize(input_uri, output_uri, captions_uri, files, skipped, cfg: IngestConfig, options, t0, written,
              log=print) -> dict:
     """Check completeness, write rejects.parquet, report.json and — last — manifest.json."""
-    shard_parts = _read_parts(output_uri, "shards", ["clip_id", "source", "num_frames"], options)
+    # each part is read once, only the columns needed (REJECT_SCHEMA has the state columns)
+    shard_parts = _read_parts(output_uri, "shards", [*_STATE_COLUMNS, "num_frames"], options)
     reject_parts = _read_parts(output_uri, "rejects", REJECT_SCHEMA.names, options)
-    committed = scan_committed(output_uri, options)
+    committed = _committed_state([t for _, t in shard_parts + reject_parts])
     sources = {f["source"] for f in files}
     incomplete = [s for s in sources
                   if s not in committed or len(committed[s]["ids"]) < (committed[s]["expected"] or 1)]

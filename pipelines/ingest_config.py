@@ -7,7 +7,6 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from lumiere.config import _format_error, _set_path, load_config, parse_override, read_yaml_mapping
 from lumiere.errors import ConfigError
 from lumiere.text_encoder import TextEncoderConfig
 
@@ -24,6 +23,9 @@ class IngestConfig(BaseModel):
     hr_size: int | None = Field(256, ge=8, le=8192)  # higher-resolution copy for SSR training; null: none
     frame_format: Literal["mp4", "raw"] = "mp4"  # how frames are stored in shards (docs/decisions.md)
     mp4_crf: int = Field(18, ge=0, le=51)
+    # x264 preset of the clip re-encode: the largest per-file cost of ingestion (docs/decisions.md)
+    mp4_preset: Literal["ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower",
+                        "veryslow"] = "veryfast"
     # filters (reason codes in pipelines/curation.py REASONS)
     min_side: int = Field(128, ge=1)  # too_small: source's shorter side below this
     cut_threshold: float = Field(0.5, gt=0, le=1)  # hard cut: colour-histogram distance between frames above
@@ -56,10 +58,16 @@ class IngestConfig(BaseModel):
             return self.text
         if self.encoder_from is None:
             return TextEncoderConfig()
+        from lumiere.config import load_config  # lazily: lumiere.config imports the models (diffusers, scipy)
+
         return load_config(self.encoder_from).text
 
 
 def load_ingest_config(path: str | Path | None = None, overrides: list[str] | None = None) -> IngestConfig:
+    # lazily: lumiere.config imports the models (diffusers, scipy), which Ray's decode and write workers,
+    # unpickling an IngestConfig, must not pay for
+    from lumiere.config import _format_error, _set_path, parse_override, read_yaml_mapping
+
     data: dict = {}
     if path is not None:
         path = Path(path)

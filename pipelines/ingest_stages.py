@@ -31,7 +31,15 @@ from lumiere import storage
 from lumiere.storage import StorageOptions
 from lumiere.video import encode_mp4_bytes
 
-from .curation import Reject, clip_scores, decode_with_timeout, probe, resize_center_crop, shot_boundaries
+from .curation import (
+    Reject,
+    clip_scores,
+    decode_with_timeout,
+    multi_thumbnails,
+    probe,
+    resize_center_crop,
+    shot_boundaries,
+)
 from .ingest_config import IngestConfig
 
 SCHEMA_VERSION = 1
@@ -141,7 +149,9 @@ def _reject_row(source: str, clip_id: str, reason: str, detail: str, shot: int =
 
 
 def _encode(frames: np.ndarray, cfg: IngestConfig) -> bytes:
-    return encode_mp4_bytes(frames, cfg.fps, cfg.mp4_crf) if cfg.frame_format == "mp4" else frames.tobytes()
+    if cfg.frame_format == "raw":
+        return frames.tobytes()
+    return encode_mp4_bytes(frames, cfg.fps, cfg.mp4_crf, cfg.mp4_preset)
 
 
 CANDIDATE_DEFAULTS = {
@@ -194,8 +204,9 @@ def _candidates(row: dict, cfg: IngestConfig, options: StorageOptions) -> list[d
             os.unlink(path)
 
     src_short = min(meta.width, meta.height)
+    thumbs = multi_thumbnails(frames, (32, 64))  # once per file: shot cuts use 32², clip scores 64²
     out = []
-    for shot, (a, b) in enumerate(shot_boundaries(frames, cfg.cut_threshold)):
+    for shot, (a, b) in enumerate(shot_boundaries(frames, cfg.cut_threshold, thumbs[32])):
         n_clips = (b - a) // cfg.clip_frames
         if n_clips == 0:
             out.append(_reject_row(source, f"{fid}-s{shot:03d}", "too_short",
@@ -206,7 +217,7 @@ def _candidates(row: dict, cfg: IngestConfig, options: StorageOptions) -> list[d
             start = a + k * cfg.clip_frames
             clip = frames[start:start + cfg.clip_frames]
             clip_id = f"{fid}-{start:07d}"
-            scores = clip_scores(clip)
+            scores = clip_scores(clip, thumbs=thumbs[64][start:start + cfg.clip_frames])
             reason = None
             if scores["black_fraction"] > cfg.black_max_fraction:
                 reason = ("black", f"{scores['black_fraction']:.0%} of frames are black")
