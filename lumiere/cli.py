@@ -12,6 +12,7 @@ from pathlib import Path
 import typer
 
 from .errors import LumiereError
+from .k8s_cli import k8s_app
 
 app = typer.Typer(
     add_completion=False,
@@ -23,6 +24,7 @@ data_app = typer.Typer(no_args_is_help=True, help="Make and inspect datasets.")
 config_app = typer.Typer(no_args_is_help=True, help="Inspect configs.")
 app.add_typer(data_app, name="data")
 app.add_typer(config_app, name="config")
+app.add_typer(k8s_app, name="k8s")
 style_app = typer.Typer(no_args_is_help=True, help="Stylized generation: fit a style from reference images.")
 app.add_typer(style_app, name="style")
 
