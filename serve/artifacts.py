@@ -27,14 +27,8 @@ class ArtifactStore:
             return None
 
     def delete_job(self, job_id: str) -> None:
-        prefix = storage.join(self.root, job_id)
-        try:
-            files = storage.list_files(prefix, self.options)
-        except FileNotFoundError:
-            return
-        for uri, _ in files:
-            storage.delete(uri, self.options)
-        if not storage.is_s3(prefix):
-            import shutil
+        import pyarrow.fs as pafs
 
-            shutil.rmtree(storage.resolve(prefix)[1], ignore_errors=True)
+        fs, path = storage.resolve(storage.join(self.root, job_id), self.options)
+        if fs.get_file_info(path).type != pafs.FileType.NotFound:
+            fs.delete_dir(path)  # on S3: every key under the prefix (no directory marker left behind)

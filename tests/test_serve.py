@@ -70,7 +70,8 @@ def server(ray_session):
 
     data = tempfile.mkdtemp(dir="/tmp", prefix="lsrv")
     port = _free_port()
-    args = {"random_init": "tiny", "set": ["stunet.conditional=true"], "data_dir": data, "api_keys": [KEY],
+    args = {"random_init": "tiny", "set": ["stunet.conditional=true"], "ssr_random_init": "tiny",
+            "data_dir": data, "api_keys": [KEY],
             "default_steps": 2, "max_pending_jobs": 6, "stale_after_s": 3.0, "poll_after_ms": 100,
             "deployments": {"Generator": {"autoscaling_config": {"min_replicas": 1, "max_replicas": 1}}}}
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -193,6 +194,16 @@ def test_lumiere_fields_cinemagraph_and_inpaint_over_http(server):
     assert server.wait(r.json()["id"])["seed"] == 5
 
 
+@pytest.mark.timeout(120)
+def test_upsampled_size_runs_the_ssr(server):
+    from lumiere.video import decode_mp4_bytes
+
+    client = server.sdk()
+    video = client.videos.create_and_poll(prompt="a red square", size="64x64", poll_interval_ms=100)
+    assert video.status == "completed", video.error
+    assert decode_mp4_bytes(client.videos.download_content(video.id).read()).shape == (8, 64, 64, 3)
+
+
 # --- bad requests --------------------------------------------------------------------------------------------
 BAD = [  # (method, path, kwargs, status, param, words in the message)
     ("post", "/v1/videos", {"data": {"seconds": "0.5"}}, 400, "prompt", "prompt is required"),
@@ -266,7 +277,7 @@ def test_page_docs_and_health(server):
                    "/v1/videos/extensions", "/v1/videos/edits", "/content", "/healthz", "<video"):
         assert needle in page.text, needle
     health = httpx.get(server.base + "/healthz").json()
-    assert health["status"] == "ok" and health["sizes"] == ["32x32"] and health["seconds"] == ["0.5", "1"]
+    assert health["status"] == "ok" and health["sizes"] == ["32x32", "64x64"] and health["seconds"] == ["0.5", "1"]
     assert httpx.get(server.base + "/docs").status_code == 200
     paths = httpx.get(server.base + "/openapi.json").json()["paths"]
     assert {"/v1/videos", "/v1/videos/{video_id}/content", "/v1/videos/{video_id}/remix"} <= set(paths)
