@@ -27,18 +27,30 @@ def render(
     job: str | None = typer.Option(None, help="Print only this RayJob, with the overrides below. " + JOB_HELP),
     image: str | None = typer.Option(None, help="Image for every pod that runs the project."),
     namespace: str | None = typer.Option(None, help="Namespace instead of the overlay's."),
+    only: list[str] = typer.Option([], "--only", help="Print only objects of this kind (repeatable), e.g. RayService."),
+    exclude: list[str] = typer.Option(["RayJob"], "--exclude",
+                                      help="Leave out this kind (repeatable; default RayJob: jobs are submitted with "
+                                           "`lumiere k8s submit`). --exclude none keeps everything."),
     manifests: str | None = typer.Option(None, help="The infra/k8s directory (default: this checkout's)."),
 ):
     """Print the overlay's manifests as YAML (pipe into `kubectl apply -f -`)."""
     from .k8s import apply_job_overrides, job_from_overlay, render_overlay, set_image, set_namespace, to_yaml
 
     objs = render_overlay(overlay, manifests)
+    kinds = {o["kind"] for o in objs}
+    for k in [*only, *exclude]:
+        if k not in kinds and k != "none":
+            raise LumiereError(f"no objects of kind {k!r} in the overlay; kinds: {', '.join(sorted(kinds))}")
     if image:
         set_image(objs, image)
     if namespace:
         set_namespace(objs, namespace)
     if job:
         objs = [apply_job_overrides(job_from_overlay(objs, job), _overrides())]
+    elif only:
+        objs = [o for o in objs if o["kind"] in only]
+    else:
+        objs = [o for o in objs if o["kind"] not in exclude]
     typer.echo(to_yaml(objs).rstrip())
 
 

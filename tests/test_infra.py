@@ -629,5 +629,8 @@ def test_render_cli_prints_yaml_with_overrides():
     assert one(objs, "Namespace", "ml")
     assert {o["metadata"].get("namespace") for o in objs if o["kind"] != "Namespace"} == {"ml"}
     assert k8s.project_image(objs) == "reg.example/lumiere:9"
+    assert not by_kind(objs, "RayJob") and by_kind(objs, "RayService")  # jobs are submitted, not applied
+    r = lumiere("render", "--overlay", "dev", "--only", "RayService")
+    assert [o["kind"] for o in yaml.safe_load_all(r.stdout)] == ["RayService"]
     r = lumiere("render", "--overlay", "staging")
     assert_one_line_error(r, "unknown overlay 'staging'")
