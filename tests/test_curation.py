@@ -78,6 +78,41 @@ def test_decode_timeout_is_a_reject(built):
     assert [r["reason"] for r in rows] == ["decode_timeout"]
 
 
+def test_a_decoder_that_never_returns_is_still_bounded(built, monkeypatch):
+    """A decode stuck inside one native call (ignores cancellation): the caller still gets decode_timeout on
+    time, and while the stuck thread lives later decodes go through a killed-on-timeout child process."""
+    import threading
+    import time
+
+    from pipelines import curation
+
+    release = threading.Event()
+
+    def stuck(path, fps, short_side, cancel=None):
+        release.wait(30)  # like a native call that never checks for cancellation
+        raise Reject("unreadable", "released")
+
+    root, _ = built
+    path = str(root / "videos" / "fps60_hd.mp4")
+    monkeypatch.setattr(curation, "decode_resampled", stuck)
+    try:
+        for _ in range(2):  # first: the thread path leaves a stuck thread; second: the forked child is killed
+            t0 = time.perf_counter()
+            with pytest.raises(Reject) as info:
+                curation.decode_with_timeout(path, 16, 128, timeout_s=0.5)
+            assert info.value.reason == "decode_timeout" and time.perf_counter() - t0 < 3
+            assert curation._stuck_decoders() == 1
+    finally:
+        release.set()
+    monkeypatch.undo()
+    deadline = time.time() + 5
+    while curation._stuck_decoders() and time.time() < deadline:
+        time.sleep(0.05)
+    assert curation._stuck_decoders() == 0  # the thread ended: back to in-process decoding
+    frames, _, _ = curation.decode_with_timeout(path, 16, 128, timeout_s=60)
+    assert frames.ndim == 4 and frames.shape[-1] == 3
+
+
 def test_missing_caption_can_be_kept(built):
     root, _ = built
     keep = CFG.model_copy(update={"missing_caption": "keep"})
