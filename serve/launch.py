@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -77,20 +78,31 @@ def run_server(config: str | Path | None, flags: dict[str, Any], host: str | Non
 
     from .app import build_app
 
-    if not ray.is_initialized():
-        ray.init(log_to_driver=False)
-    serve.start(http_options={"host": http["host"], "port": http["port"]})
-    name, prefix = entry.get("name", "lumiere"), entry.get("route_prefix", "/")
-    serve.run(build_app(args), name=name, route_prefix=prefix)
-    base = f"http://{http['host']}:{http['port']}"
-    echo(f"serving {name} at {base}{prefix}  (web page {base}/, API {base}/v1, docs {base}/docs)")
-    echo(f"model: {spec.describe()}; jobs: {args.get('db_url') or args.get('data_dir') or 'lumiere-serve'}; "
-         f"auth: {'OFF (--no-auth)' if args.get('no_auth') else 'Bearer API keys'}")
-    echo("ready; Ctrl-C stops")
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, stop)  # also when started in the background (SIGINT ignored there)
+    signal.signal(signal.SIGTERM, stop)  # kubectl delete / docker stop: shut Serve down cleanly
     try:
+        if not ray.is_initialized():
+            ray.init(log_to_driver=False)
+        serve.start(http_options={"host": http["host"], "port": http["port"]})
+        name, prefix = entry.get("name", "lumiere"), entry.get("route_prefix", "/")
+        serve.run(build_app(args), name=name, route_prefix=prefix)
+        base = f"http://{http['host']}:{http['port']}"
+        echo(f"serving {name} at {base}{prefix}  (web page {base}/, API {base}/v1, docs {base}/docs)")
+        echo(f"model: {spec.describe()}; jobs: {args.get('db_url') or args.get('data_dir') or 'lumiere-serve'}; "
+             f"auth: {'OFF (--no-auth)' if args.get('no_auth') else 'Bearer API keys'}")
+        echo("ready; Ctrl-C stops")
         while True:
-            time.sleep(3600)
+            time.sleep(0.5)  # short: a signal may land on another thread, Python checks between sleeps
     except KeyboardInterrupt:
         echo("stopping")
-        serve.shutdown()
-        ray.shutdown()
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if ray.is_initialized():
+            try:
+                serve.shutdown()
+            finally:
+                ray.shutdown()
