@@ -15,6 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .conditioning import CONDITION_TYPES
 from .diffusion import DiffusionConfig
 from .errors import ConfigError
 from .ssr import SSRConfig
@@ -50,6 +51,8 @@ class TrainConfig:
     checkpoint_every: int = 500
     log_every: int = 25
     seed: int = 0
+    # conditional STUNet: the condition types sampled in training (conditioning.CONDITION_TYPES)
+    condition_types: tuple[str, ...] = ("none", "first_frame", "prefix_frames", "spatiotemporal_box", "cinemagraph")
 
     __pydantic_config__ = {"extra": "forbid"}
 
@@ -58,6 +61,11 @@ class TrainConfig:
             raise ValueError("batch_size must be >= 1, max_steps >= 0 and lr > 0")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError("ema_decay must be in [0, 1)")
+        self.condition_types = tuple(self.condition_types)
+        unknown = set(self.condition_types) - set(CONDITION_TYPES)
+        if unknown or not self.condition_types:
+            raise ValueError(f"condition_types must be a non-empty list from {', '.join(CONDITION_TYPES)}; "
+                             f"unknown: {', '.join(sorted(unknown))}")
 
 
 @dataclass

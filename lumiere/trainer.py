@@ -41,10 +41,14 @@ def whole_clip(clips: torch.Tensor, generator: torch.Generator | None = None) ->
     return clips, None
 
 
-def conditioned_clip(clips: torch.Tensor, generator: torch.Generator | None = None) -> ModelInput:
+def conditioned_clip(types: tuple[str, ...]) -> Callable[..., ModelInput]:
     """The conditional STUNet: a random condition type per clip (conditioning.random_training_condition)."""
-    cm = random_training_condition(clips, generator or torch.Generator())
-    return composite(clips, cm), cm
+
+    def f(clips: torch.Tensor, generator: torch.Generator | None = None) -> ModelInput:
+        cm = random_training_condition(clips, generator or torch.Generator(), types)
+        return composite(clips, cm), cm
+
+    return f
 
 
 def ssr_window(scale: int) -> Callable[..., ModelInput]:
@@ -60,7 +64,7 @@ def model_input(kind: str, cfg: LumiereConfig) -> Callable[..., ModelInput]:
     if kind == "t2i":
         return random_frames
     if kind == "stunet":
-        return conditioned_clip if cfg.stunet.conditional else whole_clip
+        return conditioned_clip(cfg.train.condition_types) if cfg.stunet.conditional else whole_clip
     if kind == "ssr":
         return ssr_window(cfg.ssr.scale)
     raise ValueError(f"unknown model kind {kind!r}")

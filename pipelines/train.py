@@ -220,7 +220,8 @@ def check_init(kind: str, init: str | None, cfg: LumiereConfig) -> None:
         return
     init_cfg, meta = read_meta(init)
     if kind in ("t2i", "ssr") and meta["kind"] != kind:
-        raise LumiereError(f"--init-from {init} is a {meta['kind']} checkpoint; {kind} training needs a {kind} one")
+        raise LumiereError(f"--init-from {init} is a {meta['kind']} checkpoint; `train {kind}` continues from a "
+                           f"{kind} checkpoint only")
     if kind == "stunet" and meta["kind"] == "ssr":
         raise LumiereError(f"--init-from {init} is an ssr checkpoint; a stunet starts from a t2i or stunet one")
     if kind == "stunet" and meta["kind"] == "stunet" and init_cfg.stunet.conditional and not cfg.stunet.conditional:

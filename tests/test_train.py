@@ -1,5 +1,6 @@
-"""Ray Train jobs on tiny configs: t2i then stunet with MLflow and the model registry, a killed worker,
-a killed driver, submission through the Ray Jobs API, and one-line errors for bad input."""
+"""Ray Train jobs on tiny configs: t2i then stunet with MLflow and the model registry, the conditional stunet
+and the SSR, a killed worker, a killed driver, submission through the Ray Jobs API, and one-line errors for bad
+input."""
 
 from __future__ import annotations
 
@@ -30,11 +31,12 @@ TINY = ["train.checkpoint_every=4", "train.log_every=2", "train.batch_size=2"]
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory, ray_session):
-    """Standard 80-frame 128×128 shards of moving shapes, embedded with the tiny config's text encoder."""
+    """Standard 80-frame 128×128 shards of moving shapes (with 128×128 high-resolution copies for the SSR),
+    embedded with the tiny config's text encoder."""
     root = tmp_path_factory.mktemp("train-data")
     make_corpus(root / "corpus", 6, frames=88, size=128, seed=3)
     run_ingest(str(root / "corpus"), str(root / "shards"), str(root / "corpus" / "captions.jsonl"),
-               load_ingest_config(None, ["encoder_from=tiny", "hr_size=null", "shard_clips=3"]), log=lambda *a: None)
+               load_ingest_config(None, ["encoder_from=tiny", "hr_size=128", "shard_clips=3"]), log=lambda *a: None)
     return root / "shards"
 
 
@@ -104,6 +106,45 @@ def test_stunet_from_t2i_keeps_the_prior_and_loads_from_the_registry(t2i_run, sh
                                                 dst_path=str(tmp_path / "registry"))
     video = TextToVideo.from_checkpoint(local).generate(["a red square moving right"], steps=2).videos
     assert video.shape == (1, 8, 32, 32, 3)
+
+
+def test_conditional_stunet_and_ssr_train_and_generate(t2i_run, shards, mlflow_uri, tmp_path):
+    """`train stunet --conditional` from a t2i run, `train ssr` on the high-resolution copies, then i2v and
+    MultiDiffusion upsampling with the two checkpoints."""
+    import numpy as np
+
+    from lumiere.pipeline import TextToVideo, Upsampler
+    from pipelines.train import run_training
+
+    t2i_out, _ = t2i_run
+    quiet = {"log": lambda *a: None, "num_workers": 1}
+    cond = run_training("stunet", str(shards), str(tmp_path / "cond"), _cfg("train.max_steps=4",
+                        "stunet.conditional=true"), init_from=str(t2i_out), run_name="cond-test", **quiet)
+    ssr = run_training("ssr", str(shards), str(tmp_path / "ssr"), _cfg("train.max_steps=4"), run_name="ssr-test",
+                       **quiet)
+    assert cond["step"] == 4 and ssr["step"] == 4
+    assert "lumiere-ssr@latest" in ssr["model_uri"]
+    gen = TextToVideo.from_checkpoint(cond["checkpoint"])
+    assert gen.conditional and gen.model.conv_in.in_channels == 7
+    prior = load_file(t2i_out / "checkpoints" / "latest" / "ema.safetensors")
+    trained = load_file(Path(cond["checkpoint"]) / "model.safetensors")
+    assert all(torch.equal(trained[f"prior.{k}"], v) for k, v in prior.items())  # the prior stays frozen
+    image = np.zeros((32, 32, 3), np.uint8)
+    image[8:16, 8:16] = (220, 30, 30)
+    video = gen.generate(["a red square moving right"], task="i2v", image=image, steps=2).videos
+    assert video.shape == (1, 8, 32, 32, 3) and np.array_equal(video[0, 0], image)
+    up = Upsampler.from_checkpoint(ssr["checkpoint"]).upsample(video, ["a red square moving right"], steps=2)
+    assert up.videos.shape == (1, 8, 64, 64, 3)
+
+
+def test_ssr_needs_high_resolution_copies(shards):
+    from lumiere.errors import LumiereError
+    from pipelines.shards import check_manifest
+
+    manifest = json.loads((shards / "manifest.json").read_text())
+    with pytest.raises(LumiereError, match="re-ingest with --set hr_size=64"):
+        check_manifest({**manifest, "hr_size": None}, _cfg(), str(shards), None, "ssr")
+    check_manifest(manifest, _cfg(), str(shards), None, "ssr")
 
 
 def _ray_train_worker_pids():
@@ -250,6 +291,9 @@ def test_bad_inputs_fail_before_training(shards, t2i_run, tmp_path, ray_session)
                       "--init-from", str(t2i_out), "--set", "unet.base_channels=16"), "differs in unet.base_channels")
     _one_line(run_cli("train", "stunet", "--data", str(shards), "--output", str(tmp_path / "s"), "--config", "tiny"),
               "needs --init-from")
+    _one_line(run_cli("train", "ssr", "--data", str(shards), "--output", str(tmp_path / "r"), "--config", "tiny",
+                      "--init-from", str(t2i_out)), "`train ssr` continues from a ssr checkpoint only")
+    _one_line(run_cli(*base, "--data", str(shards), "--conditional"), "--conditional applies to")
     # joining a running cluster, Ray itself may log a connection line first; our error is still one line, last
     gcs = ray.get_runtime_context().gcs_address
     proc = run_cli(*base, "--data", str(shards), "--num-workers", "64", "--address", gcs)
