@@ -358,6 +358,10 @@ def _phase(args, cfg: IngestConfig) -> dict:
     """In a child process (`--phase`), with `pipelines` from INGEST_BENCH_TREE or this tree: one measurement."""
     root = args.corpus
     files, _ = ingest_stages.list_inputs(str(root), str(root / "captions.jsonl"), cfg, StorageOptions())
+    if args.phase == "raw":
+        paths = [f["source"] for f in files]
+        raw_decode(paths[:2], 0)  # warm-up, not timed
+        return raw_decode(paths, 0)
     if args.phase == "dac":
         import torch
 
@@ -368,7 +372,7 @@ def _phase(args, cfg: IngestConfig) -> dict:
         rows = [r for row in files for r in ingest_stages.decode_and_cut(row, cfg, StorageOptions())]
         return {"seconds": time.perf_counter() - t0, "cpu_seconds": _cpu() - c0,
                 "clips": sum(r["status"] == "ok" for r in rows)}
-    work = Path(tempfile.mkdtemp(prefix="e2e-", dir=root.parent))
+    work = Path(tempfile.mkdtemp(prefix="e2e-", dir=os.getcwd()))  # the side-by-side run's temp dir
     return {"runs": end_to_end(root, cfg, args.ray_cpus[0], args.timeout, work, True)}
 
 
@@ -381,15 +385,20 @@ def side_by_side(args, root: Path, work: Path) -> list[dict]:
     out = []
     for phase, n in phases:
         for rnd in rounds:
-            for label, tree in rnd:
-                env = {**os.environ, "INGEST_BENCH_TREE": tree}
+            # the raw decode once per round too (in this version's process), so every ratio to it is side by side
+            for label, tree in ([("raw", "")] if phase == "dac" else []) + rnd:
+                # PYTHONPATH too: Ray's worker processes must import the same `pipelines` as the driver
+                path = os.pathsep.join(p for p in (tree, str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+                env = {**os.environ, "INGEST_BENCH_TREE": tree, "PYTHONPATH": path}
                 res = work / f"side-{phase}-{n}-{label}-{len(out)}.json"
-                cmd = [sys.executable, __file__, "--corpus", str(root), "--phase", phase, "--json", str(res),
+                cmd = [sys.executable, __file__, "--corpus", str(root), "--phase", "raw" if label == "raw" else phase,
+                       "--json", str(res),
                        "--timeout", str(args.timeout), *sum((["--set", o] for o in args.overrides), [])]
                 if n:
                     cmd += ["--ray-cpus", str(n)]
                 t0 = time.perf_counter()
-                proc = __import__("subprocess").run(cmd, env=env, capture_output=True, text=True)
+                # cwd outside the repository: Ray puts the driver's cwd on its workers' sys.path before PYTHONPATH
+                proc = __import__("subprocess").run(cmd, env=env, cwd=work, capture_output=True, text=True)
                 if proc.returncode != 0:
                     print(proc.stderr[-3000:], file=sys.stderr)
                     raise SystemExit(f"side-by-side {phase} {label} failed")
@@ -400,36 +409,45 @@ def side_by_side(args, root: Path, work: Path) -> list[dict]:
     return out
 
 
-def report_side_by_side(rows: list[dict], raw_s: float, src_frames: int, cores: int) -> None:
+def report_side_by_side(rows: list[dict], src_frames: int, cores: int) -> None:
     def mean(xs):
         return statistics.mean(xs) if xs else float("nan")
 
-    print("\nSide by side, same corpus, alternating before/after, each in a fresh process (mean of the rounds; "
-          "time / raw = time ÷ the raw decord decode above):\n")
+    raw = [r for r in rows if r["version"] == "raw"]
+    raw_s, raw_cpu = mean([r["seconds"] for r in raw]), mean([r["cpu_seconds"] for r in raw])
+    print(f"\nSide by side, same corpus, each measurement in a fresh process, rounds alternating before/after "
+          f"(A B, B A, …; mean of {len(raw)} rounds). Raw decord decode (default threads) in the same rounds: "
+          f"{raw_s:.2f} s wall, {raw_cpu:.2f} s CPU ({', '.join(format(r['seconds'], '.2f') for r in raw)} s).\n")
     print("| what | before s | after s | before / after | before / raw | after / raw | after: clips/s "
-          "| after: source frames/s per core |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| after: source frames/s per core | seconds per round (before; after) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     keys = [("dac", None, None)] + sorted({("e2e", r["ray_cpus"], run["run"]) for r in rows if r["phase"] == "e2e"
                                           for run in r["runs"]}, key=lambda k: (k[1], k[2] != "cold"))
     for phase, n, run in keys:
-        vals = {}
+        vals, each, cpu = {}, {}, {}
         clips = 0
         for v in ("before", "after"):
             if phase == "dac":
-                sel = [r["seconds"] for r in rows if r["phase"] == "dac" and r["version"] == v]
-                clips = [r["clips"] for r in rows if r["phase"] == "dac"][0]
+                sel = [r for r in rows if r["phase"] == "dac" and r["version"] == v]
+                clips = sel[0]["clips"]
+                cpu[v] = mean([r["cpu_seconds"] for r in sel])
+                sel = [r["seconds"] for r in sel]
             else:
                 runs = [x for r in rows if r["phase"] == "e2e" and r["ray_cpus"] == n and r["version"] == v
                         for x in r["runs"] if x["run"] == run and x["status"] == "ok"]
                 sel = [x["seconds"] for x in runs]
                 clips = runs[0]["clips"] if runs else 0
-            vals[v] = mean(sel)
+            vals[v], each[v] = mean(sel), ", ".join(f"{x:.1f}" for x in sel)
         b, a = vals["before"], vals["after"]
         what = ("decode_and_cut in-process, one process, torch 1 thread" if phase == "dac"
                 else f"run_ingest, Ray num_cpus={n}, {run}")
         per_core = src_frames / a if phase == "dac" else src_frames / a / cores
         print(f"| {what} | {b:.2f} | {a:.2f} | {b / a:.2f}× | {b / raw_s:.2f}× | {a / raw_s:.2f}× "
-              f"| {clips / a:.2f} | {per_core:.0f} |")
+              f"| {clips / a:.2f} | {per_core:.0f} | {each['before']}; {each['after']} |")
+        if phase == "dac":
+            print(f"| decode_and_cut, CPU seconds (vs raw decode CPU) | {cpu['before']:.2f} | {cpu['after']:.2f} "
+                  f"| {cpu['before'] / cpu['after']:.2f}× | {cpu['before'] / raw_cpu:.2f}× "
+                  f"| {cpu['after'] / raw_cpu:.2f}× | | | |")
 
 
 # --- report ---------------------------------------------------------------------------------------------------
@@ -466,7 +484,7 @@ def report(data: dict) -> None:
               f"| {s / base:.2f}× |")
 
     if data.get("side_by_side"):
-        report_side_by_side(data["side_by_side"], base, src_frames, cores)
+        report_side_by_side(data["side_by_side"], src_frames, cores)
     if stages:
         print("\nIn-process breakdown (same functions and order as decode_and_cut; torch 1 thread):\n")
         print("| step | calls | wall s | wall ms/call | CPU ms/call | CPU share of decode_and_cut |")
@@ -523,7 +541,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="side by side with the `pipelines/` package under this directory (another version)")
     ap.add_argument("--rounds", type=int, default=2, help="--against: rounds, alternating A B / B A (default 2)")
     ap.add_argument("--corpus", type=Path, help=argparse.SUPPRESS)  # child of --against: existing corpus
-    ap.add_argument("--phase", choices=["dac", "e2e"], help=argparse.SUPPRESS)  # child of --against
+    ap.add_argument("--phase", choices=["raw", "dac", "e2e"], help=argparse.SUPPRESS)  # child of --against
+    ap.add_argument("--corpus-cache", type=Path,
+                    help="build the corpus here once and reuse it on later runs with the same arguments")
     args = ap.parse_args(argv)
     if args.from_json:
         report(json.loads(args.from_json.read_text()))
@@ -539,7 +559,17 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         root = work / "corpus"
         t0 = time.perf_counter()
-        records = make_videos(root, args)
+        key = json.dumps([args.videos, args.source, args.side, args.width, args.height, args.seconds,
+                          args.fps_list, args.seed])
+        if args.corpus_cache and (args.corpus_cache / "records.json").exists() \
+                and json.loads((args.corpus_cache / "records.json").read_text())["key"] == key:
+            root = args.corpus_cache
+            records = json.loads((root / "records.json").read_text())["records"]
+        else:
+            if args.corpus_cache:
+                root = args.corpus_cache
+            records = make_videos(root, args)
+            (root / "records.json").write_text(json.dumps({"key": key, "records": records}))
         src_frames = sum(r["frames"] for r in records)
         say(f"corpus: {len(records)} videos, {src_frames} source frames, {time.perf_counter() - t0:.1f}s")
         files, _ = ingest_stages.list_inputs(str(root), str(root / "captions.jsonl"), cfg, StorageOptions())
