@@ -73,6 +73,9 @@ class SampleConfig:
     sampler: Literal["ddim", "dpmsolver++", "ddpm"] = "ddim"
     steps: int = 30
     guidance_scale: float = 3.0
+    # conditional tasks: also replace the known pixels of every intermediate sample (RePaint-style), on top of
+    # the ⟨C, M⟩ conditioning, so known content stays exact and its neighbours see it at the right noise level
+    replace_known: bool = True
 
     __pydantic_config__ = {"extra": "forbid"}
 

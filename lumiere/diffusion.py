@@ -158,6 +158,7 @@ def sample(
     callback: Callable[[int, int], None] | None = None,
     condition: torch.Tensor | None = None,
     start_step: int = 0,
+    known: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Denoise `noise` (b c ...) with `scheduler`'s timesteps; returns x0 in about [-1, 1].
 
@@ -166,6 +167,10 @@ def sample(
     so guidance acts on the text only. With `start_step > 0`, `noise` is an already-noised sample at
     timestep `scheduler.timesteps[start_step]` (SDEdit, see `noise_to_strength`) and sampling continues
     from there.
+
+    `known = (x0, mask)` (mask 1 = known, broadcastable to x) replaces the known pixels of every intermediate
+    sample by x0 noised to the same level (RePaint-style replacement), so the model always sees the true
+    known content at the right noise level and the known pixels end exactly as given.
     """
     timesteps = scheduler.timesteps[start_step:]
     if start_step:
@@ -187,9 +192,19 @@ def sample(
             out_cond, out_null = out.chunk(2)
             out = out_null + guidance_scale * (out_cond - out_null)
         x = scheduler.step(out, t, x, generator=generator).prev_sample
+        if known is not None:
+            x = _replace_known(scheduler, x, known, timesteps, i, generator)
         if callback is not None:
             callback(i + 1, steps)
     return x
+
+
+def _replace_known(scheduler, x, known, timesteps, i, generator):
+    x0, mask = known
+    if i + 1 < len(timesteps):
+        noise = torch.randn(x.shape, generator=generator, device="cpu").to(x)
+        x0 = scheduler.add_noise(x0.to(x), noise, timesteps[i + 1 : i + 2].to(x.device))
+    return mask * x0.to(x) + (1 - mask) * x
 
 
 def noise_to_strength(

@@ -258,6 +258,8 @@ class TextToVideo:
                 callback=callback,
                 condition=cm,
                 start_step=start,
+                known=(cm[:, :3], cm[:, 3:]) if cm is not None and task in CONDITIONAL_TASKS
+                and cfg.sample.replace_known else None,
             )
         if cm is not None:
             x = composite(x, cm)  # known pixels exactly as given
