@@ -177,6 +177,7 @@ def ray_train(config: str, args, work: Path) -> list[dict]:
 # --- report -------------------------------------------------------------------------------------------------
 def report(data: dict) -> None:
     m = data["meta"]
+    m.setdefault("loadavg_end", float("nan"))
     print(f"Machine: {m['cores']} cores ({m['machine']}), torch {m['torch']}, {m['torch_threads']} torch threads "
           f"in-process; no GPU (bf16 / MFU not measured); 1-min load average {m['loadavg_start']:.1f} → "
           f"{m['loadavg_end']:.1f}\n")
@@ -253,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     for config in args.configs:
         t0 = time.perf_counter()
         data["in_process"] += in_process(config, args)
+        if args.json:  # partial results survive an interrupted run
+            args.json.write_text(json.dumps(data, indent=2))
         print(f"in-process {config}: {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
     if not args.no_ray:
         import ray
@@ -263,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             for config in args.configs:
                 data["ray"] += ray_train(config, args, work)
+                if args.json:
+                    args.json.write_text(json.dumps(data, indent=2))
         finally:
             ray.shutdown()
     data["meta"]["loadavg_end"] = os.getloadavg()[0]

@@ -21,6 +21,7 @@ import json
 import os
 import time
 from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 
 import pyarrow as pa
@@ -104,6 +105,17 @@ def _init_ray(address: str | None):
         ray.init(num_cpus=max(4, 2 * (os.cpu_count() or 2)), log_to_driver=False, include_dashboard=False)
 
 
+def _encoder_info(cfg: IngestConfig) -> dict:
+    """What the manifest records about the text encoder (builds the encoder: ~0.5–2 s on CPU)."""
+    from lumiere.text_encoder import TextEncoder
+
+    enc_cfg = cfg.text_encoder()
+    encoder = TextEncoder(enc_cfg)
+    tokens, pooled = encoder.encode_text([""])
+    return {"config": vars(enc_cfg), "fingerprint": encoder.fingerprint(), "token_shape": list(tokens.shape[1:]),
+            "token_dtype": "float16", "pooled_dim": int(pooled.shape[1])}
+
+
 def run_ingest(input_uri: str, output_uri: str, captions_uri: str | None = None, cfg: IngestConfig | None = None,
                address: str | None = None, options: StorageOptions | None = None, log=print) -> dict:
     """Run (or resume) an ingestion job; returns the report (also written to report.json)."""
@@ -132,6 +144,10 @@ def run_ingest(input_uri: str, output_uri: str, captions_uri: str | None = None,
         f"{len(files) - len(todo)} already done, {len(todo)} to process -> {output_uri}")
 
     written = Counter()
+    # the manifest's encoder record, built on a driver thread while Ray runs (off the critical path at the end)
+    pool = ThreadPoolExecutor(1, thread_name_prefix="lumiere-encoder-info")
+    encoder_info = pool.submit(_encoder_info, cfg)
+    pool.shutdown(wait=False)  # the submitted call still runs to the end
     if todo:
         _init_ray(address)
         ds = ray.data.from_items(todo, override_num_blocks=len(todo))
@@ -153,11 +169,12 @@ def run_ingest(input_uri: str, output_uri: str, captions_uri: str | None = None,
                 rate = written["shard_rows"] / max(1e-9, last - t0)
                 log(f"[ingest] {written['shard_rows']} clips in {written['shard_files']} shards, "
                     f"{written['rejects_rows']} rejects, {rate:.2f} clips/s, {last - t0:.0f}s")
-    return finalize(input_uri, output_uri, captions_uri, files, skipped, cfg, options, t0, written, log)
+    return finalize(input_uri, output_uri, captions_uri, files, skipped, cfg, options, t0, written, log,
+                    encoder_info=encoder_info.result())
 
 
 def finalize(input_uri, output_uri, captions_uri, files, skipped, cfg: IngestConfig, options, t0, written,
-             log=print) -> dict:
+             log=print, encoder_info: dict | None = None) -> dict:
     """Check completeness, write rejects.parquet, report.json and — last — manifest.json."""
     # each part is read once, only the columns needed (REJECT_SCHEMA has the state columns)
     shard_parts = _read_parts(output_uri, "shards", [*_STATE_COLUMNS, "num_frames"], options)
@@ -209,11 +226,6 @@ def finalize(input_uri, output_uri, captions_uri, files, skipped, cfg: IngestCon
     }
     storage.write_bytes(storage.join(output_uri, "report.json"), json.dumps(report, indent=2).encode(), options)
 
-    from lumiere.text_encoder import TextEncoder
-
-    enc_cfg = cfg.text_encoder()
-    encoder = TextEncoder(enc_cfg)
-    tokens, pooled = encoder.encode_text([""])
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -221,9 +233,7 @@ def finalize(input_uri, output_uri, captions_uri, files, skipped, cfg: IngestCon
         "clips": n_clips, "frames": n_frames, "files": len(files),
         "clip_frames": cfg.clip_frames, "fps": cfg.fps, "size": cfg.size, "hr_size": cfg.hr_size,
         "frames_format": cfg.frame_format,
-        "text_encoder": {"config": vars(enc_cfg), "fingerprint": encoder.fingerprint(),
-                         "token_shape": list(tokens.shape[1:]), "token_dtype": "float16",
-                         "pooled_dim": int(pooled.shape[1])},
+        "text_encoder": encoder_info or _encoder_info(cfg),
         "config": cfg.model_dump(mode="json"),
         "shards": sorted(shards, key=lambda s: s["path"]),
     }
