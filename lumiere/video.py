@@ -104,15 +104,21 @@ def encode_mp4_bytes(frames: np.ndarray, fps: float = 16, crf: int = 18, preset:
 
 
 def decode_mp4_bytes(data: bytes) -> np.ndarray:
-    """The bytes of a video file -> frames (t, h, w, 3) uint8, decoded with decord from memory."""
+    """The bytes of a video file -> frames (t, h, w, 3) uint8, decoded with decord from memory (every width:
+    the same row-padding workaround as `read_video`)."""
+    what = f"video bytes ({len(data)} bytes)"
+    if not data:
+        raise VideoReadError("cannot decode video bytes: empty")
     import decord
 
     try:
         vr = decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0))
-        frames = vr.get_batch(list(range(len(vr)))).asnumpy()
+        n = len(vr)
     except (decord.DECORDError, RuntimeError) as e:
-        raise VideoReadError(f"cannot decode video bytes ({len(data)} bytes): {e}") from e
-    return np.ascontiguousarray(frames, dtype=np.uint8)
+        raise VideoReadError(f"cannot decode {what}: {e}") from e
+    if n == 0:
+        raise VideoReadError(f"cannot decode {what}: no frames")
+    return _decode_frames(vr, np.arange(n), what)
 
 
 def _resample_indices(n: int, src_fps: float, fps: float) -> np.ndarray:
@@ -161,6 +167,13 @@ def read_video(path: str | os.PathLike, fps: float | None = None) -> tuple[np.nd
             raise ValueError(f"fps must be positive, got {fps}")
         indices, out_fps = _resample_indices(n, src_fps, fps), float(fps)
 
+    return _decode_frames(vr, indices, repr(path)), out_fps
+
+
+def _decode_frames(vr, indices: np.ndarray, what: str) -> np.ndarray:
+    """Frames `indices` of a decord VideoReader -> (t, h, w, 3) uint8, contiguous."""
+    import decord
+
     try:
         frames = vr.get_batch(indices.tolist()).asnumpy()
     except (decord.DECORDError, RuntimeError):
@@ -171,8 +184,8 @@ def read_video(path: str | os.PathLike, fps: float | None = None) -> tuple[np.nd
             h, w = vr[0].shape[:2]
             frames = np.stack([_unpad(vr[int(i)].asnumpy(), h, w) for i in indices])
         except (decord.DECORDError, RuntimeError, ValueError) as e:
-            raise VideoReadError(f"cannot decode frames of {path!r}: {e}") from e
-    return np.ascontiguousarray(frames, dtype=np.uint8), out_fps
+            raise VideoReadError(f"cannot decode frames of {what}: {e}") from e
+    return np.ascontiguousarray(frames, dtype=np.uint8)
 
 
 def _unpad(frame: np.ndarray, h: int, w: int) -> np.ndarray:

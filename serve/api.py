@@ -164,15 +164,10 @@ def decode_image(data: bytes, param: str, mode: str = "RGB") -> np.ndarray:
 
 
 def decode_video(data: bytes, param: str) -> np.ndarray:
-    import tempfile
+    from lumiere.video import decode_mp4_bytes
 
-    from lumiere.video import read_video
-
-    try:  # read_video (a file) works around decord's row padding for some widths; decode_mp4_bytes does not
-        with tempfile.NamedTemporaryFile(suffix=".mp4") as f:
-            f.write(data)
-            f.flush()
-            frames, _ = read_video(f.name)
+    try:
+        frames = decode_mp4_bytes(data)
     except Exception as e:  # noqa: BLE001 - any decoder failure is the upload's fault
         raise _bad(f"the {param} does not decode as a video (mp4/H.264): {str(e).splitlines()[0][:200]}", param,
                    "invalid_video") from None

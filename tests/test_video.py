@@ -6,6 +6,8 @@ import torch
 
 from lumiere.video import (
     VideoReadError,
+    decode_mp4_bytes,
+    encode_mp4_bytes,
     frames_to_tensor,
     read_video,
     save_png,
@@ -46,6 +48,19 @@ def test_round_trip(tmp_path):
     assert out.shape == frames.shape
     assert fps == pytest.approx(16)
     assert np.abs(out.astype(float) - frames.astype(float)).mean() < 3
+
+
+@pytest.mark.parametrize("w", [16, 24, 48, 64])
+def test_bytes_round_trip_every_width(w):
+    """decode_mp4_bytes takes read_video's decord row-padding workaround (widths 16, 24, 48 failed before)."""
+    frames = smooth_pattern(t=6, w=w)
+    out = decode_mp4_bytes(encode_mp4_bytes(frames, fps=16))
+    assert out.dtype == np.uint8 and out.flags.c_contiguous
+    assert out.shape == frames.shape
+    assert np.abs(out.astype(float) - frames.astype(float)).mean() < 3
+    for bad in (b"", np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes()):
+        with pytest.raises(VideoReadError, match="cannot decode video bytes"):
+            decode_mp4_bytes(bad)
 
 
 @pytest.mark.parametrize("shape", [(4, 31, 32, 3), (4, 32, 33, 3)])
