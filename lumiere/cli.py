@@ -292,13 +292,15 @@ def serve(
     model_uri: str | None = typer.Option(None, help="An MLflow model URI, e.g. models:/lumiere-stunet/1."),
     random_init: str | None = typer.Option(None, help="TESTS/DEMOS ONLY: serve a randomly initialised config."),
     ssr_checkpoint: str | None = typer.Option(None, help="An SSR checkpoint: adds the upsampled output size."),
-    host: str | None = typer.Option(None, help="Bind address (default: the config's, 127.0.0.1)."),
+    host: str = typer.Option("127.0.0.1", help="Bind address (the config's http_options.host, 0.0.0.0, is for "
+                             "serve deploy / the RayService)."),
     port: int | None = typer.Option(None, min=1, max=65535, help="HTTP port (default: the config's, 8000)."),
     config: Path | None = typer.Option(None, help="Serve config YAML (default: serve/config.yaml)."),
     data_dir: Path | None = typer.Option(None, help="Jobs DB and artifacts directory (default: lumiere-serve)."),
     db_url: str | None = typer.Option(None, help="SQLAlchemy URL for jobs (env LUMIERE_DB_URL)."),
     artifacts: str | None = typer.Option(None, help="Directory or s3:// prefix for videos (env LUMIERE_ARTIFACTS)."),
-    device: str | None = typer.Option(None, help="cpu or cuda (cuda: one GPU per model replica)."),
+    device: str | None = typer.Option(None, help="cpu or cuda (cuda: one GPU per model replica; env "
+                                      "LUMIERE_DEVICE, default cpu)."),
     no_auth: bool = typer.Option(False, "--no-auth", help="Serve WITHOUT API keys (else LUMIERE_API_KEYS)."),
     set_: list[str] = typer.Option([], "--set", help="Config overrides for --random-init."),
 ):

@@ -4,20 +4,30 @@ It is the `import_path` of `serve/config.yaml` (`serve.app:build_app`), which `l
 and the KubeRay RayService use. `args` (the YAML's `args:`; the CLI fills them from its flags):
 
     checkpoint | model_uri | random_init (+ set: [overrides])   the base model (exactly one)
+                                     (env LUMIERE_CHECKPOINT or LUMIERE_MODEL_URI)
     ssr_checkpoint | ssr_model_uri | ssr_random_init           the SSR upsampler (optional)
-    device: cpu | cuda                                           cuda adds num_gpus: 1 to the model deployments
+                                     (env LUMIERE_SSR_CHECKPOINT or LUMIERE_SSR_MODEL_URI)
+    device: cpu | cuda               (env LUMIERE_DEVICE; default cpu) cuda: num_gpus on the model deployments
+    num_gpus: 1                      (env LUMIERE_NUM_GPUS) GPUs per Generator/Upsampler replica with cuda
     data_dir: lumiere-serve          db_url / artifacts default to <data_dir>/jobs.db and <data_dir>/artifacts
     db_url: sqlite:///… | postgresql://…   (env LUMIERE_DB_URL)
     artifacts: a directory | s3://bucket/prefix   (env LUMIERE_ARTIFACTS)
     api_keys: [..] (default: env LUMIERE_API_KEYS, comma-separated, or the file in LUMIERE_API_KEYS_FILE)
     no_auth: false                   true serves without keys (say so explicitly)
-    model_name, max_pending_jobs, max_upload_bytes, max_prompt_chars, max_steps, default_steps, styles_dir, …
+    model_name (env LUMIERE_MODEL_NAME), styles_dir (env LUMIERE_STYLES_DIR)
+    max_pending_jobs, max_upload_bytes, max_prompt_chars, max_steps, default_steps, …
     deployments: {Name: {deployment options}}   only for `lumiere serve` (Serve applies the YAML's itself)
+
+The YAML is the same file everywhere (`lumiere serve`, `serve deploy`, the RayService's serveConfigV2), so it
+names no model, device or store: what differs between deployments comes from the environment (`args_with_env`),
+and an arg that is set (in the YAML or by a `lumiere serve` flag) wins over its variable.
 """
 
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Mapping
 from dataclasses import fields
 from pathlib import Path
 
@@ -33,6 +43,51 @@ from .models import ModelSpec
 
 APP_NAME = "lumiere"
 CONFIG_YAML = Path(__file__).with_name("config.yaml")
+
+
+# arg -> the environment variable that fills it when the args leave it unset
+MODEL_ENV = {"checkpoint": "LUMIERE_CHECKPOINT", "model_uri": "LUMIERE_MODEL_URI"}
+SSR_ENV = {"ssr_checkpoint": "LUMIERE_SSR_CHECKPOINT", "ssr_model_uri": "LUMIERE_SSR_MODEL_URI"}
+SETTING_ENV = {"device": "LUMIERE_DEVICE", "num_gpus": "LUMIERE_NUM_GPUS", "model_name": "LUMIERE_MODEL_NAME",
+               "styles_dir": "LUMIERE_STYLES_DIR"}
+# (db_url, artifacts and api_keys read LUMIERE_DB_URL, LUMIERE_ARTIFACTS, LUMIERE_API_KEYS[_FILE] in settings_from_args)
+
+
+def args_with_env(args: dict, environ: Mapping[str, str] | None = None) -> dict:
+    """`args` with what they leave unset filled from the environment: the model (LUMIERE_CHECKPOINT or
+    LUMIERE_MODEL_URI, only when no checkpoint/model_uri/random_init is given), the SSR model likewise
+    (LUMIERE_SSR_*), LUMIERE_DEVICE, LUMIERE_NUM_GPUS, LUMIERE_MODEL_NAME, LUMIERE_STYLES_DIR."""
+    env = os.environ if environ is None else environ
+    out = dict(args)
+
+    def model_from_env(names: dict[str, str], prefix: str) -> None:
+        if any(out.get(prefix + k) for k in ("checkpoint", "model_uri", "random_init")):
+            return
+        given = {arg: env[var].strip() for arg, var in names.items() if env.get(var, "").strip()}
+        if len(given) > 1:
+            raise LumiereError(f"set one of {' or '.join(names.values())}, not both")
+        out.update(given)
+
+    model_from_env(MODEL_ENV, "")
+    model_from_env(SSR_ENV, "ssr_")
+    for arg, var in SETTING_ENV.items():
+        if out.get(arg) in (None, "") and env.get(var, "").strip():
+            out[arg] = env[var].strip()
+    device = str(out.get("device") or "cpu")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?|mps", device):
+        raise LumiereError(f"device {device!r} (args.device, --device or LUMIERE_DEVICE): expected cpu or cuda")
+    out["device"] = device
+    if device.startswith("cuda"):
+        raw = out.get("num_gpus")
+        try:
+            num_gpus = 1.0 if raw in (None, "") else float(raw)
+        except (TypeError, ValueError):
+            num_gpus = -1.0
+        if not 0 < num_gpus <= 64:
+            raise LumiereError(f"num_gpus {raw!r} (args.num_gpus or LUMIERE_NUM_GPUS): expected a "
+                               "positive number of GPUs per model replica, e.g. 1 or 0.5")
+        out["num_gpus"] = int(num_gpus) if num_gpus.is_integer() else num_gpus
+    return out
 
 
 def read_api_keys() -> tuple[str, ...]:
@@ -66,21 +121,22 @@ def settings_from_args(args: dict, spec: ModelSpec) -> dict:
 
 
 def build_app(args: dict | None = None) -> Application:
-    args = dict(args or {})
+    args = args_with_env(dict(args or {}))
     spec = ModelSpec.from_args(args)
     if spec is None:
         raise LumiereError("no model: give checkpoint, model_uri or random_init (lumiere serve --checkpoint PATH | "
-                           "--model-uri models:/NAME/VERSION | --random-init tiny)")
+                           "--model-uri models:/NAME/VERSION | --random-init tiny), or set LUMIERE_MODEL_URI or "
+                           "LUMIERE_CHECKPOINT")
     ssr = ModelSpec.from_args(args, prefix="ssr_")
     settings = settings_from_args(args, spec)
     overrides = args.get("deployments") or {}
-    gpu = str(args.get("device", "cpu")).startswith("cuda")
+    gpu = args["device"].startswith("cuda")
 
     def configured(dep, name: str, model_deployment: bool = True):
         opts = {k: v for k, v in (overrides.get(name) or {}).items() if k != "name"}
         if gpu and model_deployment:
             actor = dict(dep.ray_actor_options or {})
-            actor.setdefault("num_gpus", 1)
+            actor.setdefault("num_gpus", args["num_gpus"])
             opts["ray_actor_options"] = {**actor, **opts.get("ray_actor_options", {})}
         return dep.options(**opts) if opts else dep
 

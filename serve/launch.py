@@ -13,6 +13,8 @@ from lumiere.errors import LumiereError
 
 from .app import CONFIG_YAML
 
+LOCAL_HOST = "127.0.0.1"  # `lumiere serve`'s bind address unless --host says otherwise (never the YAML's)
+
 
 def read_serve_config(path: str | Path | None) -> dict[str, Any]:
     path = Path(path) if path else CONFIG_YAML
@@ -30,7 +32,7 @@ def read_serve_config(path: str | Path | None) -> dict[str, Any]:
 
 def plan(config: str | Path | None, flags: dict[str, Any]) -> tuple[dict, dict, dict]:
     """(http_options, the application entry, its args with the flags applied) — checked before Ray starts."""
-    from .app import settings_from_args
+    from .app import args_with_env, settings_from_args
     from .models import ModelSpec
 
     data = read_serve_config(config)
@@ -45,9 +47,11 @@ def plan(config: str | Path | None, flags: dict[str, Any]) -> tuple[dict, dict, 
             args.pop(k, None)
     args.update({k: v for k, v in flags.items() if v not in (None, False, [], ())})
     args["deployments"] = {d["name"]: d for d in entry.get("deployments") or [] if isinstance(d, dict)}
+    args = args_with_env(args)  # what the flags and the YAML leave unset: LUMIERE_MODEL_URI, LUMIERE_DEVICE, …
     spec = ModelSpec.from_args(args)
     if spec is None:
-        raise LumiereError("no model: give --checkpoint PATH, --model-uri models:/NAME/VERSION or --random-init tiny")
+        raise LumiereError("no model: give --checkpoint PATH, --model-uri models:/NAME/VERSION or --random-init tiny "
+                           "(or set LUMIERE_MODEL_URI or LUMIERE_CHECKPOINT)")
     spec.config()  # a missing or broken checkpoint fails here, before Ray starts
     ssr = ModelSpec.from_args(args, prefix="ssr_")
     if ssr is not None:
@@ -62,7 +66,9 @@ def run_server(config: str | Path | None, flags: dict[str, Any], host: str | Non
     from .models import ModelSpec
 
     http, entry, args = plan(config, flags)
-    http["host"] = host or http.get("host", "127.0.0.1")
+    # the YAML's http_options.host (0.0.0.0) is for `serve deploy` and the RayService, where the proxy must listen
+    # on the pod's interfaces; `lumiere serve` binds to --host, 127.0.0.1 unless told otherwise
+    http["host"] = host or LOCAL_HOST
     http["port"] = int(port or http.get("port", 8000))
     spec = ModelSpec.from_args(args)
     if spec.random_init:

@@ -253,11 +253,15 @@ def test_rayservice_serves_the_same_config_file_as_lumiere_serve(rendered, overl
     assert service["spec"]["serveConfigV2"] == (ROOT / "serve" / "config.yaml").read_text()
     config = yaml.safe_load(service["spec"]["serveConfigV2"])
     assert [a["import_path"] for a in config["applications"]] == ["serve.app:build_app"]
-    # the cluster values the app reads from its environment
+    assert config["http_options"]["host"] == "0.0.0.0"  # the proxy listens on the pod's interfaces
+    # the cluster values the app reads from its environment (the file names no model or device), on the head and
+    # the workers: Serve builds the app on either
     for group in [k8s.cluster_spec(service)["headGroupSpec"], *k8s.cluster_spec(service)["workerGroupSpecs"]]:
         c = group["template"]["spec"]["containers"][0]
-        env = {e["name"] for e in c.get("env", [])}
-        assert {"LUMIERE_DB_URL", "LUMIERE_ARTIFACTS"} <= env
+        env = {e["name"]: e.get("value") for e in c.get("env", [])}
+        assert {"LUMIERE_DB_URL", "LUMIERE_ARTIFACTS"} <= set(env)
+        assert env["LUMIERE_MODEL_URI"] == "models:/lumiere-stunet@latest"
+        assert env["LUMIERE_DEVICE"] == {"dev": "cpu", "gpu": "cuda"}[overlay]
         assert {"secretRef": {"name": "lumiere-api-keys"}} in c["envFrom"]
         assert group["template"]["metadata"]["labels"]["lumiere.io/api"] == "true"
 

@@ -1,7 +1,10 @@
-"""The Serve job store (SQLAlchemy; SQLite here) and artifact store (local dir and S3 via moto's server)."""
+"""The Serve job store (SQLAlchemy; SQLite here) and artifact store (local dir and S3 via moto's server); the app's
+args from the environment (how the RayService, whose serveConfigV2 is serve/config.yaml, names its model)."""
 
 from __future__ import annotations
 
+import inspect
+import os
 import time
 
 import pytest
@@ -35,7 +38,7 @@ def test_job_lifecycle_list_and_interrupted_jobs(tmp_path):
     assert store.fail_interrupted("restarted", stale_after_s=60) == 0
     assert store.count_active() == 1
     reopened = JobStore(sqlite_url(tmp_path / "jobs.db"))  # a restart: same database
-    time.sleep(1.1)
+    time.sleep(2.1)  # heartbeats are whole seconds (int(time.time())): 1.1 s left it live about half the time
     assert reopened.fail_interrupted("restarted", stale_after_s=0.5, alive="b") == 1
     failed = reopened.get(jobs[2].id)
     assert failed.status == "failed" and failed.error == {"code": "interrupted", "message": "restarted"}
@@ -77,3 +80,76 @@ def test_artifacts_s3():
         assert "Contents" not in s3.list_objects_v2(Bucket="videos", Prefix="serve/video_1/")
     finally:
         server.stop()
+
+
+# --- serve/config.yaml + the environment -> the app (built, not deployed: no Ray) ------------------------------
+@pytest.fixture
+def clean_env(monkeypatch):
+    for var in list(os.environ):
+        if var.startswith("LUMIERE_"):
+            monkeypatch.delenv(var)
+    return monkeypatch
+
+
+def _parts(app):
+    """(encoder, generator, upsampler, settings) bound to the Ingress of a built app (Serve's Application)."""
+    encoder, generator, upsampler, settings = app._bound_deployment.init_args
+    return encoder._bound_deployment, generator._bound_deployment, upsampler and upsampler._bound_deployment, settings
+
+
+def test_the_serve_config_takes_model_device_and_stores_from_the_environment(tmp_path, clean_env):
+    from lumiere import cli
+    from serve.app import build_app
+    from serve.launch import LOCAL_HOST, read_serve_config
+
+    config = read_serve_config(None)
+    entry = config["applications"][0]
+    # the file names no model or device (the env's would lose to it) and listens on the pod's interfaces ...
+    named = {"checkpoint", "model_uri", "random_init", "ssr_checkpoint", "ssr_model_uri", "device"}
+    assert not named & set(entry["args"])
+    assert config["http_options"]["host"] == "0.0.0.0"
+    # ... while `lumiere serve` binds 127.0.0.1 unless --host says otherwise
+    assert LOCAL_HOST == "127.0.0.1" and inspect.signature(cli.serve).parameters["host"].default.default == LOCAL_HOST
+    # Serve replaces an app's ray_actor_options whole with the YAML's: none for the GPU deployments
+    assert all("ray_actor_options" not in d for d in entry["deployments"] if d["name"] in ("Generator", "Upsampler"))
+
+    for var, value in {"LUMIERE_MODEL_URI": "models:/lumiere-stunet@latest", "LUMIERE_SSR_CHECKPOINT": "/ckpt/ssr",
+                       "LUMIERE_DEVICE": "cuda", "LUMIERE_API_KEYS": "k1,k2",
+                       "LUMIERE_DB_URL": sqlite_url(tmp_path / "jobs.db"), "LUMIERE_ARTIFACTS": "s3://b/serve"}.items():
+        clean_env.setenv(var, value)
+    encoder, generator, upsampler, settings = _parts(build_app(entry["args"]))  # what Serve calls with the YAML
+    assert generator.init_args[0]["model_uri"] == "models:/lumiere-stunet@latest"
+    assert generator.init_args[0]["checkpoint"] is None and generator.init_args[0]["device"] == "cuda"
+    assert upsampler.init_args[0]["checkpoint"] == "/ckpt/ssr"
+    assert generator.ray_actor_options == upsampler.ray_actor_options == {"num_cpus": 0.5, "num_gpus": 1}
+    assert "num_gpus" not in encoder.ray_actor_options
+    assert settings["api_keys"] == ("k1", "k2") and settings["artifacts"] == "s3://b/serve"
+    assert settings["db_url"] == sqlite_url(tmp_path / "jobs.db") and settings["model_name"] == "lumiere-stunet"
+
+    # args (the YAML's, a lumiere serve flag) win over the environment; a fractional GPU; cpu: no GPUs
+    clean_env.setenv("LUMIERE_NUM_GPUS", "0.5")
+    _, generator, upsampler, _ = _parts(build_app({"checkpoint": "/ckpt/stunet", "ssr_random_init": "tiny"}))
+    assert generator.init_args[0]["checkpoint"] == "/ckpt/stunet" and generator.init_args[0]["model_uri"] is None
+    assert upsampler.init_args[0]["random_init"] == "tiny" and upsampler.init_args[0]["checkpoint"] is None
+    assert generator.ray_actor_options == {"num_cpus": 0.5, "num_gpus": 0.5}
+    _, generator, _, _ = _parts(build_app({"device": "cpu"}))
+    assert generator.init_args[0]["device"] == "cpu" and "num_gpus" not in generator.ray_actor_options
+
+
+def test_the_environment_is_checked(clean_env):
+    from lumiere.errors import LumiereError
+    from serve.app import args_with_env, build_app
+
+    clean_env.setenv("LUMIERE_API_KEYS", "k")
+    with pytest.raises(LumiereError, match="no model.*LUMIERE_MODEL_URI"):
+        build_app({})
+    assert args_with_env({}) == {"device": "cpu"}
+    env = {"LUMIERE_MODEL_URI": "models:/m@latest", "LUMIERE_CHECKPOINT": "/ckpt"}
+    with pytest.raises(LumiereError, match="LUMIERE_CHECKPOINT or LUMIERE_MODEL_URI, not both"):
+        args_with_env({}, env)
+    assert args_with_env({"random_init": "tiny"}, env) == {"random_init": "tiny", "device": "cpu"}
+    with pytest.raises(LumiereError, match="LUMIERE_DEVICE"):
+        args_with_env({}, {"LUMIERE_DEVICE": "gpu"})
+    with pytest.raises(LumiereError, match="LUMIERE_NUM_GPUS"):
+        args_with_env({}, {"LUMIERE_DEVICE": "cuda", "LUMIERE_NUM_GPUS": "0"})
+    assert args_with_env({}, {"LUMIERE_DEVICE": " cuda "})["num_gpus"] == 1
