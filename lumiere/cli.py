@@ -315,20 +315,27 @@ def serve(
 
 @app.command()
 def demo(
-    workdir: Path = typer.Option(Path("demo-output"), help="Where the corpus, checkpoints and videos go."),
+    workdir: Path = typer.Option(Path("demo-output"), help="Where the corpus, shards, runs, MLflow store and videos "
+                                 "go (a re-run replaces the demo's own outputs there)."),
     config: str = typer.Option("small", help="Model config to train."),
-    clips: int = typer.Option(96, min=4, help="Clips in the generated corpus."),
-    t2i_steps: int = typer.Option(1000, min=1, help="Training steps for the 2D prior."),
-    stunet_steps: int = typer.Option(600, min=1, help="Training steps for the STUNet's temporal layers."),
+    clips: int = typer.Option(120, min=4, help="Clips in the generated corpus."),
+    t2i_steps: int = typer.Option(600, min=1, help="Ray Train steps for the 2D prior."),
+    stunet_steps: int = typer.Option(700, min=1, help="Ray Train steps for the STUNet's temporal layers."),
+    num_workers: int = typer.Option(2, min=1, help="Ray Train workers (DDP) per training job."),
     prompt: list[str] = typer.Option(
-        ["a red square moving right", "a blue circle moving down"], help="Prompts to generate (repeatable)."
+        ["a red square moving right", "a blue circle moving down", "a yellow triangle moving left"],
+        help="Text-to-video prompts to request (repeatable); one image-to-video request is added.",
     ),
+    sample_steps: int | None = typer.Option(None, min=1, help="Sampling steps per video (default: the config's)."),
+    port: int = typer.Option(0, min=0, help="Port for the Videos API on 127.0.0.1 (0: a free one)."),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
 ):
-    """The main job end to end on CPU: make a corpus, train the prior then the STUNet, generate videos."""
+    """The main job end to end on CPU: corpus -> ingest (Ray Data) -> train t2i + STUNet (Ray Train, MLflow) ->
+    serve (Ray Serve) -> videos through the API (openai SDK)."""
     from .demo import run_demo
 
-    run_demo(workdir, config, set_, clips, t2i_steps, stunet_steps, prompt)
+    run_demo(workdir, config, set_, clips, t2i_steps, stunet_steps, prompt, num_workers=num_workers,
+             sample_steps=sample_steps, port=port)
 
 
 def main() -> None:
