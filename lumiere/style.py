@@ -81,7 +81,7 @@ def fit_style(prior: UNet2D, images: np.ndarray, cond: Conditioning, diffusion_c
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         if callback is not None:
-            callback(step + 1, float(loss))
+            callback(step + 1, float(loss.detach()))
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
