@@ -320,7 +320,7 @@ def demo(
     config: str = typer.Option("small", help="Model config to train."),
     clips: int = typer.Option(120, min=4, help="Clips in the generated corpus."),
     t2i_steps: int = typer.Option(600, min=1, help="Ray Train steps for the 2D prior."),
-    stunet_steps: int = typer.Option(700, min=1, help="Ray Train steps for the STUNet's temporal layers."),
+    stunet_steps: int = typer.Option(600, min=1, help="Ray Train steps for the STUNet's temporal layers."),
     num_workers: int = typer.Option(2, min=1, help="Ray Train workers (DDP) per training job."),
     prompt: list[str] = typer.Option(
         ["a red square moving right", "a blue circle moving down", "a yellow triangle moving left"],
