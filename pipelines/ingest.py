@@ -98,7 +98,8 @@ def _init_ray(address: str | None):
     ctx.enable_progress_bars = False
     if ray.is_initialized():
         return
-    if address:
+    if address or os.environ.get("RAY_ADDRESS"):
+        # --address, or RAY_ADDRESS: set for a job's driver on a cluster (`ray job submit`, a RayJob)
         ray.init(address=address, log_to_driver=False)
     else:
         # oversubscribe logical CPUs: decode tasks, the embedding actor and writers must all fit at once

@@ -116,7 +116,7 @@ def _repeat_row(row: dict, times: int) -> list[dict]:
 
 
 def clip_dataset(data_uri: str, manifest: dict, cfg: LumiereConfig, options: StorageOptions | None = None,
-                 min_pass_clips: int = 256, kind: str = "stunet"):
+                 min_pass_clips: int = 4096, kind: str = "stunet"):
     """A Ray Dataset of model-ready clips: shards -> decode + crop + resize (tasks) -> rows."""
     import ray.data
 
@@ -127,7 +127,8 @@ def clip_dataset(data_uri: str, manifest: dict, cfg: LumiereConfig, options: Sto
     if kind == "ssr":  # clips from sources smaller than hr_size have no high-resolution copy
         ds = ds.filter(_has_high_res, num_cpus=0.25)
     # a small dataset is read several times per pass (each copy gets fresh random crops), so a pass is long
-    # enough that the per-pass start-up of the streaming pipeline does not dominate
+    # enough that the per-pass start-up of the streaming pipeline does not dominate: on the demo's 120 clips
+    # (2 workers, t2i small, 2 cores) passes of 360 rows trained at ~31 samples/s, passes of 4,096 at ~100
     repeats = math.ceil(min_pass_clips / max(1, manifest["clips"]))
     if repeats > 1:
         ds = ds.flat_map(_repeat_row, fn_kwargs={"times": repeats}, num_cpus=0.25)

@@ -271,7 +271,9 @@ def _init_ray(address: str | None) -> None:
 
     if ray.is_initialized():
         return
-    if address:
+    if address or os.environ.get("RAY_ADDRESS"):
+        # --address, or RAY_ADDRESS: set for a job's driver on a cluster (`--address http://…` submits through
+        # the Jobs API, `ray job submit`, a KubeRay RayJob), which joins that cluster instead of starting one
         import logging
 
         ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING)  # errors stay one line

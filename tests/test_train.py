@@ -234,23 +234,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.skip(reason="on this sandbox a `ray start --head` job agent never becomes ready (the Jobs API answers "
-                  "'No available agent' for > 120 s), so Jobs-API submission is unverified here; see issue 4's note")
 def test_submit_with_address_to_a_local_head(shards, mlflow_uri, tmp_path):
     gcs, dash = _free_port(), _free_port()
+    # every fixed-default port on free ones: the test session's own Ray already holds the dashboard agent's
+    # default 52365, and a second agent that cannot bind it never becomes ready ("No available agent")
+    ports = {flag: _free_port() for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                             "runtime-env-agent-port", "metrics-export-port",
+                                             "ray-client-server-port")}
     ray_bin = str(Path(sys.executable).parent / "ray")
     # a head of its own, on loopback, without Ray 2.60's token auth (the test's client would need the token)
-    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "disabled"}
+    # the job's entrypoint is `lumiere …` on the head, as in the cluster image: the venv's bin on its PATH
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "disabled",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
     head = subprocess.Popen(
         [ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--num-cpus=4",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-         f"--temp-dir={temp_dir}"],
+         f"--temp-dir={temp_dir}", *(f"--{flag}={port}" for flag, port in ports.items())],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
     try:
         proc = run_cli("train", "t2i", "--data", str(shards), "--output", str(tmp_path / "run"), "--config", "tiny",
                        "--max-steps", "4", "--run-name", "t2i-submitted", "--address", f"http://127.0.0.1:{dash}",
-                       *sum((["--set", o] for o in TINY), []), timeout=600, env=env, retries_until_up=10)
+                       *sum((["--set", o] for o in TINY), []), timeout=600, env=env, retries_until_up=60)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         assert "SUCCEEDED" in proc.stdout and "done at step 4" in proc.stdout
         assert (tmp_path / "run" / "checkpoints" / "latest" / "meta.json").exists()

@@ -1,0 +1,278 @@
+"""Does the model learn motion? STUNet vs the fixed-temporal baseline on the moving-shapes vocabulary.
+
+The paper's central claim, at small scale: temporal down/up-sampling in the U-Net (the STUNet) gives globally
+coherent motion; the baseline of the same width/depth keeps every frame at every level
+(`stunet.temporal_resampling=false`) and so costs more per step. Both are trained with the same compute from the
+same trained 2D prior, then scored automatically on generated videos.
+
+    1. corpus: `make_corpus` (balanced over colour x shape x direction), decoded; captions embedded
+    2. the 2D text-to-image prior, trained once (`--t2i-steps`), shared by both variants
+    3. the two inflated models, prior frozen, temporal layers trained on whole clips with `lumiere.trainer.TrainStep`
+       (the loop `lumiere train` runs on each worker), in-process, on the same batches in the same order:
+         --minutes M  same compute: each gets M minutes of training step time; step budgets come from a
+                      side-by-side timing of both before training (so the LR schedule can decay to the end)
+         --steps N    same number of steps (the fixed variant then costs ~2x the compute)
+       The two train interleaved (whichever is behind its budget steps next), so machine load hits both alike.
+    4. generate: every colour x direction, shapes in rotation, `--seeds` seeds each (EMA weights, the config's
+       sampler, steps and guidance)
+    5. score each video with `lumiere.shapes.analyse_clip` against its prompt:
+         colour      the dominant foreground colour is the prompted one
+         direction   the least-squares centroid motion points the prompted way (>= 1 px)
+         both        colour and direction right
+         on-track    share of frame-to-frame centroid steps that move the prompted way
+         smoothness  mean |second difference| of the centroid track, px/frame^2 (0 = constant speed)
+         area cv     coefficient of variation of the shape's area over the frames (0 = stable shape)
+       The real corpus clips are scored the same way as a reference (the scorer's ceiling).
+
+    python benchmarks/quality_shapes.py --minutes 8          # ~20 min on 2 cores: 1,000 t2i steps + 2 x 8 min + eval
+    python benchmarks/quality_shapes.py --steps 300 --quick  # a quick check
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import platform
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lumiere.checkpoint import build_prior, build_stunet  # noqa: E402
+from lumiere.config import load_config  # noqa: E402
+from lumiere.diffusion import Conditioning  # noqa: E402
+from lumiere.pipeline import TextToVideo  # noqa: E402
+from lumiere.shapes import COLORS, DIRECTIONS, SHAPES, analyse_clip, make_corpus, parse_caption  # noqa: E402
+from lumiere.text_encoder import TextEncoder  # noqa: E402
+from lumiere.trainer import TrainStep, clips_to_model  # noqa: E402
+from lumiere.video import read_video  # noqa: E402
+
+
+def with_steps(cfg, steps: int):
+    # the LR schedule decays over this run's steps, not the config's default max_steps
+    return cfg.model_copy(update={"train": replace(cfg.train, max_steps=steps)})
+
+
+def load_corpus(corpus: Path, frames: int):
+    clips, captions = [], []
+    for line in (corpus / "captions.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        video, _ = read_video(corpus / rec["path"])
+        clips.append(torch.from_numpy(video[:frames]))
+        captions.append(rec["caption"])
+    return torch.stack(clips), captions
+
+
+class Trainer:
+    """One model's TrainStep, fed batches from its own generator (same seed for both: the same batches)."""
+
+    def __init__(self, name, model, cfg, kind, clips, cond, steps):
+        self.name, self.model, self.cfg, self.kind = name, model, cfg, kind
+        self.clips, self.cond, self.steps = clips, cond, steps
+        self.step_fn = TrainStep(model, with_steps(cfg, steps), kind)
+        self.gen = torch.Generator().manual_seed(cfg.train.seed)
+        self.time_s, self.losses, self.log = 0.0, [], []
+
+    def done(self) -> bool:
+        return self.step_fn.step >= self.steps
+
+    def step(self) -> None:
+        idx = torch.randint(0, len(self.clips), (self.cfg.train.batch_size,), generator=self.gen)
+        t0 = time.perf_counter()
+        metrics = self.step_fn(clips_to_model(self.clips[idx]), Conditioning(self.cond.context[idx],
+                                                                             self.cond.pooled[idx]))
+        self.time_s += time.perf_counter() - t0
+        self.losses.append(metrics["loss"])
+        s = self.step_fn.step
+        every = max(1, self.steps // 10)
+        if s % every == 0 or s == self.steps:
+            window = self.losses[-every:]
+            line = (f"  {self.name:<14} step {s:>5}/{self.steps}  loss {sum(window) / len(window):.4f}  "
+                    f"{s / self.time_s:.2f} steps/s  train time {self.time_s / 60:.1f} min")
+            print(line, flush=True)
+            self.log.append({"step": s, "loss": sum(window) / len(window), "time_s": self.time_s})
+
+    def ema_model(self):
+        ema = copy.deepcopy(self.model).eval()
+        ema.load_state_dict(self.step_fn.ema.state_dict(self.model))
+        return ema
+
+
+def step_time(model, cfg, kind, clips, cond, n: int = 4) -> float:
+    """Median seconds per training step of a throwaway copy (after one warm-up step)."""
+    tr = Trainer("timing", copy.deepcopy(model), cfg, kind, clips, cond, n + 1)
+    times = []
+    for _ in range(n + 1):
+        t0 = time.perf_counter()
+        tr.step()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times[1:]))
+
+
+def eval_prompts(seeds: int) -> list[tuple[str, int]]:
+    prompts = []
+    for i, (color, direction) in enumerate((c, d) for c in COLORS for d in DIRECTIONS):
+        prompts.append(f"a {color} {SHAPES[i % len(SHAPES)]} moving {direction}")
+    return [(p, s) for s in range(seeds) for p in prompts]
+
+
+def score(video: np.ndarray, prompt: str) -> dict:
+    want = parse_caption(prompt)[0]
+    a = analyse_clip(video)
+    c = a["centroids"]
+    steps = c[1:] - c[:-1]
+    ok = ~np.isnan(steps).any(axis=1)
+    on_track = float((steps[ok] @ np.asarray(DIRECTIONS[want.direction], float) > 0).mean()) if ok.any() else 0.0
+    return {
+        "prompt": prompt,
+        "color_ok": a["dominant_color"] == want.color,
+        "direction_ok": a["direction"] == want.direction,
+        "on_track": on_track,
+        "smoothness": a["smoothness"],
+        "area_cv": a["area_cv"],
+        "present": bool((a["areas"] > 0).all()),
+        "seen": f"{a['dominant_color']} {a['direction']}",
+        "speed_px": float(np.hypot(*a["displacement"])),
+    }
+
+
+def summarise(rows: list[dict]) -> dict:
+    def nanmed(k):
+        v = np.array([r[k] for r in rows], float)
+        return float(np.nanmedian(v)) if np.isfinite(v).any() else float("nan")
+
+    return {
+        "videos": len(rows),
+        "color": float(np.mean([r["color_ok"] for r in rows])),
+        "direction": float(np.mean([r["direction_ok"] for r in rows])),
+        "both": float(np.mean([r["color_ok"] and r["direction_ok"] for r in rows])),
+        "on_track": float(np.mean([r["on_track"] for r in rows])),
+        "smoothness": nanmed("smoothness"),
+        "area_cv": nanmed("area_cv"),
+        "present": float(np.mean([r["present"] for r in rows])),
+        "travel_px": nanmed("speed_px"),
+    }
+
+
+def generate(model, encoder, cfg, prompts: list[tuple[str, int]], batch: int) -> tuple[list[np.ndarray], float]:
+    gen = TextToVideo(model, encoder, cfg, "benchmark")
+    videos, t0 = [], time.perf_counter()
+    for seed in sorted({s for _, s in prompts}):
+        ps = [p for p, s in prompts if s == seed]
+        for i in range(0, len(ps), batch):
+            videos += list(gen.generate(ps[i:i + batch], seed=1000 + seed + i).videos)
+    return videos, time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    budget = ap.add_mutually_exclusive_group()
+    budget.add_argument("--minutes", type=float, help="same compute: training step time per temporal model")
+    budget.add_argument("--steps", type=int, help="same number of steps per temporal model")
+    ap.add_argument("--config", default="small")
+    ap.add_argument("--clips", type=int, default=120, help="corpus clips (balanced over 60 combinations)")
+    ap.add_argument("--t2i-steps", type=int, default=1000, help="steps of the shared 2D prior")
+    ap.add_argument("--seeds", type=int, default=2, help="videos per prompt (20 prompts)")
+    ap.add_argument("--batch", type=int, default=10, help="prompts per generation batch")
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/lumiere-quality-shapes"))
+    ap.add_argument("--json", type=Path, help="write every score here")
+    ap.add_argument("--quick", action="store_true", help="smoke test: tiny config, 12 clips, 20 t2i steps, 1 seed")
+    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (default 1: on a shared 2-core machine, 2 OpenMP threads competing with "
+                         "other processes ran 20-40x slower per step)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.minutes is None and args.steps is None:
+        args.minutes = 8.0
+    if args.quick:
+        args.config, args.clips, args.t2i_steps, args.seeds = "tiny", 12, 20, 1
+    t_start = time.perf_counter()
+    cfg = load_config(args.config, args.overrides)
+    cfg_fixed = load_config(args.config, [*args.overrides, "stunet.temporal_resampling=false"])
+    torch.manual_seed(cfg.train.seed)
+    print(f"quality_shapes: config {cfg.name} ({cfg.video.frames} frames, {cfg.video.size}x{cfg.video.size}), "
+          f"{args.clips} clips, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{platform.processor() or platform.machine()}", flush=True)
+
+    corpus = args.workdir / f"corpus-{cfg.name}-{args.clips}"
+    if not (corpus / "captions.jsonl").exists():
+        make_corpus(corpus, args.clips, frames=cfg.video.frames, size=cfg.video.size, fps=cfg.video.fps,
+                    seed=cfg.train.seed)
+    clips, captions = load_corpus(corpus, cfg.video.frames)
+    encoder = TextEncoder(cfg.text)
+    cond = Conditioning(*encoder.encode_text(captions))
+
+    t0 = time.perf_counter()
+    prior = build_prior(cfg)
+    t2i = Trainer("t2i prior", prior, cfg, "t2i", clips, cond, args.t2i_steps)
+    while not t2i.done():
+        t2i.step()
+    prior.load_state_dict(t2i.step_fn.ema.state_dict(prior))
+    t2i_s = time.perf_counter() - t0
+
+    models = {"STUNet": (build_stunet(cfg, copy.deepcopy(prior)), cfg),
+              "fixed-temporal": (build_stunet(cfg_fixed, copy.deepcopy(prior)), cfg_fixed)}
+    # side-by-side timing (alternating, so load drift hits both), then the step budgets
+    times = {name: [] for name in models}
+    for _ in range(2):
+        for name, (m, c) in models.items():
+            times[name].append(step_time(m, c, "stunet", clips, cond))
+    per_step = {name: float(np.median(t)) for name, t in times.items()}
+    if args.steps is not None:
+        budgets = {name: args.steps for name in models}
+        mode = f"same steps: {args.steps} each"
+    else:
+        budgets = {name: max(1, int(args.minutes * 60 / s)) for name, s in per_step.items()}
+        mode = f"same compute: {args.minutes:g} min of training step time each"
+    print("step time (side by side): " + ", ".join(f"{n} {s:.3f}s" for n, s in per_step.items())
+          + f"; {mode}: " + ", ".join(f"{n} {b} steps" for n, b in budgets.items()), flush=True)
+
+    trainers = {name: Trainer(name, m, c, "stunet", clips, cond, budgets[name]) for name, (m, c) in models.items()}
+    t0 = time.perf_counter()
+    while not all(t.done() for t in trainers.values()):
+        # whichever is furthest behind its own budget (as a fraction) steps next: both progress together
+        t = min((t for t in trainers.values() if not t.done()), key=lambda t: t.step_fn.step / t.steps)
+        t.step()
+    train_wall = time.perf_counter() - t0
+
+    prompts = eval_prompts(args.seeds)
+    results, all_rows = {}, {}
+    real = [score(v.numpy(), c) for v, c in zip(clips, captions, strict=True) if " and " not in c]
+    results["real corpus clips"] = {**summarise(real), "steps": None, "train_s": None, "gen_s": None}
+    for name, tr in trainers.items():
+        videos, gen_s = generate(tr.ema_model(), encoder, tr.cfg, prompts, args.batch)
+        rows = [score(v, p) for v, (p, _) in zip(videos, prompts, strict=True)]
+        all_rows[name] = rows
+        results[name] = {**summarise(rows), "steps": tr.steps, "train_s": tr.time_s, "gen_s": gen_s,
+                         "final_loss": tr.log[-1]["loss"] if tr.log else math.nan}
+        print(f"  {name}: generated {len(videos)} videos in {gen_s:.0f}s", flush=True)
+
+    print(f"\nt2i prior: {args.t2i_steps} steps in {t2i_s / 60:.1f} min; temporal models trained interleaved in "
+          f"{train_wall / 60:.1f} min wall; total {(time.perf_counter() - t_start) / 60:.1f} min")
+    print(f"{len(prompts)} prompts per model ({len(prompts) // args.seeds} colour x direction, shapes in rotation, "
+          f"{args.seeds} seed(s))\n")
+    print("| model | steps | train step time min | final loss | colour | direction | colour+direction | on-track steps "
+          "| smoothness px (median) | area cv (median) | shape in every frame | net travel px (median) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, r in results.items():
+        steps = "" if r["steps"] is None else r["steps"]
+        tmin = "" if r["train_s"] is None else f"{r['train_s'] / 60:.1f}"
+        loss = f"{r['final_loss']:.4f}" if "final_loss" in r else ""
+        print(f"| {name} | {steps} | {tmin} | {loss} | {r['color']:.0%} | {r['direction']:.0%} | {r['both']:.0%} "
+              f"| {r['on_track']:.0%} | {r['smoothness']:.2f} | {r['area_cv']:.2f} | {r['present']:.0%} "
+              f"| {r['travel_px']:.1f} |")
+    if args.json:
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results,
+                                         "per_step_s": per_step, "rows": all_rows}, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
