@@ -319,7 +319,7 @@ def demo(
                                  "go (a re-run replaces the demo's own outputs there)."),
     config: str = typer.Option("small", help="Model config to train."),
     clips: int = typer.Option(120, min=4, help="Clips in the generated corpus."),
-    t2i_steps: int = typer.Option(600, min=1, help="Ray Train steps for the 2D prior."),
+    t2i_steps: int = typer.Option(1000, min=1, help="Ray Train steps for the 2D prior."),
     stunet_steps: int = typer.Option(600, min=1, help="Ray Train steps for the STUNet's temporal layers."),
     num_workers: int = typer.Option(2, min=1, help="Ray Train workers (DDP) per training job."),
     prompt: list[str] = typer.Option(
