@@ -46,6 +46,11 @@ class STUNetConfig:
     # conditional: the input is ⟨J, C, M⟩ = noisy video (3) + masked condition video (3) + mask (1) = 7 channels
     # (Lumiere §4), one model for image-to-video, inpainting, cinemagraphs and extension
     conditional: bool = False
+    # temporal_text: the conv inflation blocks also get the timestep + pooled-text embedding (a per-video bias,
+    # as the prior's ResBlocks get it). Off in the paper's design, where the prompt reaches the temporal layers
+    # only through the frozen prior's features; a small prior trained on single frames has no reason to encode
+    # motion words there (benchmarks/RESULTS.md, quality_shapes)
+    temporal_text: bool = False
 
     __pydantic_config__ = {"extra": "forbid"}
 
@@ -61,17 +66,22 @@ def identity_temporal_conv(channels: int, stride: int = 1) -> nn.Conv3d:
 
 
 class TemporalConvBlock(nn.Module):
-    """Conv-based inflation: the "+1" of a (2+1)D layer; b c t h w -> b c t h w, identity at init."""
+    """Conv-based inflation: the "+1" of a (2+1)D layer; b c t h w -> b c t h w, identity at init.
 
-    def __init__(self, channels: int, groups: int):
+    With `emb_dim`, the per-video embedding emb (b e) is added between the two convs (like a ResBlock's)."""
+
+    def __init__(self, channels: int, groups: int, emb_dim: int | None = None):
         super().__init__()
         self.norm1 = nn.GroupNorm(groups, channels)
         self.conv1 = nn.Conv3d(channels, channels, (3, 1, 1), padding=(1, 0, 0))
+        self.emb_proj = nn.Linear(emb_dim, channels) if emb_dim else None
         self.norm2 = nn.GroupNorm(groups, channels)
         self.conv2 = zero_init(nn.Conv3d(channels, channels, (3, 1, 1), padding=(1, 0, 0)))  # zero: identity
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
+        if self.emb_proj is not None:
+            h = h + rearrange(self.emb_proj(F.silu(emb)), "b c -> b c 1 1 1")
         return x + self.conv2(F.silu(self.norm2(h)))
 
 
@@ -137,7 +147,8 @@ class STUNet(nn.Module):
         groups = prior.cfg.norm_groups
         channels = prior.block_channels()
         self.temporal_convs = nn.ModuleDict(
-            {_slot(k): TemporalConvBlock(ch, groups) for k, ch in channels.items()}
+            {_slot(k): TemporalConvBlock(ch, groups, prior.emb_dim if cfg.temporal_text else None)
+             for k, ch in channels.items()}
         )
         self.temporal_attns = nn.ModuleDict(
             {_slot(k): TemporalAttentionBlock(channels[k], cfg.temporal_head_dim) for k in prior.coarsest_keys()}
@@ -187,9 +198,9 @@ class STUNet(nn.Module):
         return [p for n, p in self.named_parameters() if not n.startswith("prior.")]
 
     # --- inflation hooks called from inside UNet2D.forward; h is (b t) c h w ---
-    def block(self, key: str, h: torch.Tensor, frames: int) -> torch.Tensor:
+    def block(self, key: str, h: torch.Tensor, frames: int, emb: torch.Tensor) -> torch.Tensor:
         v = rearrange(h, "(b t) c h w -> b c t h w", t=frames)
-        v = self.temporal_convs[_slot(key)](v)
+        v = self.temporal_convs[_slot(key)](v, emb)
         if _slot(key) in self.temporal_attns:
             v = self.temporal_attns[_slot(key)](v)
         return rearrange(v, "b c t h w -> (b t) c h w")

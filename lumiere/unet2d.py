@@ -59,9 +59,10 @@ class UNetConfig:
 
 
 class Inflation(Protocol):
-    """Hooks a space-time wrapper puts into the 2D walk; `frames` is the clip length at the current level."""
+    """Hooks a space-time wrapper puts into the 2D walk; `frames` is the clip length at the current level and
+    `emb` (b e) the per-video timestep + pooled-text embedding the spatial blocks get."""
 
-    def block(self, key: str, h: torch.Tensor, frames: int) -> torch.Tensor: ...
+    def block(self, key: str, h: torch.Tensor, frames: int, emb: torch.Tensor) -> torch.Tensor: ...
     def down(self, level: int, h: torch.Tensor, frames: int) -> tuple[torch.Tensor, int]: ...
     def up(self, level: int, h: torch.Tensor, frames: int) -> tuple[torch.Tensor, int]: ...
 
@@ -184,7 +185,7 @@ class UNet2D(nn.Module):
         super().__init__()
         self.cfg = cfg
         widths = [cfg.base_channels * m for m in cfg.channel_mult]
-        emb_dim = 4 * cfg.base_channels
+        self.emb_dim = emb_dim = 4 * cfg.base_channels  # the per-video timestep + pooled-text embedding
         self.time_freqs = max(64, cfg.base_channels)  # enough frequencies to resolve 1000 timesteps
         self.time_embed = nn.Sequential(
             nn.Linear(self.time_freqs, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
@@ -275,7 +276,7 @@ class UNet2D(nn.Module):
             return per_frames[f]
 
         def after(key: str, h: torch.Tensor) -> torch.Tensor:
-            return inflation.block(key, h, frames) if inflation is not None else h
+            return inflation.block(key, h, frames, emb) if inflation is not None else h
 
         h = (stem if stem is not None else self.conv_in)(x)
         skips = [h]

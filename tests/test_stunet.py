@@ -22,7 +22,8 @@ def _inputs(cfg, b=2, seed=1):
     return ctx, pooled, t
 
 
-@pytest.mark.parametrize("overrides", [[], ["unet.channel_mult=[1,2,2]", "unet.num_res_blocks=2"]])
+@pytest.mark.parametrize("overrides", [[], ["unet.channel_mult=[1,2,2]", "unet.num_res_blocks=2"],
+                                       ["stunet.temporal_text=true"]])
 def test_inflation_reproduces_prior_on_static_video(overrides):
     cfg = load_config("tiny", overrides)
     prior = perturb_(build_prior(cfg)).eval()  # a "trained" prior: no zero-initialised outputs left
@@ -50,6 +51,25 @@ def test_trained_temporal_layers_mix_frames(tiny_cfg):
     with torch.no_grad():
         a, b = stunet(video, t, ctx, pooled), stunet(changed, t, ctx, pooled)
     assert (a[:, :, 0] - b[:, :, 0]).abs().max() > 1e-4  # frame 0's output depends on the last frame
+
+
+def test_temporal_text_gives_the_temporal_layers_the_prompt():
+    """With stunet.temporal_text the temporal blocks see the pooled text: once trained (perturbed), the pooled
+    embedding changes the output through them; without it, only through the prior."""
+    cfg = load_config("tiny", ["stunet.temporal_text=true"])
+    prior = perturb_(build_prior(cfg)).eval()
+    stunet = build_stunet(cfg, prior).eval()
+    assert all(block.emb_proj is not None for block in stunet.temporal_convs.values())
+    assert all(block.emb_proj is None for block in build_stunet(load_config("tiny"), prior).temporal_convs.values())
+    perturb_(stunet.temporal_convs, seed=4)
+    ctx, pooled, t = _inputs(cfg)
+    video = torch.randn(2, 3, 8, 32, 32)
+    with torch.no_grad():
+        base = stunet(video, t, ctx, pooled)
+        for block in stunet.temporal_convs.values():
+            block.emb_proj.weight.zero_()  # cut the temporal layers' own text path
+        cut = stunet(video, t, ctx, pooled)
+    assert (base - cut).abs().max() > 1e-4
 
 
 def test_temporal_resampling_is_nearest_neighbour_at_init():
