@@ -281,6 +281,15 @@ def _init_ray(address: str | None) -> None:
         ray.init(num_cpus=max(4, 2 * (os.cpu_count() or 2)), include_dashboard=False)
 
 
+def pass_rows(cfg: LumiereConfig, num_workers: int) -> int:
+    """Rows a pass over the data should hold at least: the whole run's samples, between 4,096 and 65,536.
+
+    Every pass restarts Ray Data's streaming pipeline and costs ~25 s of stalled training here (demo: t2i at
+    ~100 samples/s, the windows with a new pass ~25), so a small dataset is repeated (fresh random crops per
+    copy) until one pass covers the run; past 65,536 rows a restart every >=4,096 steps is noise."""
+    return min(max(4096, cfg.train.max_steps * cfg.train.batch_size * num_workers), 65536)
+
+
 def run_training(kind: str, data: str, output: str, cfg: LumiereConfig, *, init_from: str | None = None,
                  num_workers: int = 1, gpu: bool = False, run_name: str | None = None, address: str | None = None,
                  compile: bool = False, max_failures: int = 3, sample_every: int | None = None, log=print) -> dict:
@@ -332,7 +341,7 @@ def run_training(kind: str, data: str, output: str, cfg: LumiereConfig, *, init_
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
-        datasets={"train": clip_dataset(data, manifest, cfg, kind=kind)},
+        datasets={"train": clip_dataset(data, manifest, cfg, kind=kind, min_pass_clips=pass_rows(cfg, num_workers))},
     )
     result = trainer.fit()
     if result.checkpoint is None:
