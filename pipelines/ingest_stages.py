@@ -126,7 +126,10 @@ def list_inputs(input_uri: str, captions_uri: str | None, cfg: IngestConfig,
     listing = storage.list_files(input_uri, options)
     names = {u for u, _ in listing}
     sidecar = _read_sidecar(captions_uri, options) if captions_uri else {}
-    root = str(input_uri).rstrip("/")
+    # the listing's URIs are resolved (a local path made absolute), so the root they are relative to must be too:
+    # with the raw argument, a relative --input matched no sidecar path and every file was "no_caption"
+    resolved = storage.resolve(input_uri, options)[1]
+    root = ("s3://" + resolved if storage.is_s3(input_uri) else resolved).rstrip("/")
     files, skipped = [], 0
     for uri, size in listing:
         if not uri.lower().endswith(tuple(e.lower() for e in cfg.extensions)):

@@ -193,3 +193,21 @@ def test_s3_input_and_output_against_a_local_s3_server(built, ray_session, tmp_p
         assert {"shards/report.json", "shards/rejects.parquet"} <= keys
     finally:
         server.stop()
+
+
+def test_sidecar_captions_match_with_a_relative_input_path(tmp_path, monkeypatch):
+    """`lumiere ingest --input data/shapes --captions data/shapes/captions.jsonl`, run from the parent directory:
+    the sidecar's paths are relative to the input root whether --input is relative or absolute."""
+    from lumiere.storage import StorageOptions
+    from pipelines.ingest_stages import list_inputs
+
+    videos = tmp_path / "data" / "shapes" / "videos"
+    videos.mkdir(parents=True)
+    (videos / "a.mp4").write_bytes(b"not decoded here")
+    sidecar = tmp_path / "data" / "shapes" / "captions.jsonl"
+    sidecar.write_text(json.dumps({"path": "videos/a.mp4", "caption": "a red square moving right"}) + "\n")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_ingest_config(None, [])
+    for root in ("data/shapes", "data/shapes/", str(tmp_path / "data" / "shapes")):
+        files, _ = list_inputs(root, "data/shapes/captions.jsonl", cfg, StorageOptions())
+        assert [f["caption"] for f in files] == ["a red square moving right"], root
