@@ -23,6 +23,7 @@ import time
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -117,6 +118,10 @@ def _encoder_info(cfg: IngestConfig) -> dict:
             "token_dtype": "float16", "pooled_dim": int(pooled.shape[1])}
 
 
+def _absolute(uri: str) -> str:
+    return str(uri) if storage.is_s3(uri) else str(Path(uri).expanduser().resolve())
+
+
 def run_ingest(input_uri: str, output_uri: str, captions_uri: str | None = None, cfg: IngestConfig | None = None,
                address: str | None = None, options: StorageOptions | None = None, log=print) -> dict:
     """Run (or resume) an ingestion job; returns the report (also written to report.json)."""
@@ -124,6 +129,10 @@ def run_ingest(input_uri: str, output_uri: str, captions_uri: str | None = None,
 
     cfg = cfg or IngestConfig()
     options = options or StorageOptions.from_env()
+    # local paths made absolute once: listings come back resolved, and shard paths in the manifest are taken
+    # relative to the output (a relative --output wrote paths that pointed nowhere)
+    input_uri, output_uri = _absolute(input_uri), _absolute(output_uri)
+    captions_uri = _absolute(captions_uri) if captions_uri else captions_uri
     t0 = time.time()
     try:
         files, skipped = list_inputs(input_uri, captions_uri, cfg, options)

@@ -211,3 +211,18 @@ def test_sidecar_captions_match_with_a_relative_input_path(tmp_path, monkeypatch
     for root in ("data/shapes", "data/shapes/", str(tmp_path / "data" / "shapes")):
         files, _ = list_inputs(root, "data/shapes/captions.jsonl", cfg, StorageOptions())
         assert [f["caption"] for f in files] == ["a red square moving right"], root
+
+
+def test_relative_paths_give_the_same_dataset(ingested, built, tmp_path, monkeypatch):
+    """`lumiere ingest --input corpus/videos --output out --captions corpus/captions.jsonl` from the parent
+    directory: the same clips (ids, captions) as with absolute paths, and a manifest whose shard paths resolve."""
+    out_abs, _, _ = ingested
+    root, _ = built
+    monkeypatch.chdir(root.parent)
+    out = tmp_path / "relative-out"
+    run_ingest(f"{root.name}/videos", os.path.relpath(out, root.parent), f"{root.name}/captions.jsonl",
+               load_ingest_config(None, OVERRIDES))
+    rows, manifest = _clips(out)  # reads every shard the manifest names
+    expected, _ = _clips(out_abs)
+    assert sorted((r["clip_id"], r["caption"]) for r in rows) == sorted((r["clip_id"], r["caption"]) for r in expected)
+    assert rows and all(not s["path"].startswith(("/", "..")) for s in manifest["shards"])
