@@ -82,7 +82,7 @@ def serve_runs(config: str, steps: int, repeats: int, clients: int, duration: fl
     data = tempfile.mkdtemp(dir="/tmp", prefix="lbench")
     port = free_port()
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"random_init": config, "data_dir": data, "no_auth": True, "device": device,
                          "max_pending_jobs": 4 * clients, "max_steps": 1000,

@@ -40,7 +40,7 @@ def one_job(work: Path, pass_rows: int, steps: int) -> dict:
 
     cfg = load_config("small", [f"train.max_steps={steps}", "train.checkpoint_every=100000"])
     shards = work / "shards"
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     if not (shards / "manifest.json").exists():
         from lumiere.shapes import make_corpus
         from pipelines.ingest import run_ingest

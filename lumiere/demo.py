@@ -162,12 +162,8 @@ def run_demo(workdir: Path, config: str, overrides: list[str], count: int, t2i_s
         if not ray.is_initialized():
             # one local Ray for every stage (oversubscribed logical CPUs, as `lumiere ingest/train` start it); the
             # workers' own logs stay in /tmp/ray/session_latest/logs: training progress is read back from MLflow
-            # Ray keeps idle workers up to a soft limit of num_cpus and kills the rest after 1 s; Ray Train's actors
-            # (controller, workers, data coordinators) hold more than that, so every Ray Data task of the training
-            # input pipeline started a fresh Python worker (~1-2 CPU s of imports each), costing training half the
-            # cores; a higher limit keeps the task workers alive
-            ray.init(num_cpus=max(4, 2 * (os.cpu_count() or 2)), include_dashboard=False, log_to_driver=False,
-                     logging_level="WARNING", _system_config={"num_workers_soft_limit": 32})
+            ray.init(address="local", num_cpus=max(4, 2 * (os.cpu_count() or 2)), include_dashboard=False,
+                     log_to_driver=False, logging_level="WARNING")
             started_ray = True
 
         with stage("2/7 ingest (Ray Data): decode, filter, embed captions, write Parquet shards"):

@@ -104,7 +104,8 @@ def _init_ray(address: str | None):
         ray.init(address=address, log_to_driver=False)
     else:
         # oversubscribe logical CPUs: decode tasks, the embedding actor and writers must all fit at once
-        ray.init(num_cpus=max(4, 2 * (os.cpu_count() or 2)), log_to_driver=False, include_dashboard=False)
+        ray.init(address="local", num_cpus=max(4, 2 * (os.cpu_count() or 2)), log_to_driver=False,
+                 include_dashboard=False)
 
 
 def _encoder_info(cfg: IngestConfig) -> dict:

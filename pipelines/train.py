@@ -278,7 +278,7 @@ def _init_ray(address: str | None) -> None:
 
         ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING)  # errors stay one line
     else:
-        ray.init(num_cpus=max(4, 2 * (os.cpu_count() or 2)), include_dashboard=False)
+        ray.init(address="local", num_cpus=max(4, 2 * (os.cpu_count() or 2)), include_dashboard=False)
 
 
 def pass_rows(cfg: LumiereConfig, num_workers: int) -> int:

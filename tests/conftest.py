@@ -43,10 +43,11 @@ def run_cli(*args: str, timeout: float = 300, env: dict | None = None,
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray for the whole suite; 4 logical CPUs on 2 cores (see DEVELOPERS: 2 deadlocks)."""
+    """One local Ray for the whole suite; 4 logical CPUs on 2 cores (see DEVELOPERS: 2 deadlocks). address="local":
+    always a new instance, never a head someone started on this machine (ray.init() would join that one)."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
