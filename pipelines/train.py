@@ -282,12 +282,13 @@ def _init_ray(address: str | None) -> None:
 
 
 def pass_rows(cfg: LumiereConfig, num_workers: int) -> int:
-    """Rows a pass over the data should hold at least: the whole run's samples, between 4,096 and 65,536.
+    """Rows a pass over the data should hold at least: the whole run's samples, between 256 and 65,536.
 
     Every pass restarts Ray Data's streaming pipeline and costs ~25 s of stalled training here (demo: t2i at
     ~100 samples/s, the windows with a new pass ~25), so a small dataset is repeated (fresh random crops per
-    copy) until one pass covers the run; past 65,536 rows a restart every >=4,096 steps is noise."""
-    return min(max(4096, cfg.train.max_steps * cfg.train.batch_size * num_workers), 65536)
+    copy) until one pass covers the run; past 65,536 rows a restart every >=4,096 steps is noise. Not more than
+    the run needs: the pipeline decodes ahead, and rows past the last step are decoded for nothing."""
+    return min(max(256, cfg.train.max_steps * cfg.train.batch_size * num_workers), 65536)
 
 
 def run_training(kind: str, data: str, output: str, cfg: LumiereConfig, *, init_from: str | None = None,
