@@ -147,6 +147,20 @@ def test_ssr_needs_high_resolution_copies(shards):
     check_manifest(manifest, _cfg(), str(shards), None, "ssr")
 
 
+def test_a_training_pass_repeats_every_clip_in_a_mixed_order():
+    import numpy as np
+
+    from pipelines.shards import repeat_and_shuffle
+
+    ids = np.array([f"clip{i}" for i in range(50)])
+    out = repeat_and_shuffle({"clip_id": ids, "n": np.arange(50)}, times=8, seed=0)
+    assert sorted(out["clip_id"].tolist()) == sorted(ids.tolist() * 8)  # every clip 8 times, no other
+    assert [f"clip{n}" for n in out["n"]] == out["clip_id"].tolist()  # the columns stay aligned
+    # a batch of 8 draws ~7.5 different clips (8 consecutive copies of one row would be 1)
+    distinct = [len(set(out["clip_id"][i : i + 8].tolist())) for i in range(0, 400, 8)]
+    assert np.mean(distinct) > 6.5, distinct
+
+
 def _ray_train_worker_pids():
     """PIDs of live Ray Train worker processes (Ray names them `ray::RayTrainWorker...`)."""
     pids = []
