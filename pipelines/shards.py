@@ -74,6 +74,20 @@ def shard_uris(manifest: dict, data_uri: str) -> list[str]:
     return [storage.join(data_uri, s["path"]) for s in manifest["shards"]]
 
 
+def check_shard_files(manifest: dict, data_uri: str, options: StorageOptions | None = None) -> None:
+    """Every shard the manifest lists exists (one listing call per filesystem), else a one-line error."""
+    import pyarrow.fs as pafs
+
+    uris = shard_uris(manifest, data_uri)
+    fs, _ = storage.resolve(data_uri, options)
+    infos = fs.get_file_info([storage.resolve(u, options)[1] for u in uris])
+    missing = [u for u, info in zip(uris, infos, strict=True) if info.type == pafs.FileType.NotFound]
+    if missing:
+        raise LumiereError(f"{data_uri}/manifest.json lists {len(missing)} of {len(uris)} shard files that do not "
+                           f"exist (e.g. {missing[0]}): the shards were moved or deleted; re-run `lumiere ingest` "
+                           "into this output to rebuild them")
+
+
 def _decode_clip(data: bytes, fmt: str, t: int, h: int, w: int, frames: int, size: int,
                  rng: np.random.Generator) -> np.ndarray:
     video = decode_mp4_bytes(data) if fmt == "mp4" else np.frombuffer(data, np.uint8).reshape(t, h, w, 3)

@@ -39,7 +39,7 @@ from lumiere.checkpoint import (
 from lumiere.config import LumiereConfig, build_config
 from lumiere.errors import LumiereError
 
-from .shards import check_manifest, clip_dataset, read_manifest
+from .shards import check_manifest, check_shard_files, clip_dataset, read_manifest
 
 KINDS = ("t2i", "stunet", "ssr")
 SAMPLE_PROMPTS = ["a red square moving right", "a blue circle moving down"]
@@ -310,6 +310,7 @@ def run_training(kind: str, data: str, output: str, cfg: LumiereConfig, *, init_
     manifest = read_manifest(data)
     fingerprint = TextEncoder(cfg.text).fingerprint()
     check_manifest(manifest, cfg, data, fingerprint, kind)
+    check_shard_files(manifest, data)
     output_dir.mkdir(parents=True, exist_ok=True)
     init = resolve_init(init_from, output_dir)
     check_init(kind, init, cfg)

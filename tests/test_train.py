@@ -304,6 +304,11 @@ def test_bad_inputs_fail_before_training(shards, t2i_run, tmp_path, ray_session)
     future.mkdir()
     (future / "manifest.json").write_text(json.dumps({**manifest, "schema_version": 99}))
     _one_line(run_cli(*base, "--data", str(future)), "schema version 99")
+    moved = tmp_path / "moved"  # a manifest whose shard files are gone (moved, deleted, or a stale copy)
+    moved.mkdir()
+    (moved / "manifest.json").write_text(json.dumps(manifest))
+    _one_line(run_cli(*base, "--data", str(moved)), f"lists {len(manifest['shards'])} of {len(manifest['shards'])} "
+              "shard files that do not exist")
     _one_line(run_cli(*base, "--data", str(shards), "--set", "text.seed=5"), "another text encoder")
     t2i_out, _ = t2i_run
     _one_line(run_cli("train", "stunet", "--data", str(shards), "--output", str(tmp_path / "s"), "--config", "tiny",
