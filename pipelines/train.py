@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -105,6 +106,13 @@ def _log_sample_video(model, cfg: LumiereConfig, kind: str, step_fn, prompts, ml
             mlflow_client.log_artifact(run_id, str(path), artifact_path="samples")
 
 
+def _say(line: str) -> None:
+    """One progress line from a training worker, once. Ray Train patches `print` to log through its logger and
+    also prints when sys.stdout has been wrapped, as it is in the workers here: every line reached the driver twice.
+    A print to the process's real stdout is left alone by the patch, and Ray forwards it once."""
+    print(line, file=sys.__stdout__, flush=True)
+
+
 def train_loop_per_worker(job_dict: dict) -> None:
     import ray.train
     import ray.train.torch
@@ -134,7 +142,7 @@ def train_loop_per_worker(job_dict: dict) -> None:
 
             ema = load_file(Path(d) / "ema.safetensors") if (Path(d) / "ema.safetensors").exists() else None
             step_fn.load_state_dict(load_train_state(d), ema)
-        print(f"[train] rank {rank}: resumed from checkpoint at step {step_fn.step}", flush=True)
+        _say(f"[train] rank {rank}: resumed from checkpoint at step {step_fn.step}")
 
     client = None
     if rank == 0:
@@ -178,8 +186,8 @@ def train_loop_per_worker(job_dict: dict) -> None:
                     logged["cpu_maxrss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
                 for k, v in logged.items():
                     client.log_metric(job.mlflow_run_id, k, float(v), step=step)
-                print(f"[train] {job.kind} step {step}/{max_steps} loss {logged['loss']:.4f} "
-                      f"lr {logged['lr']:.2e} {logged['samples_per_s']:.1f} samples/s", flush=True)
+                _say(f"[train] {job.kind} step {step}/{max_steps} loss {logged['loss']:.4f} "
+                     f"lr {logged['lr']:.2e} {logged['samples_per_s']:.1f} samples/s")
                 window, t_last = [], now
             if rank == 0 and job.sample_every and step % job.sample_every == 0:
                 _log_sample_video(model, cfg, job.kind, step_fn, job.sample_prompts, client, job.mlflow_run_id)
