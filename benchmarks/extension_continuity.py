@@ -11,7 +11,8 @@ unconditioned sample from the same model:
 condition changes the model's prediction of the known frames at the noisiest timestep (x0 error with the
 condition vs with a zero condition), which shows whether the ⟨C, M⟩ channels are used at all.
 
-    python benchmarks/extension_continuity.py                              # the test's setup: fades, 16², 150 steps
+    python benchmarks/extension_continuity.py                    # the test's setup: binary patterns, 16², 300 steps
+    python benchmarks/extension_continuity.py --data fades --steps 150   # the test's earlier setup
     python benchmarks/extension_continuity.py --data patterns --size 8 --steps 1200 --set train.lr=0.01
 """
 
@@ -46,13 +47,24 @@ TRAIN = ["stunet.conditional=true", "stunet.freeze_prior=false", "train.lr=0.003
 
 
 def make_clips(kind: str, n: int, size: int, rng: np.random.Generator, frames: int = 8, grid: int = 4) -> np.ndarray:
-    """n t h w c uint8. fades: one flat colour per clip (the test's data); patterns: a grid×grid colour pattern
-    upsampled bilinearly (spatial structure for the condition to carry); both drift by up to ±6 / ±4 a frame."""
+    """n t h w c uint8. fades: one flat colour per clip; patterns: a grid×grid colour pattern upsampled
+    bilinearly; both drift by up to ±6 / ±4 a frame. binary: a grid×grid pattern of dark and light grey cells
+    (the test's data), upsampled bilinearly, whose colour drifts by up to ±4 a frame."""
+    if kind == "binary":
+        cells = rng.choice([40.0, 215.0], (n, 1, grid, grid, 1))
+        low = cells + rng.uniform(-4, 4, (n, 1, 1, 1, 3)) * np.arange(frames)[None, :, None, None, None]
+        return _upsample(low, size)
     cells = 1 if kind == "fades" else grid
     step = 6 if kind == "fades" else 4
     low = rng.uniform(40, 215, (n, 1, cells, cells, 3)) + rng.uniform(-step, step, (n, 1, 1, 1, 3)) * np.arange(
         frames
     )[None, :, None, None, None]
+    return _upsample(low, size)
+
+
+def _upsample(low: np.ndarray, size: int) -> np.ndarray:
+    """n t g g c float (grey levels) -> n t size size c uint8, bilinear."""
+    n = low.shape[0]
     x = rearrange(torch.from_numpy(np.clip(low, 0, 255)).float(), "n t h w c -> (n t) c h w")
     x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
     return rearrange(x, "(n t) c h w -> n t h w c", n=n).round().clamp(0, 255).to(torch.uint8).numpy()
@@ -67,9 +79,9 @@ def gap(a: np.ndarray, b: np.ndarray, colour: bool) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--data", choices=["fades", "patterns"], default="fades")
+    ap.add_argument("--data", choices=["binary", "fades", "patterns"], default="binary")
     ap.add_argument("--size", type=int, default=16)
-    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--set", action="append", default=[], help="config override, e.g. train.lr=0.01")
     ap.add_argument("--samples", type=int, default=3)
     args = ap.parse_args()

@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from einops import rearrange
 from typer.testing import CliRunner
 
 from conftest import run_cli
@@ -16,21 +18,25 @@ from lumiere.errors import LumiereError
 from lumiere.pipeline import TextToVideo
 from lumiere.video import read_video, save_png, write_mp4
 
-# A conditional tiny model (16×16) trained in-process on slow colour fades: every weight trains
-# (freeze_prior=false, no t2i stage), so a short run learns to continue a clip from its known frames.
+# A conditional tiny model (16×16) trained in-process on 4×4 patterns of dark and light cells whose colour drifts
+# slowly: every weight trains (freeze_prior=false, no t2i stage), so a short run learns to continue a clip from its
+# known frames. (Flat-colour clips were tried first: GroupNorm removes a flat frame's mean, so a model this small
+# collapses to the dataset's mean colour and 150 steps did not learn them; benchmarks/RESULTS.md.)
 SIZE = 16
 TRAIN = ["stunet.conditional=true", "stunet.freeze_prior=false", "train.lr=0.003", "train.warmup_steps=20",
-         "train.batch_size=8", "train.max_steps=150", "train.condition_types=[none,prefix_frames,first_frame]",
+         "train.batch_size=8", "train.max_steps=300", "train.condition_types=[none,prefix_frames,first_frame]",
          f"video.size={SIZE}"]
-PROMPT = "a colour slowly changing"
+PROMPT = "a pattern slowly changing colour"
 
 
-def fades(n: int, rng: np.random.Generator, frames: int = 8) -> np.ndarray:
-    """n flat-colour clips whose colour drifts linearly: n t h w c uint8."""
-    start, drift = rng.uniform(40, 215, (n, 1, 3)), rng.uniform(-6, 6, (n, 1, 3))
-    values = np.clip(start + drift * np.arange(frames)[None, :, None], 0, 255)
-    return np.ascontiguousarray(np.broadcast_to(values[:, :, None, None], (n, frames, SIZE, SIZE, 3))).round() \
-        .astype(np.uint8)
+def patterns(n: int, rng: np.random.Generator, frames: int = 8, grid: int = 4) -> np.ndarray:
+    """n clips of a grid×grid pattern of dark (40) and light (215) cells, upsampled bilinearly, whose colour drifts
+    by up to ±4 grey levels a frame: n t h w c uint8."""
+    cells = rng.choice([40.0, 215.0], (n, 1, grid, grid, 1))
+    low = np.clip(cells + rng.uniform(-4, 4, (n, 1, 1, 1, 3)) * np.arange(frames)[None, :, None, None, None], 0, 255)
+    x = rearrange(torch.from_numpy(low).float(), "n t h w c -> (n t) c h w")
+    x = F.interpolate(x, size=(SIZE, SIZE), mode="bilinear", align_corners=False)
+    return rearrange(x, "(n t) c h w -> n t h w c", n=n).round().clamp(0, 255).to(torch.uint8).numpy()
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +47,7 @@ def trained(tmp_path_factory):
     from lumiere.trainer import TrainStep, clips_to_model
 
     cfg = load_config("tiny", TRAIN)
-    clips = torch.from_numpy(fades(256, np.random.default_rng(0)))
+    clips = torch.from_numpy(patterns(256, np.random.default_rng(0)))
     encoder = TextEncoder(cfg.text)
     context, pooled = encoder.encode_text([PROMPT])
     torch.manual_seed(0)
@@ -64,16 +70,11 @@ def gen(trained):
 
 
 def _clip(seed=5):
-    return fades(1, np.random.default_rng(100 + seed))[0]
+    return patterns(1, np.random.default_rng(100 + seed))[0]
 
 
 def _diff(a, b) -> float:
     return float(np.abs(a.astype(np.float32) - b.astype(np.float32)).mean())
-
-
-def _colour_gap(a, b) -> float:
-    """Distance between the mean colours of two frames (grey levels)."""
-    return float(np.abs(a.reshape(-1, 3).mean(0) - b.reshape(-1, 3).astype(np.float32).mean(0)).mean())
 
 
 def test_sdedit_with_a_tiny_strength_returns_the_input(gen):
@@ -94,17 +95,15 @@ def test_extension_output_is_the_input_then_new_frames(gen):
     assert not np.array_equal(out[8:], other[8:])  # the continuation depends on the context frames
 
 
-@pytest.mark.xfail(strict=False, reason="a 150-step tiny model does not learn to use its condition channels (gap "
-                   "ratio 0.97; 0.75 after 1,200 steps): benchmarks/RESULTS.md, extension continuity")
 def test_extension_begins_where_the_input_ends(gen):
     seams, unconditioned = [], []
     for seed in range(3):
         clip = _clip(seed)
         out = gen.generate([PROMPT], task="extend", video=clip, context_frames=4, steps=20, seed=seed).videos[0]
         assert out.shape[0] == 8 + 8 - 4 and np.array_equal(out[:8], clip)  # the input, then 4 new frames
-        seams.append(_colour_gap(out[8], clip[-1]))
+        seams.append(_diff(out[8], clip[-1]))
         free = gen.generate([PROMPT], steps=20, seed=seed).videos[0]
-        unconditioned.append(_colour_gap(free[0], clip[-1]))
+        unconditioned.append(_diff(free[0], clip[-1]))
     assert np.mean(seams) < 0.5 * np.mean(unconditioned), (seams, unconditioned)
 
 
