@@ -42,11 +42,20 @@ from lumiere.text_encoder import TextEncoder  # noqa: E402
 from lumiere.trainer import TrainStep, clips_to_model  # noqa: E402
 
 
-def corpus(n: int, frames: int, size: int, seed: int):
+def corpus(n: int, frames: int, size: int, seed: int, data: str = "shapes"):
+    """n moving-shapes clips (b c t h w in [-1, 1]) and their captions. data="texture" adds a fine stripe texture
+    (period 2 px, ±48 grey levels) with a random orientation and phase per clip, constant over time: the SSR's
+    ×2 area-averaged input carries none of it, so the SSR must invent it, and keep it the same on every frame."""
     rng = np.random.default_rng(seed)
     specs = [ShapeSpec(str(rng.choice(SHAPES)), str(rng.choice(list(COLORS))), str(rng.choice(list(DIRECTIONS))))
              for _ in range(n)]
-    clips = np.stack([render_clip(s, frames, size, rng, bounce=True) for s in specs])
+    clips = np.stack([render_clip(s, frames, size, rng, bounce=True) for s in specs]).astype(np.float32)
+    if data == "texture":
+        coord = np.arange(size)
+        for clip in clips:
+            stripes = (coord + rng.integers(2)) % 2 * 2.0 - 1.0
+            clip += 48 * (stripes[None, :, None, None] if rng.integers(2) else stripes[None, None, :, None])
+    clips = np.clip(clips, 0, 255).round().astype(np.uint8)
     return clips_to_model(torch.from_numpy(clips)), [caption(s) for s in specs]
 
 
@@ -67,14 +76,18 @@ def main() -> None:
     ap.add_argument("--clips", type=int, default=4)
     ap.add_argument("--steps", type=int, default=20, help="sampling steps")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--data", choices=["shapes", "texture"], default="shapes",
+                    help="texture: detail the low-res input lacks, which each window must invent (see corpus)")
+    ap.add_argument("--set", action="append", default=[], help="config override, e.g. video.size=16")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    cfg = load_config(args.config, ["train.lr=0.002", "train.warmup_steps=20", f"train.max_steps={args.train_steps}"])
+    cfg = load_config(args.config, ["train.lr=0.002", "train.warmup_steps=20", f"train.max_steps={args.train_steps}",
+                                    *args.set])
     s = cfg.ssr
     hr = cfg.video.size * s.scale
     encoder = TextEncoder(cfg.text)
 
-    train_clips, train_caps = corpus(64, s.window * 2, hr, seed=0)
+    train_clips, train_caps = corpus(64, s.window * 2, hr, seed=0, data=args.data)
     context, pooled = encoder.encode_text(train_caps)
     torch.manual_seed(0)
     model = build_ssr(cfg)
@@ -91,7 +104,7 @@ def main() -> None:
     model.load_state_dict(step.ema.state_dict(model))
     model.eval()
 
-    test, test_caps = corpus(args.clips, args.frames, hr, seed=1)
+    test, test_caps = corpus(args.clips, args.frames, hr, seed=1, data=args.data)
     up = upsample_condition(degrade(test, s.scale), s.scale)
     cond = Conditioning(*encoder.encode_text(test_caps))
     noise = torch.randn(test.shape, generator=torch.Generator().manual_seed(1))
@@ -127,7 +140,7 @@ def main() -> None:
 
     timed("stitched", stitched, n_md)
     gt_ratio = seam_ratio(test, W)
-    print(f"\nSSR {args.config}: ×{s.scale} to {hr}x{hr}, {T}-frame clips, windows of {W} (overlap {OV}), "
+    print(f"\nSSR {args.config} ({args.data}, overrides {args.set or '-'}): ×{s.scale} to {hr}x{hr}, {T}-frame clips, windows of {W} (overlap {OV}), "
           f"{args.steps} DDIM steps, {args.clips} clips; trained {args.train_steps} steps in {train_s:.0f}s")
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}")
