@@ -8,7 +8,6 @@ Axes of what the loader yields per batch: video uint8 `b t h w c`, context float
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 import torch
@@ -104,7 +103,8 @@ def load_clip_batch(batch: dict[str, np.ndarray], frames: int, size: int,
                     token_shape: tuple[int, int], high_res: bool = False) -> dict[str, np.ndarray]:
     """A batch of shard rows -> model-ready arrays (a Ray Data task, so decoding stays out of the loop).
 
-    With `high_res` (SSR training) the high-resolution copies are read (`clip_dataset` keeps only rows with one)."""
+    With `high_res` (SSR training) the high-resolution copies are read (the plan holds only rows with one).
+    `plan_index` passes through: the worker checks it trains on its plan in order."""
     rng = np.random.default_rng()
     if high_res:
         rows = [i for i in range(len(batch["clip_id"])) if int(batch["hr_size"][i]) > 0]
@@ -118,42 +118,126 @@ def load_clip_batch(batch: dict[str, np.ndarray], frames: int, size: int,
     ]
     context = [np.frombuffer(batch["text_tokens"][i], np.float16).reshape(token_shape) for i in rows]
     pooled = [np.asarray(batch["text_pooled"][i], dtype=np.float32) for i in rows]
-    return {"video": np.stack(videos), "context": np.stack(context).astype(np.float32), "pooled": np.stack(pooled)}
+    return {"video": np.stack(videos), "context": np.stack(context).astype(np.float32), "pooled": np.stack(pooled),
+            "plan_index": np.asarray(batch["plan_index"])[rows].astype(np.int64)}
 
 
-def _has_high_res(row: dict) -> bool:
-    return int(row["hr_size"]) > 0
+def shard_rows(manifest: dict, data_uri: str, kind: str = "stunet",
+               options: StorageOptions | None = None) -> list[tuple[str, np.ndarray]]:
+    """(shard path, the row indices a model kind trains on) per shard with any. The SSR trains only on clips with
+    a high-resolution copy (sources smaller than `hr_size` have none): it reads each shard's `hr_size` column."""
+    import pyarrow.parquet as pq
+
+    fs, _ = storage.resolve(data_uri, options)
+    out = []
+    for uri, shard in zip(shard_uris(manifest, data_uri), manifest["shards"], strict=True):
+        path = storage.resolve(uri, options)[1]
+        if kind == "ssr":
+            hr = pq.read_table(path, columns=["hr_size"], filesystem=fs).column("hr_size").to_numpy()
+            rows = np.flatnonzero(hr > 0)
+        else:
+            rows = np.arange(int(shard["clips"]))
+        if len(rows):
+            out.append((path, rows))
+    if not out:
+        raise LumiereError(f"{data_uri} has no clips a {kind} model can train on"
+                           + (" (none has a high-resolution copy)" if kind == "ssr" else ""))
+    return out
 
 
-def repeat_and_shuffle(block: dict[str, np.ndarray], times: int, seed: int | None = None) -> dict[str, np.ndarray]:
-    """A block of shard rows, each `times` times, in a fresh random order (a Ray Data task, one block at a time).
+def rank_plan(shards: list[tuple[str, np.ndarray]], rank: int, world: int, rows: int, seed: int) -> list[dict]:
+    """Worker `rank`'s reading plan for a whole run: units {"path", "rows", "start"} holding >= `rows` samples.
 
-    Shuffled so a training batch draws different clips: with `times` consecutive copies of a row, a batch is one
-    clip under several crops (measured on the demo's 120 clips, 4,096-row passes, batches of 8: 1.2 distinct
-    clips per batch with consecutive copies, 7.8 shuffled)."""
-    n = len(next(iter(block.values())))
-    order = np.random.default_rng(seed).permutation(np.tile(np.arange(n), times))
-    return {k: v[order] for k, v in block.items()}
+    Epoch e visits the shards in a random order and each shard's rows in a random order, both seeded by
+    (seed, e, …), so the plan is the same on every run of the same config. With at least `world` shards every
+    worker reads whole shards (the k-th shard visited goes to worker k mod world), else each shard's rows are
+    dealt out round-robin. A row's plan index is its place in its worker's sequence (`start` + offset in the
+    unit); a checkpoint records how many each worker has trained on, which is the data position a resume
+    continues from. Small datasets simply take several epochs: each visit of a clip gets a fresh random crop."""
+    whole = len(shards) >= world
+    units, start, counter, epoch = [], 0, 0, 0
+    while start < rows:
+        rng = np.random.default_rng([seed, epoch])
+        for k in rng.permutation(len(shards)):
+            path, eligible = shards[k]
+            order = np.random.default_rng([seed, epoch, int(k)]).permutation(eligible)
+            if whole:
+                mine = order if counter % world == rank else order[:0]
+                counter += 1
+            else:
+                mine = order[(rank - counter) % world :: world]
+                counter += len(order)
+            if len(mine):
+                units.append({"path": path, "rows": mine.astype(np.int64), "start": start})
+                start += len(mine)
+        epoch += 1
+    return units
 
 
-def clip_dataset(data_uri: str, manifest: dict, cfg: LumiereConfig, options: StorageOptions | None = None,
-                 min_pass_clips: int = 4096, kind: str = "stunet"):
-    """A Ray Dataset of model-ready clips: shards -> decode + crop + resize (tasks) -> rows."""
+class DataPosition:
+    """A small Ray actor holding the plan index training continues from (rows each worker has trained on).
+
+    The workers set it after restoring a checkpoint and before they iterate; the read stage asks it, so rows
+    before it are never read or decoded. It lives as long as the driver, across worker-group restarts."""
+
+    def __init__(self):
+        self.position = 0
+
+    def set(self, position: int) -> None:
+        self.position = int(position)
+
+    def get(self) -> int:
+        return self.position
+
+
+def read_plan_units(batch: dict[str, np.ndarray], filesystem, columns: list[str], position) -> "pa.Table":
+    """Plan units -> their shard rows (with `plan_index`), from the data position on (a Ray Data task)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray
+
+    skip = ray.get(position.get.remote()) if position is not None else 0
+    tables = []
+    for path, rows, start in zip(batch["path"], batch["rows"], batch["start"], strict=True):
+        index = int(start) + np.arange(len(rows))
+        keep = index >= skip
+        if not keep.any():
+            continue
+        table = pq.read_table(str(path), columns=columns, filesystem=filesystem)
+        table = table.take(pa.array(np.asarray(rows, np.int64)[keep]))
+        tables.append(table.append_column("plan_index", pa.array(index[keep], pa.int64())))
+    if not tables:
+        return pa.table({**{c: pa.array([], type=t) for c, t in _schema(filesystem, batch, columns)},
+                         "plan_index": pa.array([], pa.int64())})
+    return pa.concat_tables(tables)
+
+
+def _schema(filesystem, batch, columns):
+    import pyarrow.parquet as pq
+
+    schema = pq.read_schema(str(batch["path"][0]), filesystem=filesystem)
+    return [(c, schema.field(c).type) for c in columns]
+
+
+def clip_datasets(data_uri: str, manifest: dict, cfg: LumiereConfig, world: int, rows_per_worker: int,
+                  position=None, options: StorageOptions | None = None, kind: str = "stunet") -> dict:
+    """One Ray Dataset of model-ready clips per worker ({"train_rank{r}": ds}): its plan units -> shard rows from
+    the data position on (tasks) -> decode + crop + resize (tasks) -> rows in plan order (the trainer runs these
+    datasets unsplit with preserve_order, so what a worker trains on is fixed by the plan alone)."""
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False
     fs, _ = storage.resolve(data_uri, options)
-    paths = [storage.resolve(u, options)[1] for u in shard_uris(manifest, data_uri)]
+    shards = shard_rows(manifest, data_uri, kind, options)
     columns = HR_COLUMNS if kind == "ssr" else COLUMNS
-    ds = ray.data.read_parquet(paths, filesystem=fs, columns=columns, shuffle="files")  # new shard order each pass
-    if kind == "ssr":  # clips from sources smaller than hr_size have no high-resolution copy
-        ds = ds.filter(_has_high_res, num_cpus=0.25)
-    # a small dataset is repeated within a pass (each copy gets fresh random crops), so a pass is long
-    # enough that the per-pass start-up of the streaming pipeline does not dominate: on the demo's 120 clips
-    # (2 workers, t2i small, 2 cores) passes of 360 rows trained at ~31 samples/s, passes of 4,096 at ~100
-    repeats = math.ceil(min_pass_clips / max(1, manifest["clips"]))
-    ds = ds.map_batches(repeat_and_shuffle, fn_kwargs={"times": repeats}, batch_size=None, num_cpus=0.25)
     frames, size = clip_shape(cfg, kind)
     kwargs = {"frames": frames, "size": size, "token_shape": tuple(manifest["text_encoder"]["token_shape"]),
               "high_res": kind == "ssr"}
-    return ds.map_batches(load_clip_batch, fn_kwargs=kwargs, batch_size=16, num_cpus=0.25)
+    out = {}
+    for rank in range(world):
+        units = rank_plan(shards, rank, world, rows_per_worker, cfg.train.seed)
+        ds = ray.data.from_items(units, override_num_blocks=min(len(units), 256))
+        ds = ds.map_batches(read_plan_units, batch_size=1, num_cpus=0.25,
+                            fn_kwargs={"filesystem": fs, "columns": columns, "position": position})
+        out[f"train_rank{rank}"] = ds.map_batches(load_clip_batch, fn_kwargs=kwargs, batch_size=16, num_cpus=0.25)
+    return out

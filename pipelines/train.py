@@ -11,13 +11,18 @@
              loop: iter_torch_batches -> TrainStep (the loop shared with the demo) -> metrics / checkpoints
     driver   copy the final checkpoint to OUTPUT/checkpoints/, register it in the MLflow Model Registry
 
-The data position is not restored exactly: after a restart the loader starts a new pass over the shards
-(the step count, optimizer and schedule continue). A killed worker costs at most the steps since the last
-checkpoint (`train.checkpoint_every`).
+Data: every worker reads its own plan (pipelines.shards.rank_plan: shards and rows in an order seeded by
+train.seed, whole epochs back to back), unsplit and in order, so which rows a step trains on is fixed by the
+config and worker count alone. A checkpoint records the data position (rows trained per worker); a resume —
+after a killed worker or a re-run with the same --run-name — continues from exactly that row, and the rows
+before it are never read again. A killed worker costs at most the steps since the last checkpoint
+(`train.checkpoint_every`), and those steps are redone on the same rows.
 """
 
 from __future__ import annotations
 
+import copy
+import json
 import os
 import shutil
 import sys
@@ -25,6 +30,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -40,9 +46,10 @@ from lumiere.checkpoint import (
 from lumiere.config import LumiereConfig, build_config
 from lumiere.errors import LumiereError
 
-from .shards import check_manifest, check_shard_files, clip_dataset, read_manifest
+from .shards import DataPosition, check_manifest, check_shard_files, clip_datasets, read_manifest
 
 KINDS = ("t2i", "stunet", "ssr")
+PLAN_VERSION = 1  # of pipelines.shards.rank_plan: a checkpoint's data position means nothing under another
 SAMPLE_PROMPTS = ["a red square moving right", "a blue circle moving down"]
 
 
@@ -60,6 +67,8 @@ class TrainJob:
     compile: bool = False
     sample_every: int = 0
     sample_prompts: list[str] = field(default_factory=lambda: list(SAMPLE_PROMPTS))
+    data_position: Any = None  # the DataPosition actor's handle (pipelines.shards)
+    data_trace: str | None = None  # a directory: each worker appends the plan rows of every step (tests)
 
 
 # --- the worker side ---------------------------------------------------------------------------------------
@@ -88,8 +97,6 @@ def build_for_training(kind: str, cfg: LumiereConfig, init_from: str | None) -> 
 
 def _log_sample_video(model, cfg: LumiereConfig, kind: str, step_fn, prompts, mlflow_client, run_id) -> None:
     """Render the fixed prompts with the EMA weights and log them as an mp4 artifact."""
-    import copy
-
     from lumiere.pipeline import TextToVideo
     from lumiere.text_encoder import TextEncoder
     from lumiere.video import write_mp4
@@ -134,6 +141,9 @@ def train_loop_per_worker(job_dict: dict) -> None:
     amp = torch.bfloat16 if job.use_gpu else None
     step_fn = TrainStep(model, cfg, job.kind, forward=forward, amp_dtype=amp)
 
+    world = ctx.get_world_size()
+    plan = {"workers": world, "seed": cfg.train.seed, "version": PLAN_VERSION}
+    consumed = 0  # rows of this worker's plan trained on: the data position
     restored = ray.train.get_checkpoint()
     if restored is not None:
         with restored.as_directory() as d:
@@ -142,7 +152,15 @@ def train_loop_per_worker(job_dict: dict) -> None:
 
             ema = load_file(Path(d) / "ema.safetensors") if (Path(d) / "ema.safetensors").exists() else None
             step_fn.load_state_dict(load_train_state(d), ema)
-        _say(f"[train] rank {rank}: resumed from checkpoint at step {step_fn.step}")
+            saved = read_meta(d)[1].get("data_position") or {}
+        if {k: saved.get(k) for k in plan} == plan:
+            consumed = int(saved["rows_per_worker"])
+            where = f"data position {consumed} rows per worker"
+        else:  # another worker count or seed deals the data differently: a fresh plan
+            where = f"a new data plan (the checkpoint's was {saved or 'not recorded'})"
+        _say(f"[train] rank {rank}: resumed from checkpoint at step {step_fn.step}, {where}")
+    if job.data_position is not None:
+        ray.get(job.data_position.set.remote(consumed))  # the read stage skips what was trained on
 
     client = None
     if rank == 0:
@@ -156,16 +174,27 @@ def train_loop_per_worker(job_dict: dict) -> None:
             if rank == 0:
                 path = save_checkpoint(
                     Path(d) / "ckpt", model, cfg, job.kind, step=step_fn.step, ema_state=step_fn.ema.state_dict(model),
-                    train_state=step_fn.state_dict(), extra_meta={"text_fingerprint": job.text_fingerprint},
+                    train_state=step_fn.state_dict(),
+                    extra_meta={"text_fingerprint": job.text_fingerprint,
+                                "data_position": {**plan, "rows_per_worker": consumed}},
                 )
                 ckpt = ray.train.Checkpoint.from_directory(str(path))
             ray.train.report(metrics, checkpoint=ckpt)
 
-    shard = ray.train.get_dataset_shard("train")
-    max_steps, t_last, window = cfg.train.max_steps, time.perf_counter(), []
+    shard = ray.train.get_dataset_shard(f"train_rank{rank}")
+    max_steps, t_last, window, bs = cfg.train.max_steps, time.perf_counter(), [], cfg.train.batch_size
     metrics = {"step": step_fn.step}
-    while step_fn.step < max_steps:
-        for batch in shard.iter_torch_batches(batch_size=cfg.train.batch_size, drop_last=True):
+    trace = open(Path(job.data_trace) / f"rank{rank}.jsonl", "a") if job.data_trace else None  # noqa: SIM115
+    if step_fn.step < max_steps:
+        for batch in shard.iter_torch_batches(batch_size=bs, drop_last=True):
+            index = batch["plan_index"].tolist()
+            if index != list(range(consumed, consumed + bs)):
+                raise LumiereError(f"worker {rank} expected rows {consumed}..{consumed + bs - 1} of its data plan and "
+                                   f"got {index[0]}..{index[-1]}: the loader is out of order")
+            consumed += bs
+            if trace is not None:
+                trace.write(json.dumps({"step": step_fn.step + 1, "rows": index}) + "\n")
+                trace.flush()
             clips = clips_to_model(batch["video"].to(device))
             cond = Conditioning(batch["context"].to(device), batch["pooled"].to(device))
             metrics = step_fn(clips, cond)
@@ -195,6 +224,9 @@ def train_loop_per_worker(job_dict: dict) -> None:
                 checkpoint_and_report({"step": step, "loss": metrics["loss"]})
             if step >= max_steps:
                 break
+    if step_fn.step < max_steps:
+        raise LumiereError(f"worker {rank}'s data plan ran out at step {step_fn.step} of {max_steps} (position "
+                           f"{consumed}); re-run with the same --batch-size as the run started with")
     if rank == 0 and job.sample_every:
         _log_sample_video(model, cfg, job.kind, step_fn, job.sample_prompts, client, job.mlflow_run_id)
     checkpoint_and_report({"step": step_fn.step, "loss": metrics.get("loss", float("nan")), "final": 1})
@@ -289,14 +321,10 @@ def _init_ray(address: str | None) -> None:
         ray.init(address="local", num_cpus=max(4, 2 * (os.cpu_count() or 2)), include_dashboard=False)
 
 
-def pass_rows(cfg: LumiereConfig, num_workers: int) -> int:
-    """Rows a pass over the data should hold at least: the whole run's samples, between 256 and 65,536.
-
-    Every pass restarts Ray Data's streaming pipeline and costs ~25 s of stalled training here (demo: t2i at
-    ~100 samples/s, the windows with a new pass ~25), so a small dataset is repeated (fresh random crops per
-    copy) until one pass covers the run; past 65,536 rows a restart every >=4,096 steps is noise. Not more than
-    the run needs: the pipeline decodes ahead, and rows past the last step are decoded for nothing."""
-    return min(max(256, cfg.train.max_steps * cfg.train.batch_size * num_workers), 65536)
+def plan_rows(cfg: LumiereConfig) -> int:
+    """Rows each worker's data plan holds: twice the run's samples, so a resume with a larger --batch-size still
+    fits (the plan is cheap: only rows a worker reaches are read)."""
+    return 2 * cfg.train.max_steps * cfg.train.batch_size
 
 
 def run_training(kind: str, data: str, output: str, cfg: LumiereConfig, *, init_from: str | None = None,
@@ -304,6 +332,7 @@ def run_training(kind: str, data: str, output: str, cfg: LumiereConfig, *, init_
                  compile: bool = False, max_failures: int = 3, sample_every: int | None = None, log=print) -> dict:
     """Train (or resume) and return {"checkpoint": path, "model_uri": ..., "step": ...}."""
     import ray
+    import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -340,10 +369,17 @@ def run_training(kind: str, data: str, output: str, cfg: LumiereConfig, *, init_
                    text_fingerprint=fingerprint, use_gpu=gpu, compile=compile,
                    # SSR samples need a base video to upsample: none are logged during SSR training
                    sample_every=0 if kind == "ssr" else cfg.train.checkpoint_every if sample_every is None
-                   else sample_every)
+                   else sample_every,
+                   data_trace=os.environ.get("LUMIERE_DATA_TRACE"))
+    # the data: one plan per worker, fixed by (seed, workers) alone, read unsplit and in order so a checkpoint's
+    # data position (rows trained per worker) is exact; the position actor lets the read stage skip those rows
+    position = ray.remote(num_cpus=0)(DataPosition).remote()
+    datasets = clip_datasets(data, manifest, cfg, num_workers, plan_rows(cfg), position=position, kind=kind)
+    ingest = copy.deepcopy(ray.data.DataContext.get_current().execution_options)  # Ray Train's default, plus:
+    ingest.preserve_order = True
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=asdict(job),
+        train_loop_config={**asdict(job), "data_position": position},
         scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=gpu,
                                                resources_per_worker={"CPU": 1} if not gpu else None),
         run_config=ray.train.RunConfig(
@@ -351,7 +387,8 @@ def run_training(kind: str, data: str, output: str, cfg: LumiereConfig, *, init_
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
-        datasets={"train": clip_dataset(data, manifest, cfg, kind=kind, min_pass_clips=pass_rows(cfg, num_workers))},
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=[], execution_options=ingest),
     )
     result = trainer.fit()
     if result.checkpoint is None:

@@ -147,18 +147,39 @@ def test_ssr_needs_high_resolution_copies(shards):
     check_manifest(manifest, _cfg(), str(shards), None, "ssr")
 
 
-def test_a_training_pass_repeats_every_clip_in_a_mixed_order():
+def test_data_plans_deal_every_clip_once_per_epoch_in_a_seeded_order():
     import numpy as np
 
-    from pipelines.shards import repeat_and_shuffle
+    from pipelines.shards import rank_plan
 
-    ids = np.array([f"clip{i}" for i in range(50)])
-    out = repeat_and_shuffle({"clip_id": ids, "n": np.arange(50)}, times=8, seed=0)
-    assert sorted(out["clip_id"].tolist()) == sorted(ids.tolist() * 8)  # every clip 8 times, no other
-    assert [f"clip{n}" for n in out["n"]] == out["clip_id"].tolist()  # the columns stay aligned
-    # a batch of 8 draws ~7.5 different clips (8 consecutive copies of one row would be 1)
-    distinct = [len(set(out["clip_id"][i : i + 8].tolist())) for i in range(0, 400, 8)]
-    assert np.mean(distinct) > 6.5, distinct
+    def rows(units):
+        return [(u["path"], int(r)) for u in units for r in u["rows"]]
+
+    def check(shards, world, epoch_rows):
+        plans = [rank_plan(shards, r, world, rows=3 * epoch_rows, seed=7) for r in range(world)]
+        for plan in plans:  # plan indices are consecutive from 0
+            assert [u["start"] for u in plan] == list(np.cumsum([0] + [len(u["rows"]) for u in plan[:-1]]))
+            assert sum(len(u["rows"]) for u in plan) >= 3 * epoch_rows
+        dealt = [rows(p) for p in plans]
+        assert abs(len(dealt[0]) - len(dealt[-1])) <= max(len(r) for _, r in shards)  # balanced
+        return plans, dealt
+
+    shards = [(f"s{i}", np.arange(5)) for i in range(6)]  # whole shards per worker
+    plans, dealt = check(shards, world=2, epoch_rows=30)
+    first_epoch = sorted(rows([u for p in plans for u in p if u["start"] < 15])[:30])
+    assert first_epoch == sorted((f"s{i}", r) for i in range(6) for r in range(5))
+    assert not set(p for p, _ in rows(plans[0][:3])) & set(p for p, _ in rows(plans[1][:3]))
+    assert rank_plan(shards, 1, 2, 90, seed=7)[0]["rows"].tolist() == plans[1][0]["rows"].tolist()  # seeded
+    assert rank_plan(shards, 1, 2, 90, seed=8) != plans[1]
+    # fewer shards than workers (1 shard of 3 clips, 2 workers): rows are dealt round-robin, so epoch 1 gives
+    # worker 0 two clips and worker 1 the third, epoch 2 the other way round
+    plans, dealt = check([("only", np.arange(3))], world=2, epoch_rows=3)
+    assert sorted(dealt[0][:2] + dealt[1][:1]) == [("only", 0), ("only", 1), ("only", 2)]
+    assert sorted(dealt[0][2:3] + dealt[1][1:3]) == [("only", 0), ("only", 1), ("only", 2)]
+    # a batch draws distinct clips: consecutive rows of one worker come from a shuffled shard
+    big = rank_plan([(f"s{i}", np.arange(64)) for i in range(4)], 0, 2, 4096, seed=0)
+    seq = rows(big)
+    assert np.mean([len(set(seq[i : i + 8])) for i in range(0, 4096, 8)]) > 7.5
 
 
 def _ray_train_worker_pids():
@@ -195,12 +216,31 @@ def _has_checkpoint(storage: Path) -> bool:
     return False
 
 
+def _trained_rows(trace: Path, steps: int, bs: int = 2, workers: int = 2) -> int:
+    """Check a run's data trace (LUMIERE_DATA_TRACE): every step 1..steps trained on each worker's plan rows
+    (step - 1)·bs … step·bs − 1, redone steps on the same rows; returns how many worker-steps were redone."""
+    redone = 0
+    for rank in range(workers):
+        by_step = {}
+        for line in (trace / f"rank{rank}.jsonl").read_text().splitlines():
+            entry = json.loads(line)
+            by_step.setdefault(entry["step"], []).append(entry["rows"])
+        assert sorted(by_step) == list(range(1, steps + 1)), (rank, sorted(by_step))
+        for step, seen in by_step.items():
+            assert all(rows == list(range((step - 1) * bs, step * bs)) for rows in seen), (rank, step, seen)
+        assert len(by_step[1]) == 1  # resumed from a checkpoint: the first steps were not trained again
+        redone += sum(len(seen) - 1 for seen in by_step.values())
+    return redone
+
+
 @pytest.mark.slow
-def test_killed_worker_resumes_from_last_checkpoint(shards, mlflow_uri, tmp_path):
+def test_killed_worker_resumes_from_last_checkpoint(shards, mlflow_uri, tmp_path, monkeypatch):
     import mlflow
 
     from pipelines.train import run_training
 
+    monkeypatch.setenv("LUMIERE_DATA_TRACE", str(tmp_path / "trace"))
+    (tmp_path / "trace").mkdir()
     result = {}
 
     def train():
@@ -218,6 +258,7 @@ def test_killed_worker_resumes_from_last_checkpoint(shards, mlflow_uri, tmp_path
     steps = [m.step for m in mlflow.MlflowClient(tracking_uri=mlflow_uri).get_metric_history(result["run_id"], "loss")]
     assert steps.count(2) == 1 and steps.count(4) == 1  # resumed from a checkpoint, not from scratch
     assert max(steps) == 40
+    _trained_rows(tmp_path / "trace", 40)  # the exact data position: no row lost or trained twice
 
 
 @pytest.mark.slow
@@ -227,7 +268,8 @@ def test_killed_driver_rerun_with_same_name_resumes(shards, mlflow_uri, tmp_path
     cmd = [sys.executable, "-m", "lumiere.cli", "train", "t2i", "--data", str(shards), "--output", str(tmp_path),
            "--config", "tiny", "--num-workers", "2", "--max-steps", "40", "--run-name", "t2i-kill-driver",
            "--address", ray.get_runtime_context().gcs_address, *sum((["--set", o] for o in TINY), [])]
-    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri}
+    (tmp_path / "trace").mkdir()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri, "LUMIERE_DATA_TRACE": str(tmp_path / "trace")}
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
                             start_new_session=True)
     _wait_for(lambda: _has_checkpoint(tmp_path / "ray"), what="the first checkpoint")
@@ -240,6 +282,8 @@ def test_killed_driver_rerun_with_same_name_resumes(shards, mlflow_uri, tmp_path
     assert "resumed from checkpoint at step" in logs
     assert "resumed from checkpoint at step 0" not in logs
     assert "done at step 40" in logs
+    assert "rows per worker" in logs  # the data position came back with the checkpoint
+    _trained_rows(tmp_path / "trace", 40)
 
 
 def _free_port() -> int:
