@@ -1,19 +1,18 @@
-"""Ray Train input pipeline: how many different clips a training batch holds.
+"""Ray Train input: how many different clips a training batch holds, under the workers' data plans.
 
-A small dataset is repeated within a pass (`pipelines.shards.clip_dataset`, so a pass is long enough for the
-streaming pipeline's start-up not to dominate; see train_pass_length.py). Repeating each row as consecutive
-copies makes a batch one clip under several crops; `repeat_and_shuffle` repeats and shuffles each block. This
-script reads the same shards both ways (clip ids only, no decode) and counts distinct clips per batch.
+Each worker reads its own seeded plan (`pipelines.shards.rank_plan`: shards in a random order per epoch, each
+shard's rows shuffled); this counts distinct clips per batch of each worker's first `--rows` plan rows for a
+shard set, and what uniform random sampling would give. No Ray and no decoding: the plan alone fixes the rows
+(the trainer checks every batch against it).
 
     python benchmarks/loader_batch_diversity.py SHARDS                 # e.g. demo-output/shards
-    python benchmarks/loader_batch_diversity.py SHARDS --batch-size 8 --pass-rows 4096
+    python benchmarks/loader_batch_diversity.py SHARDS --workers 2 --batch-size 4 --rows 4096
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -26,37 +25,26 @@ sys.path.insert(0, str(ROOT))
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("shards", type=Path)
+    ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--pass-rows", type=int, default=4096)
+    ap.add_argument("--rows", type=int, default=4096, help="plan rows per worker")
     args = ap.parse_args()
 
-    import ray
-
-    from pipelines.shards import repeat_and_shuffle, shard_uris
+    from pipelines.shards import rank_plan, shard_rows
 
     manifest = json.loads((args.shards / "manifest.json").read_text())
-    paths = shard_uris(manifest, str(args.shards.resolve()))
-    times = math.ceil(args.pass_rows / manifest["clips"])
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
-    ray.data.DataContext.get_current().enable_progress_bars = False
-
-    def consecutive(row: dict) -> list[dict]:
-        return [row] * times
-
-    variants = {
-        "consecutive copies": ray.data.read_parquet(paths, columns=["clip_id"]).flat_map(consecutive),
-        "repeat_and_shuffle": ray.data.read_parquet(paths, columns=["clip_id"], shuffle="files").map_batches(
-            repeat_and_shuffle, fn_kwargs={"times": times}, batch_size=None
-        ),
-    }
-    print(f"{manifest['clips']} clips in {len(paths)} shards, each {times}× per pass, batches of {args.batch_size}")
-    for name, ds in variants.items():
-        distinct = [
-            len(set(b["clip_id"].tolist())) for b in ds.iter_batches(batch_size=args.batch_size, drop_last=True)
-        ]
-        print(f"  {name:20s} {len(distinct)} batches: distinct clips per batch mean {np.mean(distinct):.2f}, "
+    shards = shard_rows(manifest, str(args.shards.resolve()))
+    b = args.batch_size
+    print(f"{manifest['clips']} clips in {len(shards)} shards, {args.workers} workers, batches of {b}")
+    for rank in range(args.workers):
+        rows = [(u["path"], int(r)) for u in rank_plan(shards, rank, args.workers, args.rows, seed=0)
+                for r in u["rows"]][: args.rows]
+        distinct = [len(set(rows[i : i + b])) for i in range(0, len(rows) - b + 1, b)]
+        print(f"  worker {rank}: {len(distinct)} batches, distinct clips per batch mean {np.mean(distinct):.2f}, "
               f"min {min(distinct)}, max {max(distinct)}")
-    ray.shutdown()
+    n = manifest["clips"]
+    uniform = n * (1 - (1 - 1 / n) ** b)  # expected distinct values in b uniform draws with replacement
+    print(f"  uniform sampling with replacement would give {uniform:.2f}")
 
 
 if __name__ == "__main__":

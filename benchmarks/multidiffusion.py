@@ -140,7 +140,8 @@ def main() -> None:
 
     timed("stitched", stitched, n_md)
     gt_ratio = seam_ratio(test, W)
-    print(f"\nSSR {args.config} ({args.data}, overrides {args.set or '-'}): ×{s.scale} to {hr}x{hr}, {T}-frame clips, windows of {W} (overlap {OV}), "
+    print(f"\nSSR {args.config} ({args.data}, overrides {args.set or '-'}): ×{s.scale} to {hr}x{hr}, "
+          f"{T}-frame clips, windows of {W} (overlap {OV}), "
           f"{args.steps} DDIM steps, {args.clips} clips; trained {args.train_steps} steps in {train_s:.0f}s")
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}")

@@ -190,8 +190,9 @@ class DataPosition:
         return self.position
 
 
-def read_plan_units(batch: dict[str, np.ndarray], filesystem, columns: list[str], position) -> "pa.Table":
-    """Plan units -> their shard rows (with `plan_index`), from the data position on (a Ray Data task)."""
+def read_plan_units(batch: dict[str, np.ndarray], filesystem, columns: list[str], position):
+    """Plan units -> their shard rows (a pyarrow Table with `plan_index`), from the data position on (a Ray Data
+    task: the position actor is asked once per batch of units)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     import ray
