@@ -30,15 +30,16 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=4096, help="plan rows per worker")
     args = ap.parse_args()
 
-    from pipelines.shards import rank_plan, shard_rows
+    from pipelines.shards import rank_plan, shard_rows, unit_rows
 
     manifest = json.loads((args.shards / "manifest.json").read_text())
     shards = shard_rows(manifest, str(args.shards.resolve()))
     b = args.batch_size
     print(f"{manifest['clips']} clips in {len(shards)} shards, {args.workers} workers, batches of {b}")
     for rank in range(args.workers):
+        eligible = dict(shards)
         rows = [(u["path"], int(r)) for u in rank_plan(shards, rank, args.workers, args.rows, seed=0)
-                for r in u["rows"]][: args.rows]
+                for r in unit_rows(u, eligible[u["path"]])][: args.rows]
         distinct = [len(set(rows[i : i + b])) for i in range(0, len(rows) - b + 1, b)]
         print(f"  worker {rank}: {len(distinct)} batches, distinct clips per batch mean {np.mean(distinct):.2f}, "
               f"min {min(distinct)}, max {max(distinct)}")

@@ -146,32 +146,42 @@ def shard_rows(manifest: dict, data_uri: str, kind: str = "stunet",
 
 
 def rank_plan(shards: list[tuple[str, np.ndarray]], rank: int, world: int, rows: int, seed: int) -> list[dict]:
-    """Worker `rank`'s reading plan for a whole run: units {"path", "rows", "start"} holding >= `rows` samples.
+    """Worker `rank`'s reading plan for a whole run: units holding >= `rows` samples, each one visit of a shard.
 
     Epoch e visits the shards in a random order and each shard's rows in a random order, both seeded by
     (seed, e, …), so the plan is the same on every run of the same config. With at least `world` shards every
     worker reads whole shards (the k-th shard visited goes to worker k mod world), else each shard's rows are
     dealt out round-robin. A row's plan index is its place in its worker's sequence (`start` + offset in the
     unit); a checkpoint records how many each worker has trained on, which is the data position a resume
-    continues from. Small datasets simply take several epochs: each visit of a clip gets a fresh random crop."""
+    continues from. Small datasets simply take several epochs: each visit of a clip gets a fresh random crop.
+
+    A unit names its rows by how to recompute them (`unit_rows`), not by listing them, so a long run's plan
+    stays small: {"path", "seed", "epoch", "shard", "first", "stride", "start", "count"}."""
     whole = len(shards) >= world
     units, start, counter, epoch = [], 0, 0, 0
     while start < rows:
-        rng = np.random.default_rng([seed, epoch])
-        for k in rng.permutation(len(shards)):
+        for k in np.random.default_rng([seed, epoch]).permutation(len(shards)):
             path, eligible = shards[k]
-            order = np.random.default_rng([seed, epoch, int(k)]).permutation(eligible)
             if whole:
-                mine = order if counter % world == rank else order[:0]
+                first, stride, count = 0, 1, len(eligible) if counter % world == rank else 0
                 counter += 1
             else:
-                mine = order[(rank - counter) % world :: world]
-                counter += len(order)
-            if len(mine):
-                units.append({"path": path, "rows": mine.astype(np.int64), "start": start})
-                start += len(mine)
+                first, stride = (rank - counter) % world, world
+                count = len(range(first, len(eligible), stride))
+                counter += len(eligible)
+            if count:
+                units.append({"path": path, "seed": seed, "epoch": epoch, "shard": int(k), "first": first,
+                              "stride": stride, "start": start, "count": count})
+                start += count
         epoch += 1
     return units
+
+
+def unit_rows(unit: dict, eligible: np.ndarray) -> np.ndarray:
+    """The shard rows of a plan unit, in order: its shard's eligible rows permuted by (seed, epoch, shard),
+    every `stride`-th from `first`."""
+    order = np.random.default_rng([int(unit["seed"]), int(unit["epoch"]), int(unit["shard"])]).permutation(eligible)
+    return order[int(unit["first"]) :: int(unit["stride"])].astype(np.int64)
 
 
 class DataPosition:
@@ -199,13 +209,20 @@ def read_plan_units(batch: dict[str, np.ndarray], filesystem, columns: list[str]
 
     skip = ray.get(position.get.remote()) if position is not None else 0
     tables = []
-    for path, rows, start in zip(batch["path"], batch["rows"], batch["start"], strict=True):
-        index = int(start) + np.arange(len(rows))
+    for i in range(len(batch["path"])):
+        unit = {k: v[i] for k, v in batch.items()}
+        index = int(unit["start"]) + np.arange(int(unit["count"]))
         keep = index >= skip
         if not keep.any():
             continue
-        table = pq.read_table(str(path), columns=columns, filesystem=filesystem)
-        table = table.take(pa.array(np.asarray(rows, np.int64)[keep]))
+        table = pq.read_table(str(unit["path"]), columns=columns, filesystem=filesystem)
+        eligible = (np.flatnonzero(table.column("hr_size").to_numpy() > 0) if "hr_size" in columns
+                    else np.arange(table.num_rows))
+        rows = unit_rows(unit, eligible)
+        if len(rows) != len(index):
+            raise LumiereError(f"{unit['path']} no longer holds the rows the data plan was made from "
+                               f"({len(rows)} vs {len(index)}): the shards changed during the run")
+        table = table.take(pa.array(rows[keep]))
         tables.append(table.append_column("plan_index", pa.array(index[keep], pa.int64())))
     if not tables:
         return pa.table({**{c: pa.array([], type=t) for c, t in _schema(filesystem, batch, columns)},

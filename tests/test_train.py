@@ -150,34 +150,36 @@ def test_ssr_needs_high_resolution_copies(shards):
 def test_data_plans_deal_every_clip_once_per_epoch_in_a_seeded_order():
     import numpy as np
 
-    from pipelines.shards import rank_plan
+    from pipelines.shards import rank_plan, unit_rows
 
     def rows(units):
-        return [(u["path"], int(r)) for u in units for r in u["rows"]]
+        return [(u["path"], int(r)) for u in units for r in unit_rows(u, np.arange(sizes[u["path"]]))]
 
     def check(shards, world, epoch_rows):
         plans = [rank_plan(shards, r, world, rows=3 * epoch_rows, seed=7) for r in range(world)]
         for plan in plans:  # plan indices are consecutive from 0
-            assert [u["start"] for u in plan] == list(np.cumsum([0] + [len(u["rows"]) for u in plan[:-1]]))
-            assert sum(len(u["rows"]) for u in plan) >= 3 * epoch_rows
+            assert [u["start"] for u in plan] == list(np.cumsum([0] + [u["count"] for u in plan[:-1]]))
+            assert sum(u["count"] for u in plan) >= 3 * epoch_rows
+            assert all(len(unit_rows(u, np.arange(sizes[u["path"]]))) == u["count"] for u in plan)
         dealt = [rows(p) for p in plans]
         assert abs(len(dealt[0]) - len(dealt[-1])) <= max(len(r) for _, r in shards)  # balanced
         return plans, dealt
 
+    sizes = {f"s{i}": 5 for i in range(6)} | {"only": 3} | {f"b{i}": 64 for i in range(4)}
     shards = [(f"s{i}", np.arange(5)) for i in range(6)]  # whole shards per worker
     plans, dealt = check(shards, world=2, epoch_rows=30)
     first_epoch = sorted(rows([u for p in plans for u in p if u["start"] < 15])[:30])
     assert first_epoch == sorted((f"s{i}", r) for i in range(6) for r in range(5))
     assert not set(p for p, _ in rows(plans[0][:3])) & set(p for p, _ in rows(plans[1][:3]))
-    assert rank_plan(shards, 1, 2, 90, seed=7)[0]["rows"].tolist() == plans[1][0]["rows"].tolist()  # seeded
-    assert rank_plan(shards, 1, 2, 90, seed=8) != plans[1]
+    assert rows(rank_plan(shards, 1, 2, 90, seed=7)) == rows(plans[1])  # seeded
+    assert rows(rank_plan(shards, 1, 2, 90, seed=8)) != rows(plans[1])
     # fewer shards than workers (1 shard of 3 clips, 2 workers): rows are dealt round-robin, so epoch 1 gives
     # worker 0 two clips and worker 1 the third, epoch 2 the other way round
     plans, dealt = check([("only", np.arange(3))], world=2, epoch_rows=3)
     assert sorted(dealt[0][:2] + dealt[1][:1]) == [("only", 0), ("only", 1), ("only", 2)]
     assert sorted(dealt[0][2:3] + dealt[1][1:3]) == [("only", 0), ("only", 1), ("only", 2)]
     # a batch draws distinct clips: consecutive rows of one worker come from a shuffled shard
-    big = rank_plan([(f"s{i}", np.arange(64)) for i in range(4)], 0, 2, 4096, seed=0)
+    big = rank_plan([(f"b{i}", np.arange(64)) for i in range(4)], 0, 2, 4096, seed=0)
     seq = rows(big)
     assert np.mean([len(set(seq[i : i + 8])) for i in range(0, 4096, 8)]) > 7.5
 
