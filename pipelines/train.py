@@ -377,6 +377,10 @@ def run_training(kind: str, data: str, output: str, cfg: LumiereConfig, *, init_
     datasets = clip_datasets(data, manifest, cfg, num_workers, plan_rows(cfg), position=position, kind=kind)
     ingest = copy.deepcopy(ray.data.DataContext.get_current().execution_options)  # Ray Train's default, plus:
     ingest.preserve_order = True
+    # each worker's pipeline gets its share of the CPUs the workers leave: every executor would otherwise plan
+    # with all of them, and the per-worker pipelines together would start more tasks than fit
+    spare = max(1.0, have.get("CPU", 0) - num_workers)  # a Train worker holds 1 CPU (GPU workers too)
+    ingest.resource_limits = ingest.resource_limits.copy(cpu=spare / num_workers)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={**asdict(job), "data_position": position},
