@@ -6,6 +6,7 @@ user's input (`LumiereError`, including config errors) print one line and exit 2
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -338,7 +339,15 @@ def demo(
              sample_steps=sample_steps, port=port)
 
 
+# Ray Train's placement-group cleaner asks the State API whether the controller is alive once a second and logs
+# a warning each time that fails, which it always does on a local Ray without a dashboard (ours): dozens of
+# identical lines per run. Ray's documented log filter drops them on the driver (read when ray is imported, so
+# set before; a value the user set wins).
+RAY_LOG_SKIP = r"Failed to query Ray Train Controller actor state"
+
+
 def main() -> None:
+    os.environ.setdefault("RAY_DEDUP_LOGS_SKIP_REGEX", RAY_LOG_SKIP)
     try:
         app()
     except LumiereError as e:
