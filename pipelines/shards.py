@@ -122,21 +122,26 @@ def load_clip_batch(batch: dict[str, np.ndarray], frames: int, size: int,
             "plan_index": np.asarray(batch["plan_index"])[rows].astype(np.int64)}
 
 
+def eligible_rows(num_rows: int, hr_size=None) -> np.ndarray:
+    """The rows of a shard a model trains on: all, or for the SSR (given the `hr_size` column) those with a
+    high-resolution copy (sources smaller than `hr_size` have none). Shared by the plan and the read stage."""
+    if hr_size is None:
+        return np.arange(num_rows)
+    return np.flatnonzero(np.asarray(hr_size) > 0)
+
+
 def shard_rows(manifest: dict, data_uri: str, kind: str = "stunet",
                options: StorageOptions | None = None) -> list[tuple[str, np.ndarray]]:
-    """(shard path, the row indices a model kind trains on) per shard with any. The SSR trains only on clips with
-    a high-resolution copy (sources smaller than `hr_size` have none): it reads each shard's `hr_size` column."""
+    """(shard path, the row indices a model kind trains on) per shard with any (`eligible_rows`; for the SSR this
+    reads each shard's `hr_size` column)."""
     import pyarrow.parquet as pq
 
     fs, _ = storage.resolve(data_uri, options)
     out = []
     for uri, shard in zip(shard_uris(manifest, data_uri), manifest["shards"], strict=True):
         path = storage.resolve(uri, options)[1]
-        if kind == "ssr":
-            hr = pq.read_table(path, columns=["hr_size"], filesystem=fs).column("hr_size").to_numpy()
-            rows = np.flatnonzero(hr > 0)
-        else:
-            rows = np.arange(int(shard["clips"]))
+        hr = pq.read_table(path, columns=["hr_size"], filesystem=fs).column("hr_size") if kind == "ssr" else None
+        rows = eligible_rows(int(shard["clips"]), hr)
         if len(rows):
             out.append((path, rows))
     if not out:
@@ -216,9 +221,7 @@ def read_plan_units(batch: dict[str, np.ndarray], filesystem, columns: list[str]
         if not keep.any():
             continue
         table = pq.read_table(str(unit["path"]), columns=columns, filesystem=filesystem)
-        eligible = (np.flatnonzero(table.column("hr_size").to_numpy() > 0) if "hr_size" in columns
-                    else np.arange(table.num_rows))
-        rows = unit_rows(unit, eligible)
+        rows = unit_rows(unit, eligible_rows(table.num_rows, table.column("hr_size") if "hr_size" in columns else None))
         if len(rows) != len(index):
             raise LumiereError(f"{unit['path']} no longer holds the rows the data plan was made from "
                                f"({len(rows)} vs {len(index)}): the shards changed during the run")
