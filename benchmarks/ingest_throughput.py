@@ -129,6 +129,23 @@ def raw_decode(paths: list[str], num_threads: int) -> dict:
     return {"frames": frames, "seconds": wall, "cpu_seconds": cpu, "frames_per_s": frames / wall}
 
 
+def raw_decode_parallel(paths: list[str], procs: int) -> dict:
+    """The decode limit on `procs` cores: `procs` processes at once, each a one-thread decord loop over every
+    procs-th file (one thread per process is the cheapest decode per CPU second on these files; see RESULTS.md).
+    Workers are started and have imported decord before the clock starts."""
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    with cf.ProcessPoolExecutor(procs, mp_context=mp.get_context("spawn")) as pool:
+        list(pool.map(raw_decode, [paths[:1]] * procs, [1] * procs))  # start the workers, not timed
+        t0 = time.perf_counter()
+        parts = list(pool.map(raw_decode, [paths[i::procs] for i in range(procs)], [1] * procs))
+        wall = time.perf_counter() - t0
+    frames = sum(p["frames"] for p in parts)
+    return {"frames": frames, "seconds": wall, "cpu_seconds": sum(p["cpu_seconds"] for p in parts),
+            "frames_per_s": frames / wall, "processes": procs}
+
+
 # --- 3. stages in-process -----------------------------------------------------------------------------------
 def _cpu() -> float:
     """CPU seconds of this process (all threads) and its finished children (the forked decoders)."""
@@ -153,22 +170,6 @@ class Timer:
         return out
 
 
-def _resize_float(frames: np.ndarray, size: int) -> np.ndarray:
-    """For comparison only: resize_center_crop as it was before, on a float32 copy of the clip."""
-    import torch
-    import torch.nn.functional as F
-
-    x = torch.from_numpy(frames).permute(0, 3, 1, 2).float()
-    h, w = x.shape[-2:]
-    scale = size / min(h, w)
-    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-    if (nh, nw) != (h, w):
-        x = F.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
-    top, left = (nh - size) // 2, (nw - size) // 2
-    x = x[..., top:top + size, left:left + size]
-    return np.ascontiguousarray(x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy())
-
-
 def stage_breakdown(files: list[dict], cfg: IngestConfig, out_dir: str) -> dict:
     """Per-file work in decode_and_cut's order (same functions, same arguments), then the real stages.
     Names in parentheses are comparisons, not part of decode_and_cut."""
@@ -185,9 +186,10 @@ def stage_breakdown(files: list[dict], cfg: IngestConfig, out_dir: str) -> dict:
         meta = T("probe", curation.probe, path)
         short_side = max(cfg.size, cfg.hr_size or 0)
         frames, _, _ = T("decode_with_timeout", curation.decode_with_timeout, path, cfg.fps, short_side,
-                         cfg.decode_timeout_s)
-        T("(decode_in_child: forked decode, as before)", curation.decode_in_child, path, cfg.fps, short_side,
-          cfg.decode_timeout_s)
+                         cfg.decode_timeout_s, cfg.codec_threads)
+        if cfg.codec_threads != 0:
+            T("(decode_with_timeout, decord's default threads)", curation.decode_with_timeout, path, cfg.fps,
+              short_side, cfg.decode_timeout_s, 0)
         thumbs = T("multi_thumbnails", curation.multi_thumbnails, frames, (32, 64))
         shots = T("shot_boundaries", curation.shot_boundaries, frames, cfg.cut_threshold, thumbs[32])
         for a, b in shots:
@@ -195,19 +197,16 @@ def stage_breakdown(files: list[dict], cfg: IngestConfig, out_dir: str) -> dict:
                 start = a + k * cfg.clip_frames
                 clip = frames[start: start + cfg.clip_frames]
                 T("clip_scores", curation.clip_scores, clip, thumbs=thumbs[64][start:start + cfg.clip_frames])
-                base = T("resize_center_crop base", curation.resize_center_crop, clip, cfg.size)
-                T("(resize base, float32 as before)", _resize_float, clip, cfg.size)
-                kind = "mp4 " + cfg.mp4_preset if cfg.frame_format == "mp4" else "raw"
-                T(f"encode base ({kind})", ingest_stages._encode, base, cfg)
-                if cfg.frame_format == "mp4" and cfg.mp4_preset != "medium":
-                    T("(encode base, mp4 medium as before)", ingest_stages._encode, base,
-                      cfg.model_copy(update={"mp4_preset": "medium"}))
+                copies = [("base", cfg.size)]
                 if cfg.hr_size and min(meta.width, meta.height) >= cfg.hr_size:
-                    hr = T("resize_center_crop hr", curation.resize_center_crop, clip, cfg.hr_size)
-                    T(f"encode hr ({kind})", ingest_stages._encode, hr, cfg)
-                    if cfg.frame_format == "mp4" and cfg.mp4_preset != "medium":
-                        T("(encode hr, mp4 medium as before)", ingest_stages._encode, hr,
-                          cfg.model_copy(update={"mp4_preset": "medium"}))
+                    copies.append(("hr", cfg.hr_size))
+                for name, size in copies:
+                    resized = T(f"resize_center_crop {name}", curation.resize_center_crop, clip, size)
+                    kind = "mp4 " + cfg.mp4_preset if cfg.frame_format == "mp4" else "raw"
+                    T(f"encode {name} ({kind})", ingest_stages._encode, resized, cfg)
+                    if cfg.frame_format == "mp4" and cfg.codec_threads != 0:
+                        T(f"(encode {name}, x264's default threads)", ingest_stages._encode, resized,
+                          cfg.model_copy(update={"codec_threads": 0}))
                 clips += 1
     per_file = {"sum_of_parts_s": sum(v for k, v in T.total.items() if not k.startswith("(")),
                 "sum_of_parts_cpu_s": sum(v for k, v in T.cpu.items() if not k.startswith("("))}
@@ -455,33 +454,43 @@ def report(data: dict) -> None:
     """Print the markdown tables of one run (also used by --from-json)."""
     m, stages, e2e = data["meta"], data["stages"], data["end_to_end"]
     raw_default, raw_one = data["raw_decode"]["default"], data["raw_decode"]["one_thread"]
+    raw_all = data["raw_decode"].get("all_cores")  # absent in runs saved before it existed
     cfg, cores, src_frames = m["config"], m["cores"], m["source_frames"]
     base = raw_default["seconds"]
+    # the decode limit on the cores a row uses: one process (in-process rows) or the whole machine (Ray rows)
+    limit_one = min(raw_default["seconds"], raw_one["seconds"])
+    limit_all = min(limit_one, raw_all["seconds"]) if raw_all else limit_one
     print(f"Corpus: {m['videos']} {m['source']} videos, {m['size']}, {m['seconds']:g} s each at fps "
           f"{', '.join(f'{f:g}' for f in m['fps_list'])} → {src_frames} source frames; config: "
           f"{', '.join(['encoder_from=small', *m['overrides']])} (frame_format {cfg['frame_format']}, "
-          f"crf {cfg['mp4_crf']}, hr_size {cfg['hr_size']}); {cores} cores; 1-min load average "
+          f"crf {cfg['mp4_crf']}, preset {cfg.get('mp4_preset', 'medium')}, codec_threads "
+          f"{cfg.get('codec_threads', 0)}, hr_size {cfg['hr_size']}); {cores} cores; 1-min load average "
           f"{m['loadavg_start']:.1f} at the start, {m['loadavg_end']:.1f} at the end\n")
-    print("| what | seconds | clips/s | source frames/s | source frames per core-second | time / raw decode |")
-    print("|---|---|---|---|---|---|")
-    for name, r in (("raw decord decode, default threads", raw_default),
-                    ("raw decord decode, num_threads=1", raw_one)):
+    print("| what | seconds | clips/s | source frames/s | source frames per core-second | time / raw decode "
+          "(default threads) | time / fastest raw decode on the same cores |")
+    print("|---|---|---|---|---|---|---|")
+    raws = [("raw decord decode, default threads", raw_default, limit_one),
+            ("raw decord decode, num_threads=1", raw_one, limit_one)]
+    if raw_all:
+        raws.append((f"raw decord decode, {raw_all['processes']} processes × num_threads=1", raw_all, limit_all))
+    for name, r, limit in raws:
         print(f"| {name} (CPU {r['cpu_seconds']:.2f}s) | {r['seconds']:.2f} | – | {r['frames_per_s']:.0f} "
-              f"| {r['frames'] / r['cpu_seconds']:.0f} (per CPU s) | {r['seconds'] / base:.2f}× |")
+              f"| {r['frames'] / r['cpu_seconds']:.0f} (per CPU s) | {r['seconds'] / base:.2f}× "
+              f"| {r['seconds'] / limit:.2f}× |")
     if stages:
         s, c = stages["decode_and_cut_s"], stages["decode_and_cut_cpu_s"]
         print(f"| decode_and_cut in-process, one process, torch 1 thread (CPU {c:.2f}s) | {s:.2f} "
               f"| {stages['clips'] / s:.2f} | {src_frames / s:.0f} | {src_frames / c:.0f} (per CPU s) "
-              f"| {s / base:.2f}× |")
+              f"| {s / base:.2f}× | {s / limit_one:.2f}× |")
     for r in e2e:
         what = f"run_ingest, Ray num_cpus={r['ray_cpus']}, {r['run']}"
         if r["status"] != "ok":
-            print(f"| {what} | {r['status']} | | | | |")
+            print(f"| {what} | {r['status']} | | | | | |")
             continue
         s = r["seconds"]
         print(f"| {what} (≤{r.get('decode_max_concurrent', '?')} decode tasks at once) | {s:.2f} "
               f"| {r['clips'] / s:.2f} | {src_frames / s:.0f} | {src_frames / s / cores:.0f} (whole machine) "
-              f"| {s / base:.2f}× |")
+              f"| {s / base:.2f}× | {s / limit_all:.2f}× |")
 
     if data.get("side_by_side"):
         report_side_by_side(data["side_by_side"], src_frames, cores)
@@ -578,9 +587,11 @@ def main(argv: list[str] | None = None) -> int:
 
         raw_default = raw_decode(paths, 0)
         raw_one = raw_decode(paths, 1)
-        assert raw_default["frames"] == src_frames, (raw_default["frames"], src_frames)
+        raw_all = raw_decode_parallel(paths, os.cpu_count() or 1)
+        assert raw_default["frames"] == src_frames == raw_all["frames"], (raw_default["frames"], src_frames)
         say(f"raw decode: {raw_default['frames_per_s']:.0f} frames/s (default threads), "
-            f"{raw_one['frames_per_s']:.0f} frames/s (1 thread)")
+            f"{raw_one['frames_per_s']:.0f} frames/s (1 thread), {raw_all['frames_per_s']:.0f} frames/s "
+            f"({raw_all['processes']} processes × 1 thread)")
 
         stages = None
         if not args.skip_stages:
@@ -602,7 +613,8 @@ def main(argv: list[str] | None = None) -> int:
                  "videos": args.videos, "source": args.source, "size": records[0]["size"], "seconds": args.seconds,
                  "fps_list": args.fps_list, "overrides": args.overrides, "source_frames": src_frames,
                  "loadavg_start": load0, "loadavg_end": os.getloadavg()[0], "config": cfg.model_dump(mode="json")},
-        "raw_decode": {"default": raw_default, "one_thread": raw_one}, "stages": stages, "end_to_end": e2e,
+        "raw_decode": {"default": raw_default, "one_thread": raw_one, "all_cores": raw_all},
+        "stages": stages, "end_to_end": e2e,
         "side_by_side": side,
     }
     report(data)

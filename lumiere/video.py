@@ -53,9 +53,10 @@ def _check_encodable(frames: np.ndarray, fps: float) -> np.ndarray:
     return frames
 
 
-def _encode_h264(target, frames: np.ndarray, fps: float, crf: int, preset: str | None = None) -> None:
+def _encode_h264(target, frames: np.ndarray, fps: float, crf: int, preset: str | None = None,
+                 threads: int = 0) -> None:
     """Encode checked frames into `target` (a path or a binary file object) as an H.264 mp4 (x264's default
-    preset, `medium`, unless `preset` names another)."""
+    preset, `medium`, unless `preset` names another; `threads`: x264 threads, 0 = x264's automatic choice)."""
     import av  # imported lazily: only encoding needs it
 
     _, h, w, _ = frames.shape
@@ -64,7 +65,8 @@ def _encode_h264(target, frames: np.ndarray, fps: float, crf: int, preset: str |
         stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
         stream.width, stream.height = w, h
         stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": str(int(crf)), **({"preset": preset} if preset else {})}
+        stream.options = {"crf": str(int(crf)), **({"preset": preset} if preset else {}),
+                          **({"threads": str(int(threads))} if threads else {})}
         for frame in frames:
             vf = av.VideoFrame.from_ndarray(frame, format="rgb24")
             for packet in stream.encode(vf):
@@ -94,12 +96,14 @@ def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: float = 16, crf:
         raise
 
 
-def encode_mp4_bytes(frames: np.ndarray, fps: float = 16, crf: int = 18, preset: str | None = None) -> bytes:
+def encode_mp4_bytes(frames: np.ndarray, fps: float = 16, crf: int = 18, preset: str | None = None,
+                     threads: int = 0) -> bytes:
     """Frames (t, h, w, 3) uint8 -> the bytes of an H.264 mp4 (how dataset shards store clips); `preset`: an
-    x264 preset (ultrafast … veryslow), x264's default (medium) when None."""
+    x264 preset (ultrafast … veryslow), x264's default (medium) when None; `threads`: x264 threads, 0 = x264's
+    automatic choice (about 1.5 per core)."""
     frames = _check_encodable(frames, fps)
     buf = io.BytesIO()
-    _encode_h264(buf, frames, fps, crf, preset)
+    _encode_h264(buf, frames, fps, crf, preset, threads)
     return buf.getvalue()
 
 

@@ -85,15 +85,16 @@ class _Cancelled(Exception):
 _CHUNK = 64  # frames per decord get_batch call; a cancelled decode stops at the next chunk
 
 
-def decode_resampled(path: str, fps: float, short_side: int,
-                     cancel: threading.Event | None = None) -> tuple[np.ndarray, float, int]:
+def decode_resampled(path: str, fps: float, short_side: int, cancel: threading.Event | None = None,
+                     threads: int = 0) -> tuple[np.ndarray, float, int]:
     """Decode with decord at `fps` (nearest source frame) and, if larger, scaled so the shorter side is
     `short_side` (decoding smaller keeps memory bounded for HD sources). Returns (frames, src_fps, n_src).
-    With `cancel`, the decode stops (raising _Cancelled) at the next chunk of frames once it is set."""
+    With `cancel`, the decode stops (raising _Cancelled) at the next chunk of frames once it is set.
+    `threads`: decoder threads, 0 = decord's default (one per core; IngestConfig.codec_threads)."""
     import decord
 
     try:
-        probe_reader = decord.VideoReader(path, ctx=decord.cpu(0))
+        probe_reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=threads)
         h, w = probe_reader[0].shape[:2]
         n, src_fps = len(probe_reader), float(probe_reader.get_avg_fps())
         del probe_reader
@@ -101,9 +102,9 @@ def decode_resampled(path: str, fps: float, short_side: int,
         if scale < 1:
             # even sizes, aspect preserved; decord resizes while decoding
             new_w, new_h = 2 * round(w * scale / 2), 2 * round(h * scale / 2)
-            reader = decord.VideoReader(path, ctx=decord.cpu(0), width=new_w, height=new_h)
+            reader = decord.VideoReader(path, ctx=decord.cpu(0), width=new_w, height=new_h, num_threads=threads)
         else:
-            reader = decord.VideoReader(path, ctx=decord.cpu(0))
+            reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=threads)
         if n == 0 or not src_fps > 0:
             raise Reject("unreadable", f"no frames or no frame rate (frames={n}, fps={src_fps})")
         idx = resample_indices(n, src_fps, fps)
@@ -119,9 +120,9 @@ def decode_resampled(path: str, fps: float, short_side: int,
     return np.ascontiguousarray(np.concatenate(chunks)), src_fps, n
 
 
-def _child(conn, path, fps, short_side, tmpdir):
+def _child(conn, path, fps, short_side, tmpdir, threads):
     try:
-        frames, src_fps, n = decode_resampled(path, fps, short_side)
+        frames, src_fps, n = decode_resampled(path, fps, short_side, threads=threads)
         out = os.path.join(tmpdir, "frames.npy")
         np.save(out, frames)  # through a file, not the pipe: clips can be hundreds of MB
         conn.send(("ok", out, src_fps, n))
@@ -133,13 +134,14 @@ def _child(conn, path, fps, short_side, tmpdir):
         conn.close()
 
 
-def decode_in_child(path: str, fps: float, short_side: int, timeout_s: float) -> tuple[np.ndarray, float, int]:
+def decode_in_child(path: str, fps: float, short_side: int, timeout_s: float,
+                    threads: int = 0) -> tuple[np.ndarray, float, int]:
     """`decode_resampled` in a forked child that is killed after `timeout_s` (the fully isolated path:
     50–160 ms of fork + frame transfer per file). Used once a decode in this process has hung."""
     ctx = mp.get_context("fork")
     with tempfile.TemporaryDirectory(prefix="lumiere-decode-") as tmpdir:
         recv, send = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=_child, args=(send, path, fps, short_side, tmpdir), daemon=True)
+        proc = ctx.Process(target=_child, args=(send, path, fps, short_side, tmpdir, threads), daemon=True)
         proc.start()
         send.close()
         try:
@@ -169,7 +171,8 @@ def _stuck_decoders() -> int:
         return len(_STUCK)
 
 
-def decode_with_timeout(path: str, fps: float, short_side: int, timeout_s: float) -> tuple[np.ndarray, float, int]:
+def decode_with_timeout(path: str, fps: float, short_side: int, timeout_s: float,
+                        threads: int = 0) -> tuple[np.ndarray, float, int]:
     """`decode_resampled` bounded by `timeout_s`; timeout_s <= 0 decodes in-process without a bound.
 
     The decode runs in-process on a helper thread (no fork, no copy of the frames: a fork + transfer cost
@@ -180,15 +183,15 @@ def decode_with_timeout(path: str, fps: float, short_side: int, timeout_s: float
     left behind and every later decode in this process runs in a forked child that is killed on timeout
     (`decode_in_child`), so a hung decoder costs at most one thread and never blocks the caller."""
     if timeout_s <= 0:
-        return decode_resampled(path, fps, short_side)
+        return decode_resampled(path, fps, short_side, threads=threads)
     if _stuck_decoders():
-        return decode_in_child(path, fps, short_side, timeout_s)
+        return decode_in_child(path, fps, short_side, timeout_s, threads)
     cancel = threading.Event()
     result: list = []
 
     def work():
         try:
-            result.append(("ok", decode_resampled(path, fps, short_side, cancel)))
+            result.append(("ok", decode_resampled(path, fps, short_side, cancel, threads)))
         except _Cancelled:
             pass
         except BaseException as e:  # Reject or anything else: re-raised in the caller

@@ -161,10 +161,14 @@ def run_ingest(input_uri: str, output_uri: str, captions_uri: str | None = None,
     pool.shutdown(wait=False)  # the submitted call still runs to the end
     if todo:
         _init_ray(address)
+        # the encoder config resolved here once: resolving `encoder_from` imports lumiere.config (diffusers,
+        # scipy: ~2 s of CPU), which each embedding actor would otherwise pay while decode tasks need the cores
+        worker_cfg = cfg.model_copy(update={"text": cfg.text_encoder()})
         ds = ray.data.from_items(todo, override_num_blocks=len(todo))
-        ds = ds.flat_map(decode_and_cut, fn_kwargs={"cfg": cfg, "options": options}, num_cpus=cfg.decode_num_cpus)
+        ds = ds.flat_map(decode_and_cut, fn_kwargs={"cfg": worker_cfg, "options": options},
+                         num_cpus=cfg.decode_num_cpus)
         ds = ds.map_batches(
-            CaptionEmbedder, fn_constructor_kwargs={"cfg": cfg}, batch_size=cfg.embed_batch_size,
+            CaptionEmbedder, fn_constructor_kwargs={"cfg": worker_cfg}, batch_size=cfg.embed_batch_size,
             compute=ray.data.ActorPoolStrategy(size=cfg.embed_actors), num_gpus=cfg.embed_num_gpus or None,
             num_cpus=0.5,
         )

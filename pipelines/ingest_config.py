@@ -46,6 +46,11 @@ class IngestConfig(BaseModel):
     embed_actors: int = Field(1, ge=1)
     embed_num_gpus: float = Field(0.0, ge=0)  # >0 puts the embedding actors on GPUs
     decode_num_cpus: float = Field(1.0, gt=0)
+    # threads of the decoder and of each x264 encode inside one decode task; 0 = the libraries' default (one
+    # or more per core). 1 because Ray already runs one decode task per CPU, and on clips this size one
+    # thread costs 22-55% less CPU than their default threading (docs/decisions.md, "Ingestion: one codec
+    # thread per decode task"); raise it with decode_num_cpus, e.g. for few long HD files on many cores.
+    codec_threads: int = Field(1, ge=0, le=64)
 
     @model_validator(mode="after")
     def _check(self):

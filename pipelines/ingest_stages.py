@@ -154,7 +154,7 @@ def _reject_row(source: str, clip_id: str, reason: str, detail: str, shot: int =
 def _encode(frames: np.ndarray, cfg: IngestConfig) -> bytes:
     if cfg.frame_format == "raw":
         return frames.tobytes()
-    return encode_mp4_bytes(frames, cfg.fps, cfg.mp4_crf, cfg.mp4_preset)
+    return encode_mp4_bytes(frames, cfg.fps, cfg.mp4_crf, cfg.mp4_preset, cfg.codec_threads)
 
 
 CANDIDATE_DEFAULTS = {
@@ -199,7 +199,8 @@ def _candidates(row: dict, cfg: IngestConfig, options: StorageOptions) -> list[d
             if min(meta.width, meta.height) < cfg.min_side:
                 raise Reject("too_small", f"{meta.width}x{meta.height} is below min_side={cfg.min_side}")
             short_side = max(cfg.size, cfg.hr_size or 0)
-            frames, src_fps, _ = decode_with_timeout(path, cfg.fps, short_side, cfg.decode_timeout_s)
+            frames, src_fps, _ = decode_with_timeout(path, cfg.fps, short_side, cfg.decode_timeout_s,
+                                                   cfg.codec_threads)
         except Reject as r:
             return [_reject_row(source, whole_file, r.reason, r.detail)]
     finally:

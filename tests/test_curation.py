@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -11,6 +12,7 @@ import pytest
 
 import corpus
 from lumiere.storage import StorageOptions
+from lumiere.video import decode_mp4_bytes, encode_mp4_bytes
 from pipelines.curation import (
     Reject,
     clip_scores,
@@ -88,12 +90,16 @@ def test_a_decoder_that_never_returns_is_still_bounded(built, monkeypatch):
 
     release = threading.Event()
 
-    def stuck(path, fps, short_side, cancel=None):
+    def stuck(path, fps, short_side, cancel=None, threads=0):
         release.wait(30)  # like a native call that never checks for cancellation
         raise Reject("unreadable", "released")
 
     root, _ = built
     path = str(root / "videos" / "fps60_hd.mp4")
+    deadline = time.time() + 10  # a decode cancelled by an earlier test may still be finishing its chunk
+    while curation._stuck_decoders() and time.time() < deadline:
+        time.sleep(0.05)
+    assert curation._stuck_decoders() == 0
     monkeypatch.setattr(curation, "decode_resampled", stuck)
     try:
         for _ in range(2):  # first: the thread path leaves a stuck thread; second: the forked child is killed
@@ -111,6 +117,30 @@ def test_a_decoder_that_never_returns_is_still_bounded(built, monkeypatch):
     assert curation._stuck_decoders() == 0  # the thread ended: back to in-process decoding
     frames, _, _ = curation.decode_with_timeout(path, 16, 128, timeout_s=60)
     assert frames.ndim == 4 and frames.shape[-1] == 3
+
+
+def _x264_threads(mp4: bytes) -> int:
+    """x264 writes its settings into the stream (an SEI message): the `threads=` it ran with."""
+    return int(re.search(rb" threads=(\d+) ", mp4).group(1))
+
+
+def test_codec_threads_change_the_cost_not_the_frames(built):
+    """codec_threads (default 1: one decoder/encoder thread per Ray decode task) decodes exactly the frames
+    decord's own threading decodes, and reaches x264: the shards' clips are encoded with one thread."""
+    root, _ = built
+    path = str(root / "videos" / "fps60_hd.mp4")
+    one, fps_one, n_one = decode_with_timeout(path, 16, 128, timeout_s=60, threads=1)
+    auto, fps_auto, n_auto = decode_with_timeout(path, 16, 128, timeout_s=60, threads=0)
+    assert np.array_equal(one, auto) and (fps_one, n_one) == (fps_auto, n_auto)
+
+    clip = resize_center_crop(one[:16], 128)  # x264 uses at most one thread per two rows of 16-px blocks
+    single = encode_mp4_bytes(clip, 16, 18, "veryfast", threads=1)
+    assert _x264_threads(single) == 1 and _x264_threads(encode_mp4_bytes(clip, 16, 18, "veryfast", threads=2)) == 2
+    assert np.abs(decode_mp4_bytes(single).astype(int) - clip).mean() < 3
+
+    assert CFG.codec_threads == 1
+    rows = [r for r in decode_and_cut(_file(root, "fps60_hd.mp4"), CFG, StorageOptions()) if r["status"] == "ok"]
+    assert rows and all(_x264_threads(r["frames"]) == 1 for r in rows)
 
 
 def test_missing_caption_can_be_kept(built):
