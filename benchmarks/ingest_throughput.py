@@ -278,6 +278,50 @@ def _max_concurrency(spans: list[tuple[float, float]]) -> int:
     return best
 
 
+def _process_cpu() -> dict[tuple[int, str], float]:
+    """CPU seconds (user + system) of every process on the machine, by (pid, name) (Linux /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:  # the process ended meanwhile
+            continue
+        name, fields = text[text.index("(") + 1:text.rindex(")")], text[text.rindex(")") + 2:].split()
+        out[(int(stat.parent.name), name)] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def _machine_cpu() -> tuple[float, float]:
+    """(all, idle) CPU seconds of the machine since boot (/proc/stat)."""
+    v = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return sum(v) / os.sysconf("SC_CLK_TCK"), (v[3] + v[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_by_role(before: dict, after: dict, driver_pid: int) -> dict[str, float]:
+    """CPU seconds spent during a run, grouped: the driver, decode/write task workers, the embedding actor,
+    Ray's own processes and everything else."""
+    roles = defaultdict(float)
+    for (pid, name), cpu in after.items():
+        d = cpu - before.get((pid, name), 0.0)
+        if d <= 0:
+            continue
+        if pid == driver_pid:
+            role = "driver (Ray Data executor, listing, finalize, encoder record)"
+        elif name.startswith("ray::MapWorker"):
+            role = "embedding actor"
+        elif name.startswith("ray::"):
+            # idle task workers show as ray::IDLE between tasks; decode and write tasks run in them
+            role = "task workers (decode, write)" if not name.startswith(("ray::_", "ray::Dashboard")) \
+                else "Ray's actors (stats, autoscaler, dashboard agent)"
+        elif name in ("raylet", "gcs_server") or name.startswith(("python", "dashboard", "log_monitor")):
+            role = "Ray system (raylet, GCS, monitors)"
+        else:
+            role = "other processes"
+        roles[role] += d
+    return dict(roles)
+
+
 def _one_run(root: Path, cfg: IngestConfig, out: Path, timeout: float, log_dir: str) -> dict:
     """One traced run_ingest on the already started Ray; stopped by a watchdog after `timeout` s."""
     saved = ingest.decode_and_cut, ingest.CaptionEmbedder, ingest.write_shard
@@ -293,6 +337,7 @@ def _one_run(root: Path, cfg: IngestConfig, out: Path, timeout: float, log_dir: 
     threading.Thread(target=watchdog, daemon=True).start()
     result = {"loadavg_before": os.getloadavg()[0]}
     lines = []
+    procs_before, machine_before = _process_cpu(), _machine_cpu()
     start = time.time()
     t0 = time.perf_counter()
     try:
@@ -306,6 +351,9 @@ def _one_run(root: Path, cfg: IngestConfig, out: Path, timeout: float, log_dir: 
         done.set()
         ingest.decode_and_cut, ingest.CaptionEmbedder, ingest.write_shard = saved
     result["loadavg_after"] = os.getloadavg()[0]
+    (all1, idle1), (all0, idle0) = _machine_cpu(), machine_before
+    result["machine_busy_cpu_s"] = (all1 - all0) - (idle1 - idle0)
+    result["cpu_by_role"] = _cpu_by_role(procs_before, _process_cpu(), os.getpid())
     result["log"] = [(round(t, 2), m) for t, m in lines]
     by = defaultdict(list)
     for kind, pid, a, b in _read_trace(log_dir):
@@ -360,7 +408,9 @@ def _phase(args, cfg: IngestConfig) -> dict:
     if args.phase == "raw":
         paths = [f["source"] for f in files]
         raw_decode(paths[:2], 0)  # warm-up, not timed
-        return raw_decode(paths, 0)
+        one, limit = raw_decode(paths, 1), raw_decode_parallel(paths, os.cpu_count() or 1)
+        return {**raw_decode(paths, 0), "one_thread_seconds": one["seconds"], "all_cores_seconds": limit["seconds"],
+                "all_cores_processes": limit["processes"]}
     if args.phase == "dac":
         import torch
 
@@ -414,12 +464,17 @@ def report_side_by_side(rows: list[dict], src_frames: int, cores: int) -> None:
 
     raw = [r for r in rows if r["version"] == "raw"]
     raw_s, raw_cpu = mean([r["seconds"] for r in raw]), mean([r["cpu_seconds"] for r in raw])
+    # the fastest raw decode on the cores a row uses: one process (decode_and_cut) or all of them (run_ingest)
+    limit_one = min(raw_s, mean([r.get("one_thread_seconds", raw_s) for r in raw]))
+    limit_all = min(limit_one, mean([r.get("all_cores_seconds", raw_s) for r in raw]))
     print(f"\nSide by side, same corpus, each measurement in a fresh process, rounds alternating before/after "
-          f"(A B, B A, …; mean of {len(raw)} rounds). Raw decord decode (default threads) in the same rounds: "
-          f"{raw_s:.2f} s wall, {raw_cpu:.2f} s CPU ({', '.join(format(r['seconds'], '.2f') for r in raw)} s).\n")
-    print("| what | before s | after s | before / after | before / raw | after / raw | after: clips/s "
-          "| after: source frames/s per core | seconds per round (before; after) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          f"(A B, B A, …; mean of {len(raw)} rounds). Raw decord decode in the same rounds: default threads "
+          f"{raw_s:.2f} s wall, {raw_cpu:.2f} s CPU ({', '.join(format(r['seconds'], '.2f') for r in raw)} s); "
+          f"fastest in one process {limit_one:.2f} s; fastest on all cores {limit_all:.2f} s.\n")
+    print("| what | before s | after s | before / after | before / raw | after / raw | after / fastest raw "
+          "on the same cores | after: clips/s | after: source frames/s per core | seconds per round "
+          "(before; after) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     keys = [("dac", None, None)] + sorted({("e2e", r["ray_cpus"], run["run"]) for r in rows if r["phase"] == "e2e"
                                           for run in r["runs"]}, key=lambda k: (k[1], k[2] != "cold"))
     for phase, n, run in keys:
@@ -441,12 +496,13 @@ def report_side_by_side(rows: list[dict], src_frames: int, cores: int) -> None:
         what = ("decode_and_cut in-process, one process, torch 1 thread" if phase == "dac"
                 else f"run_ingest, Ray num_cpus={n}, {run}")
         per_core = src_frames / a if phase == "dac" else src_frames / a / cores
+        limit = limit_one if phase == "dac" else limit_all
         print(f"| {what} | {b:.2f} | {a:.2f} | {b / a:.2f}× | {b / raw_s:.2f}× | {a / raw_s:.2f}× "
-              f"| {clips / a:.2f} | {per_core:.0f} | {each['before']}; {each['after']} |")
+              f"| {a / limit:.2f}× | {clips / a:.2f} | {per_core:.0f} | {each['before']}; {each['after']} |")
         if phase == "dac":
             print(f"| decode_and_cut, CPU seconds (vs raw decode CPU) | {cpu['before']:.2f} | {cpu['after']:.2f} "
                   f"| {cpu['before'] / cpu['after']:.2f}× | {cpu['before'] / raw_cpu:.2f}× "
-                  f"| {cpu['after'] / raw_cpu:.2f}× | | | |")
+                  f"| {cpu['after'] / raw_cpu:.2f}× | | | | |")
 
 
 # --- report ---------------------------------------------------------------------------------------------------
@@ -509,6 +565,16 @@ def report(data: dict) -> None:
 
     if not e2e:
         return
+    if any("cpu_by_role" in r for r in e2e):
+        roles = sorted({k for r in e2e for k in r.get("cpu_by_role", {})})
+        print("\nEnd-to-end CPU seconds by process (Linux /proc, whole machine, during each run):\n")
+        print("| Ray num_cpus, run | wall s | machine busy CPU s (of cores × wall) | " + " | ".join(roles) + " |")
+        print("|---|---|---|" + "---|" * len(roles))
+        for r in e2e:
+            if "cpu_by_role" in r:
+                print(f"| {r['ray_cpus']}, {r['run']} | {r['seconds']:.1f} | {r['machine_busy_cpu_s']:.1f} "
+                      f"({cores * r['seconds']:.1f}) | "
+                      + " | ".join(f"{r['cpu_by_role'].get(k, 0):.1f}" for k in roles) + " |")
     print("\nEnd-to-end timeline (seconds from run_ingest's start):\n")
     print("| Ray num_cpus, run | Ray start s | decode tasks (processes) | max concurrent | decode task median s "
           "| decode busy s | first decode → last decode | embed actor init | embed calls (busy s) "
