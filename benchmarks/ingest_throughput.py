@@ -5,14 +5,15 @@
    `--source shapes`: moving shapes at `--side`×`--side`; `--source photo`: a camera pan + zoom over the sample
    photographs of frame_storage.py at `--width`×`--height` (natural-image detail, so decoding and re-encoding
    cost what they cost on real footage; sources of 256 px or more also get the 256×256 hr copy).
-2. Raw decode: a plain decord loop over the same files (`VideoReader` + `get_batch` of every frame, one
-   process), with decord's default threading and with `num_threads=1` → source frames/s.
+2. Raw decode: a plain decord loop over the same files (`VideoReader` + `get_batch` of every frame), in one
+   process with decord's default threading and with `num_threads=1`, and in N processes at once (N = the
+   machine's cores) with `num_threads=1` each: the fastest of these is the decode limit on those cores.
 3. Stages in-process, no Ray: the curation functions called in `decode_and_cut`'s order, each timed
    (probe, decode_with_timeout = in-process decode with a deadline, multi_thumbnails, shot_boundaries,
-   clip_scores, resize_center_crop base/hr, mp4 encode base/hr), with comparisons in parentheses (the forked
-   decode `decode_in_child` the pipeline used before, a float32 resize as before, an x264 `medium` encode as
-   before), then `decode_and_cut` itself per file, `CaptionEmbedder` (construction and calls) and
-   `write_shard`. torch runs with 1 thread here, as in a Ray task with num_cpus=1.
+   clip_scores, resize_center_crop base/hr, mp4 encode base/hr, decoder and encoders with `codec_threads`),
+   with comparisons in parentheses (the decode and the encodes at the libraries' default threading), then
+   `decode_and_cut` itself per file, `CaptionEmbedder` (construction and calls) and `write_shard`. torch runs
+   with 1 thread here, as in a Ray task with num_cpus=1.
 4. End to end: `run_ingest` on a local Ray started with `ray.init(address="local", num_cpus=N)` for each N in
    `--ray-cpus`, with decode_num_cpus=1 (the embedding actor holds 0.5 CPU, a writer needs 0.5, so at most
    N−1 decode tasks fit; how many really ran at once is measured). Ray start-up is timed separately; the
@@ -20,7 +21,9 @@
    start-up, shards, finalize). A cold run on a fresh Ray (worker processes start and import torch etc. during
    the run) is followed by a warm run into a new output on the same Ray (unless `--no-warm`).
    Each stage function is wrapped (in this script only) to log its start/end times and process id, which
-   gives the real decode concurrency and a timeline. A watchdog stops a run after `--timeout` s.
+   gives the real decode concurrency and a timeline; the CPU seconds of every process on the machine during
+   the run (Linux /proc) are grouped by role (task workers, embedding actor, driver, Ray's processes). A
+   watchdog stops a run after `--timeout` s.
 
     .venv/bin/python benchmarks/ingest_throughput.py                 # 24 shapes videos, Ray num_cpus 2 and 4
     .venv/bin/python benchmarks/ingest_throughput.py --source photo --videos 12 --ray-cpus 4
