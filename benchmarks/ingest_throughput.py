@@ -119,6 +119,28 @@ def make_videos(root: Path, args) -> list[dict]:
     return records
 
 
+def repeat_corpus(root: Path, records: list[dict], times: int, dest: Path) -> tuple[Path, list[dict]]:
+    """The corpus listed `times` times under new names (hard links, or copies across file systems): a larger
+    corpus at no generation cost, so fixed start-up costs stop dominating. Every name is a separate source
+    to the pipeline (its own file id and clips); decoding cost per file is unchanged."""
+    import shutil
+
+    (dest / "videos").mkdir(parents=True, exist_ok=True)
+    out = []
+    for k in range(times):
+        for r in records:
+            rel = r["path"].replace(".mp4", f"-r{k}.mp4")
+            try:
+                os.link(root / r["path"], dest / rel)
+            except OSError:
+                shutil.copyfile(root / r["path"], dest / rel)
+            out.append({**r, "path": rel})
+    with open(dest / "captions.jsonl", "w") as f:
+        for r in out:
+            f.write(json.dumps({"path": r["path"], "caption": r["caption"]}) + "\n")
+    return dest, out
+
+
 # --- 2. raw decode ------------------------------------------------------------------------------------------
 def raw_decode(paths: list[str], num_threads: int) -> dict:
     import decord
@@ -519,7 +541,8 @@ def report(data: dict) -> None:
     # the decode limit on the cores a row uses: one process (in-process rows) or the whole machine (Ray rows)
     limit_one = min(raw_default["seconds"], raw_one["seconds"])
     limit_all = min(limit_one, raw_all["seconds"]) if raw_all else limit_one
-    print(f"Corpus: {m['videos']} {m['source']} videos, {m['size']}, {m['seconds']:g} s each at fps "
+    repeat = f" ({m['videos'] // m['repeat']} distinct, each listed {m['repeat']}×)" if m.get("repeat", 1) > 1 else ""
+    print(f"Corpus: {m['videos']} {m['source']} videos{repeat}, {m['size']}, {m['seconds']:g} s each at fps "
           f"{', '.join(f'{f:g}' for f in m['fps_list'])} → {src_frames} source frames; config: "
           f"{', '.join(['encoder_from=small', *m['overrides']])} (frame_format {cfg['frame_format']}, "
           f"crf {cfg['mp4_crf']}, preset {cfg.get('mp4_preset', 'medium')}, codec_threads "
@@ -603,6 +626,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--side", type=int, default=160, help="shapes: source frame size (square), default 160")
     ap.add_argument("--width", type=int, default=640, help="photo: source width, default 640")
     ap.add_argument("--height", type=int, default=360, help="photo: source height, default 360")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="list every video this many times under new names (a larger corpus without generating it)")
     ap.add_argument("--seconds", type=float, default=5.5, help="video length; 5 s = one 80-frame clip at 16 fps")
     ap.add_argument("--fps-list", type=float, nargs="+", default=[16, 24, 25, 30, 30000 / 1001])
     ap.add_argument("--ray-cpus", type=int, nargs="*", default=[2, 4],
@@ -648,10 +673,12 @@ def main(argv: list[str] | None = None) -> int:
                 root = args.corpus_cache
             records = make_videos(root, args)
             (root / "records.json").write_text(json.dumps({"key": key, "records": records}))
+        if args.repeat > 1:
+            root, records = repeat_corpus(root, records, args.repeat, work / "corpus-repeated")
         src_frames = sum(r["frames"] for r in records)
         say(f"corpus: {len(records)} videos, {src_frames} source frames, {time.perf_counter() - t0:.1f}s")
         files, _ = ingest_stages.list_inputs(str(root), str(root / "captions.jsonl"), cfg, StorageOptions())
-        assert len(files) == args.videos and all(f["has_caption"] for f in files), "captions not matched"
+        assert len(files) == len(records) and all(f["has_caption"] for f in files), "captions not matched"
         paths = [f["source"] for f in files]
 
         raw_default = raw_decode(paths, 0)
@@ -679,7 +706,8 @@ def main(argv: list[str] | None = None) -> int:
 
     data = {
         "meta": {"argv": sys.argv[1:], "python": platform.python_version(), "cores": os.cpu_count() or 1,
-                 "videos": args.videos, "source": args.source, "size": records[0]["size"], "seconds": args.seconds,
+                 "videos": len(records), "repeat": args.repeat, "source": args.source, "size": records[0]["size"],
+                 "seconds": args.seconds,
                  "fps_list": args.fps_list, "overrides": args.overrides, "source_frames": src_frames,
                  "loadavg_start": load0, "loadavg_end": os.getloadavg()[0], "config": cfg.model_dump(mode="json")},
         "raw_decode": {"default": raw_default, "one_thread": raw_one, "all_cores": raw_all},

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import time
 from collections import Counter, defaultdict
@@ -119,6 +120,14 @@ def _encoder_info(cfg: IngestConfig) -> dict:
             "token_dtype": "float16", "pooled_dim": int(pooled.shape[1])}
 
 
+def decode_tasks(n_files: int, cfg: IngestConfig, resources: dict) -> int:
+    """How many decode tasks (Ray Data blocks) `n_files` files are cut into: `decode_files_per_task` files
+    each, since every task has a fixed scheduling cost, but at least two per decode slot of the cluster (its
+    CPUs / decode_num_cpus) so that every slot gets work and the last tasks of a job are short."""
+    slots = max(1, int(resources.get("CPU", 1) // cfg.decode_num_cpus))
+    return max(1, min(n_files, max(math.ceil(n_files / cfg.decode_files_per_task), 2 * slots)))
+
+
 def _absolute(uri: str) -> str:
     return str(uri) if storage.is_s3(uri) else str(Path(uri).expanduser().resolve())
 
@@ -164,7 +173,7 @@ def run_ingest(input_uri: str, output_uri: str, captions_uri: str | None = None,
         # the encoder config resolved here once: resolving `encoder_from` imports lumiere.config (diffusers,
         # scipy: ~2 s of CPU), which each embedding actor would otherwise pay while decode tasks need the cores
         worker_cfg = cfg.model_copy(update={"text": cfg.text_encoder()})
-        ds = ray.data.from_items(todo, override_num_blocks=len(todo))
+        ds = ray.data.from_items(todo, override_num_blocks=decode_tasks(len(todo), cfg, ray.cluster_resources()))
         ds = ds.flat_map(decode_and_cut, fn_kwargs={"cfg": worker_cfg, "options": options},
                          num_cpus=cfg.decode_num_cpus)
         ds = ds.map_batches(

@@ -19,7 +19,7 @@ import pytest
 
 import corpus
 from lumiere.video import decode_mp4_bytes
-from pipelines.ingest import run_ingest
+from pipelines.ingest import decode_tasks, run_ingest
 from pipelines.ingest_config import load_ingest_config
 
 pytestmark = pytest.mark.timeout(600)
@@ -226,3 +226,18 @@ def test_relative_paths_give_the_same_dataset(ingested, built, tmp_path, monkeyp
     expected, _ = _clips(out_abs)
     assert sorted((r["clip_id"], r["caption"]) for r in rows) == sorted((r["clip_id"], r["caption"]) for r in expected)
     assert rows and all(not s["path"].startswith(("/", "..")) for s in manifest["shards"])
+
+
+def test_decode_tasks_group_files_but_give_every_slot_work():
+    """Files are grouped decode_files_per_task (4) to a task, but cut into at least two tasks per decode slot
+    (the cluster's CPUs / decode_num_cpus), and never into more tasks than files. The corpus of the tests
+    above (16 files on 4 CPUs) runs as 8 tasks of 2 files: the exact-clips and resume tests cover tasks of
+    several files."""
+    cfg = load_ingest_config(None, OVERRIDES)
+    assert cfg.decode_files_per_task == 4 and cfg.decode_num_cpus == 1
+    assert decode_tasks(192, cfg, {"CPU": 4}) == 48
+    assert decode_tasks(16, cfg, {"CPU": 4}) == 8
+    assert decode_tasks(3, cfg, {"CPU": 4}) == 3
+    assert decode_tasks(1, cfg, {}) == 1
+    assert decode_tasks(100, cfg.model_copy(update={"decode_num_cpus": 2.0}), {"CPU": 64}) == 64  # 32 slots
+    assert decode_tasks(1000, cfg.model_copy(update={"decode_files_per_task": 1}), {"CPU": 32}) == 1000
