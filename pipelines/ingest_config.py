@@ -48,7 +48,7 @@ class IngestConfig(BaseModel):
     decode_num_cpus: float = Field(1.0, gt=0)
     # threads of the decoder and of each x264 encode inside one decode task; 0 = the libraries' default (one
     # or more per core). 1 because Ray already runs one decode task per CPU, and on clips this size one
-    # thread costs 22-55% less CPU than their default threading (docs/decisions.md, "Ingestion: one codec
+    # thread costs 16-45% less CPU than their default threading (docs/decisions.md, "Ingestion: one codec
     # thread per decode task"); raise it with decode_num_cpus, e.g. for few long HD files on many cores.
     codec_threads: int = Field(1, ge=0, le=64)
     # files per decode task: Ray Data schedules one task per block of files, and each task has a fixed cost;
