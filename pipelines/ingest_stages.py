@@ -29,7 +29,7 @@ import torch
 
 from lumiere import storage
 from lumiere.storage import StorageOptions
-from lumiere.video import encode_mp4_bytes
+from lumiere.video import X264_FAST_ANALYSIS, encode_mp4_bytes
 
 from .curation import (
     Reject,
@@ -154,7 +154,8 @@ def _reject_row(source: str, clip_id: str, reason: str, detail: str, shot: int =
 def _encode(frames: np.ndarray, cfg: IngestConfig) -> bytes:
     if cfg.frame_format == "raw":
         return frames.tobytes()
-    return encode_mp4_bytes(frames, cfg.fps, cfg.mp4_crf, cfg.mp4_preset, cfg.codec_threads)
+    return encode_mp4_bytes(frames, cfg.fps, cfg.mp4_crf, cfg.mp4_preset, cfg.codec_threads,
+                            X264_FAST_ANALYSIS if cfg.mp4_fast_analysis else None)
 
 
 CANDIDATE_DEFAULTS = {

@@ -119,9 +119,13 @@ def test_a_decoder_that_never_returns_is_still_bounded(built, monkeypatch):
     assert frames.ndim == 4 and frames.shape[-1] == 3
 
 
+def _x264_option(mp4: bytes, name: str) -> str:
+    """x264 writes its settings into the stream (an SEI message), e.g. the `threads=` it ran with."""
+    return re.search(rb" " + name.encode() + rb"=(\S+) ", mp4).group(1).decode()
+
+
 def _x264_threads(mp4: bytes) -> int:
-    """x264 writes its settings into the stream (an SEI message): the `threads=` it ran with."""
-    return int(re.search(rb" threads=(\d+) ", mp4).group(1))
+    return int(_x264_option(mp4, "threads"))
 
 
 def test_codec_threads_change_the_cost_not_the_frames(built):
@@ -141,6 +145,26 @@ def test_codec_threads_change_the_cost_not_the_frames(built):
     assert CFG.codec_threads == 1
     rows = [r for r in decode_and_cut(_file(root, "fps60_hd.mp4"), CFG, StorageOptions()) if r["status"] == "ok"]
     assert rows and all(_x264_threads(r["frames"]) == 1 for r in rows)
+
+
+def test_fast_x264_analysis_reaches_the_encoder_and_keeps_the_frames(built):
+    """mp4_fast_analysis (default on) encodes the shards' clips with X264_FAST_ANALYSIS over the preset: x264
+    reports intra-only sub-8x8 partitions and the diamond search, and the clip decodes as close to its frames as
+    the preset alone does. Off, the preset's own analysis is used."""
+    root, _ = built
+    fast = [r for r in decode_and_cut(_file(root, "fps60_hd.mp4"), CFG, StorageOptions()) if r["status"] == "ok"]
+    plain_cfg = CFG.model_copy(update={"mp4_fast_analysis": False})
+    plain = [r for r in decode_and_cut(_file(root, "fps60_hd.mp4"), plain_cfg, StorageOptions())
+             if r["status"] == "ok"]
+    assert CFG.mp4_fast_analysis and fast and len(fast) == len(plain)
+    for f, p in zip(fast, plain):
+        for column in ("frames", "hr_frames"):
+            # analyse=<intra>:<inter> partition bit masks; 0x3 = i4x4 + i8x8, with p8x8/b8x8 (0x10/0x100) only
+            # in the preset's own inter mask
+            assert (_x264_option(f[column], "me"), _x264_option(f[column], "analyse")) == ("dia", "0x3:0x3")
+            assert _x264_option(p[column], "me") == "hex" and _x264_option(p[column], "analyse") != "0x3:0x3"
+            a, b = decode_mp4_bytes(f[column]).astype(int), decode_mp4_bytes(p[column]).astype(int)
+            assert a.shape == b.shape and np.abs(a - b).mean() < 1.5  # both within x264's CRF 18 of the source
 
 
 def test_missing_caption_can_be_kept(built):
