@@ -86,18 +86,22 @@ _CHUNK = 64  # frames per decord get_batch call; a cancelled decode stops at the
 
 
 def decode_resampled(path: str, fps: float, short_side: int, cancel: threading.Event | None = None,
-                     threads: int = 0) -> tuple[np.ndarray, float, int]:
+                     threads: int = 0, src_size: tuple[int, int] | None = None) -> tuple[np.ndarray, float, int]:
     """Decode with decord at `fps` (nearest source frame) and, if larger, scaled so the shorter side is
     `short_side` (decoding smaller keeps memory bounded for HD sources). Returns (frames, src_fps, n_src).
     With `cancel`, the decode stops (raising _Cancelled) at the next chunk of frames once it is set.
-    `threads`: decoder threads, 0 = decord's default (one per core; IngestConfig.codec_threads)."""
+    `threads`: decoder threads, 0 = decord's default (one per core; IngestConfig.codec_threads).
+    `src_size`: the source's (width, height) when the caller has probed it (`probe`); otherwise decord is
+    opened once more to read it from the first frame, which costs ~24 ms of CPU on a 640×360 file."""
     import decord
 
     try:
-        probe_reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=threads)
-        h, w = probe_reader[0].shape[:2]
-        n, src_fps = len(probe_reader), float(probe_reader.get_avg_fps())
-        del probe_reader
+        if src_size is None:
+            probe_reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=threads)
+            h, w = probe_reader[0].shape[:2]
+            del probe_reader
+        else:
+            w, h = src_size
         scale = short_side / min(h, w)
         if scale < 1:
             # even sizes, aspect preserved; decord resizes while decoding
@@ -105,6 +109,7 @@ def decode_resampled(path: str, fps: float, short_side: int, cancel: threading.E
             reader = decord.VideoReader(path, ctx=decord.cpu(0), width=new_w, height=new_h, num_threads=threads)
         else:
             reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=threads)
+        n, src_fps = len(reader), float(reader.get_avg_fps())
         if n == 0 or not src_fps > 0:
             raise Reject("unreadable", f"no frames or no frame rate (frames={n}, fps={src_fps})")
         idx = resample_indices(n, src_fps, fps)
@@ -120,9 +125,9 @@ def decode_resampled(path: str, fps: float, short_side: int, cancel: threading.E
     return np.ascontiguousarray(np.concatenate(chunks)), src_fps, n
 
 
-def _child(conn, path, fps, short_side, tmpdir, threads):
+def _child(conn, path, fps, short_side, tmpdir, threads, src_size):
     try:
-        frames, src_fps, n = decode_resampled(path, fps, short_side, threads=threads)
+        frames, src_fps, n = decode_resampled(path, fps, short_side, threads=threads, src_size=src_size)
         out = os.path.join(tmpdir, "frames.npy")
         np.save(out, frames)  # through a file, not the pipe: clips can be hundreds of MB
         conn.send(("ok", out, src_fps, n))
@@ -135,13 +140,14 @@ def _child(conn, path, fps, short_side, tmpdir, threads):
 
 
 def decode_in_child(path: str, fps: float, short_side: int, timeout_s: float,
-                    threads: int = 0) -> tuple[np.ndarray, float, int]:
+                    threads: int = 0, src_size: tuple[int, int] | None = None) -> tuple[np.ndarray, float, int]:
     """`decode_resampled` in a forked child that is killed after `timeout_s` (the fully isolated path:
     50–160 ms of fork + frame transfer per file). Used once a decode in this process has hung."""
     ctx = mp.get_context("fork")
     with tempfile.TemporaryDirectory(prefix="lumiere-decode-") as tmpdir:
         recv, send = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=_child, args=(send, path, fps, short_side, tmpdir, threads), daemon=True)
+        proc = ctx.Process(target=_child, args=(send, path, fps, short_side, tmpdir, threads, src_size),
+                           daemon=True)
         proc.start()
         send.close()
         try:
@@ -171,8 +177,8 @@ def _stuck_decoders() -> int:
         return len(_STUCK)
 
 
-def decode_with_timeout(path: str, fps: float, short_side: int, timeout_s: float,
-                        threads: int = 0) -> tuple[np.ndarray, float, int]:
+def decode_with_timeout(path: str, fps: float, short_side: int, timeout_s: float, threads: int = 0,
+                        src_size: tuple[int, int] | None = None) -> tuple[np.ndarray, float, int]:
     """`decode_resampled` bounded by `timeout_s`; timeout_s <= 0 decodes in-process without a bound.
 
     The decode runs in-process on a helper thread (no fork, no copy of the frames: a fork + transfer cost
@@ -183,15 +189,15 @@ def decode_with_timeout(path: str, fps: float, short_side: int, timeout_s: float
     left behind and every later decode in this process runs in a forked child that is killed on timeout
     (`decode_in_child`), so a hung decoder costs at most one thread and never blocks the caller."""
     if timeout_s <= 0:
-        return decode_resampled(path, fps, short_side, threads=threads)
+        return decode_resampled(path, fps, short_side, threads=threads, src_size=src_size)
     if _stuck_decoders():
-        return decode_in_child(path, fps, short_side, timeout_s, threads)
+        return decode_in_child(path, fps, short_side, timeout_s, threads, src_size)
     cancel = threading.Event()
     result: list = []
 
     def work():
         try:
-            result.append(("ok", decode_resampled(path, fps, short_side, cancel, threads)))
+            result.append(("ok", decode_resampled(path, fps, short_side, cancel, threads, src_size)))
         except _Cancelled:
             pass
         except BaseException as e:  # Reject or anything else: re-raised in the caller

@@ -201,7 +201,7 @@ def _candidates(row: dict, cfg: IngestConfig, options: StorageOptions) -> list[d
                 raise Reject("too_small", f"{meta.width}x{meta.height} is below min_side={cfg.min_side}")
             short_side = max(cfg.size, cfg.hr_size or 0)
             frames, src_fps, _ = decode_with_timeout(path, cfg.fps, short_side, cfg.decode_timeout_s,
-                                                   cfg.codec_threads)
+                                                   cfg.codec_threads, (meta.width, meta.height))
         except Reject as r:
             return [_reject_row(source, whole_file, r.reason, r.detail)]
     finally:

@@ -17,6 +17,7 @@ from pipelines.curation import (
     Reject,
     clip_scores,
     decode_with_timeout,
+    probe,
     resample_indices,
     resize_center_crop,
     shot_boundaries,
@@ -90,7 +91,7 @@ def test_a_decoder_that_never_returns_is_still_bounded(built, monkeypatch):
 
     release = threading.Event()
 
-    def stuck(path, fps, short_side, cancel=None, threads=0):
+    def stuck(path, fps, short_side, cancel=None, threads=0, src_size=None):
         release.wait(30)  # like a native call that never checks for cancellation
         raise Reject("unreadable", "released")
 
@@ -145,6 +146,20 @@ def test_codec_threads_change_the_cost_not_the_frames(built):
     assert CFG.codec_threads == 1
     rows = [r for r in decode_and_cut(_file(root, "fps60_hd.mp4"), CFG, StorageOptions()) if r["status"] == "ok"]
     assert rows and all(_x264_threads(r["frames"]) == 1 for r in rows)
+
+
+def test_a_probed_size_decodes_the_same_frames(built):
+    """decode_and_cut passes the size PyAV's probe read to the decoder, which then opens decord once instead of
+    twice: same frames, source fps and frame count as decord reading the size itself, scaled or not."""
+    root, _ = built
+    for name, short_side in (("fps24_wide.mp4", 128), ("fps2997.mp4", 256)):  # 256x144 scaled; 160x128 not
+        path = str(root / "videos" / name)
+        meta = probe(path)
+        probed = decode_with_timeout(path, 16, short_side, timeout_s=60, threads=1,
+                                     src_size=(meta.width, meta.height))
+        itself = decode_with_timeout(path, 16, short_side, timeout_s=60, threads=1)
+        assert np.array_equal(probed[0], itself[0]) and probed[1:] == itself[1:]
+        assert min(probed[0].shape[1:3]) == min(short_side, meta.width, meta.height)
 
 
 def test_fast_x264_analysis_reaches_the_encoder_and_keeps_the_frames(built):
