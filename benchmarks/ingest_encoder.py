@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from frame_storage import photo_clip, psnr, sample_photos, shape_clips, texture_clip  # noqa: E402
+
 from lumiere.video import X264_FAST_ANALYSIS, decode_mp4_bytes, encode_mp4_bytes  # noqa: E402
 from pipelines.curation import resize_center_crop  # noqa: E402
 
@@ -93,8 +94,9 @@ def main(argv: list[str] | None = None) -> int:
             m = measure(clips, args.preset, args.crf, args.rounds)
             a, b = m["preset only"], m["fast analysis"]
             print(f"| {kind} | {side}² | {a['encode_ms']:.1f} | {b['encode_ms']:.1f} | "
-                  f"{b['encode_ms'] / a['encode_ms']:.2f} | {a['kib']:.1f} | {b['kib']:.1f} | {b['kib'] / a['kib']:.3f} "
-                  f"| {a['psnr']:.2f} | {b['psnr']:.2f} | {a['loader_ms']:.1f} | {b['loader_ms']:.1f} |", flush=True)
+                  f"{b['encode_ms'] / a['encode_ms']:.2f} | {a['kib']:.1f} | {b['kib']:.1f} | "
+                  f"{b['kib'] / a['kib']:.3f} | {a['psnr']:.2f} | {b['psnr']:.2f} | {a['loader_ms']:.1f} | "
+                  f"{b['loader_ms']:.1f} |", flush=True)
     print(f"\nload after: {os.getloadavg()[0]:.1f}")
     return 0
 

@@ -54,10 +54,10 @@ def _check_encodable(frames: np.ndarray, fps: float) -> np.ndarray:
 
 
 # x264 settings on top of a preset that make the encode of small clips cheaper for little size: inter
-# prediction without sub-8x8 partitions, and the diamond motion search (both as in the `superfast` preset, whose
-# other settings double the size). On 128²/256² clips with x264 `veryfast`: 22-31% less encoder CPU on
-# photographic and grainy content (6-8% on flat synthetic shapes) for 0-2% larger files, PSNR within 0.03 dB
-# (docs/decisions.md, "Ingestion: cheaper x264 analysis").
+# prediction without 8x8 partitions (p8x8, b8x8) and the diamond motion search, both as in the `superfast`
+# preset, whose other settings double the size. On 128²/256² clips with x264 `veryfast`: 17-29% less encoder
+# CPU on photographic and textured content (7-13% on flat synthetic shapes) for 0-8% larger files and at most
+# 0.07 dB less PSNR (0.27 dB on shapes at 256²) (benchmarks/ingest_encoder.py; docs/decisions.md).
 X264_FAST_ANALYSIS = "partitions=i8x8,i4x4:me=dia"
 
 

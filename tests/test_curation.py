@@ -164,7 +164,7 @@ def test_a_probed_size_decodes_the_same_frames(built):
 
 def test_fast_x264_analysis_reaches_the_encoder_and_keeps_the_frames(built):
     """mp4_fast_analysis (default on) encodes the shards' clips with X264_FAST_ANALYSIS over the preset: x264
-    reports intra-only sub-8x8 partitions and the diamond search, and the clip decodes as close to its frames as
+    reports no 8x8 inter partitions and the diamond search, and the clip decodes as close to its frames as
     the preset alone does. Off, the preset's own analysis is used."""
     root, _ = built
     fast = [r for r in decode_and_cut(_file(root, "fps60_hd.mp4"), CFG, StorageOptions()) if r["status"] == "ok"]
@@ -172,7 +172,7 @@ def test_fast_x264_analysis_reaches_the_encoder_and_keeps_the_frames(built):
     plain = [r for r in decode_and_cut(_file(root, "fps60_hd.mp4"), plain_cfg, StorageOptions())
              if r["status"] == "ok"]
     assert CFG.mp4_fast_analysis and fast and len(fast) == len(plain)
-    for f, p in zip(fast, plain):
+    for f, p in zip(fast, plain, strict=True):
         for column in ("frames", "hr_frames"):
             # analyse=<intra>:<inter> partition bit masks; 0x3 = i4x4 + i8x8, with p8x8/b8x8 (0x10/0x100) only
             # in the preset's own inter mask
