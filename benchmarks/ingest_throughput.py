@@ -210,11 +210,12 @@ def stage_breakdown(files: list[dict], cfg: IngestConfig, out_dir: str) -> dict:
         path = row["source"]
         meta = T("probe", curation.probe, path)
         short_side = max(cfg.size, cfg.hr_size or 0)
+        src_size = (meta.width, meta.height)
         frames, _, _ = T("decode_with_timeout", curation.decode_with_timeout, path, cfg.fps, short_side,
-                         cfg.decode_timeout_s, cfg.codec_threads)
+                         cfg.decode_timeout_s, cfg.codec_threads, src_size)
         if cfg.codec_threads != 0:
             T("(decode_with_timeout, decord's default threads)", curation.decode_with_timeout, path, cfg.fps,
-              short_side, cfg.decode_timeout_s, 0)
+              short_side, cfg.decode_timeout_s, 0, src_size)
         thumbs = T("multi_thumbnails", curation.multi_thumbnails, frames, (32, 64))
         shots = T("shot_boundaries", curation.shot_boundaries, frames, cfg.cut_threshold, thumbs[32])
         for a, b in shots:
@@ -227,7 +228,8 @@ def stage_breakdown(files: list[dict], cfg: IngestConfig, out_dir: str) -> dict:
                     copies.append(("hr", cfg.hr_size))
                 for name, size in copies:
                     resized = T(f"resize_center_crop {name}", curation.resize_center_crop, clip, size)
-                    kind = "mp4 " + cfg.mp4_preset if cfg.frame_format == "mp4" else "raw"
+                    kind = ("mp4 " + cfg.mp4_preset + (" + fast analysis" if cfg.mp4_fast_analysis else "")
+                            if cfg.frame_format == "mp4" else "raw")
                     T(f"encode {name} ({kind})", ingest_stages._encode, resized, cfg)
                     if cfg.frame_format == "mp4" and cfg.codec_threads != 0:
                         T(f"(encode {name}, x264's default threads)", ingest_stages._encode, resized,
