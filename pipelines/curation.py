@@ -96,7 +96,7 @@ def decode_resampled(path: str, fps: float, short_side: int, cancel: threading.E
     import decord
 
     try:
-        if src_size is None:
+        if src_size is None or min(src_size) <= 0:  # no (usable) size from the caller's probe
             probe_reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=threads)
             h, w = probe_reader[0].shape[:2]
             del probe_reader

@@ -159,6 +159,8 @@ def test_a_probed_size_decodes_the_same_frames(built):
                                      src_size=(meta.width, meta.height))
         itself = decode_with_timeout(path, 16, short_side, timeout_s=60, threads=1)
         assert np.array_equal(probed[0], itself[0]) and probed[1:] == itself[1:]
+        unknown = decode_with_timeout(path, 16, short_side, timeout_s=60, threads=1, src_size=(0, 0))
+        assert np.array_equal(unknown[0], itself[0])  # a probe without a size: decord reads it
         assert min(probed[0].shape[1:3]) == min(short_side, meta.width, meta.height)
 
 
