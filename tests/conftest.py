@@ -41,6 +41,15 @@ def run_cli(*args: str, timeout: float = 300, env: dict | None = None,
     return proc
 
 
+def run_clis(*arg_lists: list[str], parallel: int = 4, timeout: float = 300) -> list[subprocess.CompletedProcess]:
+    """run_cli for each argument list, `parallel` at a time, in order of the lists: a CLI process spends most of
+    its few seconds importing (torch, ray) on one core, so independent runs overlap well."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(parallel) as pool:
+        return list(pool.map(lambda args: run_cli(*args, timeout=timeout), arg_lists))
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray for the whole suite; 4 logical CPUs on 2 cores (see DEVELOPERS: 2 deadlocks). address="local":

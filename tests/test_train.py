@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_cli
+from conftest import run_cli, run_clis
 from lumiere.shapes import make_corpus
 from pipelines.ingest import run_ingest
 from pipelines.ingest_config import load_ingest_config
@@ -340,30 +340,38 @@ def test_bad_inputs_fail_before_training(shards, t2i_run, tmp_path, ray_session)
     import ray
 
     base = ["train", "t2i", "--output", str(tmp_path / "o"), "--config", "tiny"]
-    _one_line(run_cli(*base, "--data", str(tmp_path / "nowhere")), "no manifest.json")
+
+    def t2i(name, *args):  # its own output directory: the runs are side by side
+        return ["train", "t2i", "--output", str(tmp_path / f"o-{name}"), "--config", "tiny", *args]
+
     empty = tmp_path / "empty"
     empty.mkdir()
     manifest = json.loads((shards / "manifest.json").read_text())
     (empty / "manifest.json").write_text(json.dumps({**manifest, "shards": [], "clips": 0}))
-    _one_line(run_cli(*base, "--data", str(empty)), "has no clips")
     future = tmp_path / "future"
     future.mkdir()
     (future / "manifest.json").write_text(json.dumps({**manifest, "schema_version": 99}))
-    _one_line(run_cli(*base, "--data", str(future)), "schema version 99")
     moved = tmp_path / "moved"  # a manifest whose shard files are gone (moved, deleted, or a stale copy)
     moved.mkdir()
     (moved / "manifest.json").write_text(json.dumps(manifest))
-    _one_line(run_cli(*base, "--data", str(moved)), f"lists {len(manifest['shards'])} of {len(manifest['shards'])} "
-              "shard files that do not exist")
-    _one_line(run_cli(*base, "--data", str(shards), "--set", "text.seed=5"), "another text encoder")
     t2i_out, _ = t2i_run
-    _one_line(run_cli("train", "stunet", "--data", str(shards), "--output", str(tmp_path / "s"), "--config", "tiny",
-                      "--init-from", str(t2i_out), "--set", "unet.base_channels=16"), "differs in unet.base_channels")
-    _one_line(run_cli("train", "stunet", "--data", str(shards), "--output", str(tmp_path / "s"), "--config", "tiny"),
-              "needs --init-from")
-    _one_line(run_cli("train", "ssr", "--data", str(shards), "--output", str(tmp_path / "r"), "--config", "tiny",
-                      "--init-from", str(t2i_out)), "`train ssr` continues from a ssr checkpoint only")
-    _one_line(run_cli(*base, "--data", str(shards), "--conditional"), "--conditional applies to")
+    n_shards = len(manifest["shards"])
+    cases = [  # (CLI arguments, what its one-line error must say); independent runs, so run side by side
+        (t2i("nowhere", "--data", str(tmp_path / "nowhere")), "no manifest.json"),
+        (t2i("empty", "--data", str(empty)), "has no clips"),
+        (t2i("future", "--data", str(future)), "schema version 99"),
+        (t2i("moved", "--data", str(moved)), f"lists {n_shards} of {n_shards} shard files that do not exist"),
+        (t2i("text", "--data", str(shards), "--set", "text.seed=5"), "another text encoder"),
+        (["train", "stunet", "--data", str(shards), "--output", str(tmp_path / "s1"), "--config", "tiny",
+          "--init-from", str(t2i_out), "--set", "unet.base_channels=16"], "differs in unet.base_channels"),
+        (["train", "stunet", "--data", str(shards), "--output", str(tmp_path / "s2"), "--config", "tiny"],
+         "needs --init-from"),
+        (["train", "ssr", "--data", str(shards), "--output", str(tmp_path / "r"), "--config", "tiny",
+          "--init-from", str(t2i_out)], "`train ssr` continues from a ssr checkpoint only"),
+        (t2i("cond", "--data", str(shards), "--conditional"), "--conditional applies to"),
+    ]
+    for (_args, needle), proc in zip(cases, run_clis(*(args for args, _ in cases)), strict=True):
+        _one_line(proc, needle)
     # joining a running cluster, Ray itself may log a connection line first; our error is still one line, last
     gcs = ray.get_runtime_context().gcs_address
     proc = run_cli(*base, "--data", str(shards), "--num-workers", "64", "--address", gcs)
