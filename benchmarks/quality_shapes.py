@@ -116,6 +116,46 @@ def step_time(model, cfg, kind, clips, cond, n: int = 4) -> float:
     return float(np.median(times[1:]))
 
 
+def parse_variants(specs: list[str]) -> dict[str, list[str]]:
+    """'NAME=key=value,key=value' -> {NAME: [key=value, ...]}; none given: the STUNet and its fixed baseline."""
+    if not specs:
+        specs = ["STUNet=", "fixed-temporal=stunet.temporal_resampling=false"]
+    out = {}
+    for spec in specs:
+        name, _, rest = spec.partition("=")
+        if not name or name in out:
+            raise SystemExit(f"--variant {spec!r}: give each variant a unique NAME before the first '='")
+        out[name] = [kv for kv in rest.split(",") if kv]
+    return out
+
+
+def text_separation(model, encoder) -> dict:
+    """Mean cosine between what the motion layers get of two prompts that differ only in direction / only in
+    colour (1 = indistinguishable): the frozen encoder's pooled embedding, and the STUNet's motion text path."""
+    pairs = {"direction": [], "colour": []}
+    colors, dirs = list(COLORS), list(DIRECTIONS)
+    for shape in SHAPES:
+        for c in colors:
+            for i, d1 in enumerate(dirs):
+                for d2 in dirs[i + 1:]:
+                    pairs["direction"].append((f"a {c} {shape} moving {d1}", f"a {c} {shape} moving {d2}"))
+        for d in dirs:
+            for i, c1 in enumerate(colors):
+                for c2 in colors[i + 1:]:
+                    pairs["colour"].append((f"a {c1} {shape} moving {d}", f"a {c2} {shape} moving {d}"))
+    out = {}
+    for kind, ps in pairs.items():
+        ctx_a, pooled_a = encoder.encode_text([a for a, _ in ps])
+        ctx_b, pooled_b = encoder.encode_text([b for _, b in ps])
+        out[f"encoder_{kind}_cos"] = float(torch.cosine_similarity(pooled_a, pooled_b).mean())
+        if getattr(model, "motion", None) is not None:
+            with torch.no_grad():
+                ea, _ = model.motion.text(ctx_a, pooled_a)
+                eb, _ = model.motion.text(ctx_b, pooled_b)
+            out[f"motion_{kind}_cos"] = float(torch.cosine_similarity(ea, eb).mean())
+    return out
+
+
 def eval_prompts(seeds: int) -> list[tuple[str, int]]:
     prompts = []
     for i, (color, direction) in enumerate((c, d) for c in COLORS for d in DIRECTIONS):
@@ -184,7 +224,10 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/lumiere-quality-shapes"))
     ap.add_argument("--json", type=Path, help="write every score here")
     ap.add_argument("--quick", action="store_true", help="smoke test: tiny config, 12 clips, 20 t2i steps, 1 seed")
-    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--set", dest="overrides", action="append", default=[], help="override for every model")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=KEY=VALUE[,KEY=VALUE...]",
+                    help="a temporal model to train, with its own overrides on top of --set (repeatable; "
+                         "default: 'STUNet=' and 'fixed-temporal=stunet.temporal_resampling=false')")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (default 1: on a shared 2-core machine, 2 OpenMP threads competing with "
                          "other processes ran 20-40x slower per step)")
@@ -196,7 +239,6 @@ def main() -> None:
         args.config, args.clips, args.t2i_steps, args.seeds = "tiny", 12, 20, 1
     t_start = time.perf_counter()
     cfg = load_config(args.config, args.overrides)
-    cfg_fixed = load_config(args.config, [*args.overrides, "stunet.temporal_resampling=false"])
     torch.manual_seed(cfg.train.seed)
     print(f"quality_shapes: config {cfg.name} ({cfg.video.frames} frames, {cfg.video.size}x{cfg.video.size}), "
           f"{args.clips} clips, torch {torch.__version__}, {torch.get_num_threads()} threads, "
@@ -218,11 +260,15 @@ def main() -> None:
     prior.load_state_dict(t2i.step_fn.ema.state_dict(prior))
     t2i_s = time.perf_counter() - t0
 
-    models = {"STUNet": (build_stunet(cfg, copy.deepcopy(prior)), cfg),
-              "fixed-temporal": (build_stunet(cfg_fixed, copy.deepcopy(prior)), cfg_fixed)}
+    variants = parse_variants(args.variant)
+    models = {}
+    for name, extra in variants.items():
+        vcfg = load_config(args.config, [*args.overrides, *extra])
+        torch.manual_seed(vcfg.train.seed)  # every variant's new layers start from the same random state
+        models[name] = (build_stunet(vcfg, copy.deepcopy(prior)), vcfg)
     # side-by-side timing (alternating, so load drift hits both), then the step budgets
     times = {name: [] for name in models}
-    for _ in range(2):
+    for _ in range(2 if len(models) <= 3 else 1):
         for name, (m, c) in models.items():
             times[name].append(step_time(m, c, "stunet", clips, cond))
     per_step = {name: float(np.median(t)) for name, t in times.items()}
@@ -248,11 +294,13 @@ def main() -> None:
     real = [score(v.numpy(), c) for v, c in zip(clips, captions, strict=True) if " and " not in c]
     results["real corpus clips"] = {**summarise(real), "steps": None, "train_s": None, "gen_s": None}
     for name, tr in trainers.items():
-        videos, gen_s = generate(tr.ema_model(), encoder, tr.cfg, prompts, args.batch)
+        ema = tr.ema_model()
+        separation = text_separation(ema, encoder)
+        videos, gen_s = generate(ema, encoder, tr.cfg, prompts, args.batch)
         rows = [score(v, p) for v, (p, _) in zip(videos, prompts, strict=True)]
         all_rows[name] = rows
         results[name] = {**summarise(rows), "steps": tr.steps, "train_s": tr.time_s, "gen_s": gen_s,
-                         "final_loss": tr.log[-1]["loss"] if tr.log else math.nan}
+                         "final_loss": tr.log[-1]["loss"] if tr.log else math.nan, **separation}
         print(f"  {name}: generated {len(videos)} videos in {gen_s:.0f}s", flush=True)
 
     print(f"\nt2i prior: {args.t2i_steps} steps in {t2i_s / 60:.1f} min; temporal models trained interleaved in "
@@ -269,6 +317,14 @@ def main() -> None:
         print(f"| {name} | {steps} | {tmin} | {loss} | {r['color']:.0%} | {r['direction']:.0%} | {r['both']:.0%} "
               f"| {r['on_track']:.0%} | {r['smoothness']:.2f} | {r['area_cv']:.2f} | {r['present']:.0%} "
               f"| {r['travel_px']:.1f} |")
+    print("\nText as the motion layers see it: mean cosine between prompts that differ only in direction / only in "
+          "colour (1 = indistinguishable)")
+    for name, r in results.items():
+        if "encoder_direction_cos" in r:
+            motion = (f"motion text path {r['motion_direction_cos']:.3f} / {r['motion_colour_cos']:.3f}"
+                      if "motion_direction_cos" in r else "no motion text path")
+            print(f"  {name}: frozen encoder pooled {r['encoder_direction_cos']:.3f} / {r['encoder_colour_cos']:.3f}; "
+                  f"{motion}")
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results,
                                          "per_step_s": per_step, "rows": all_rows}, indent=1, default=str))

@@ -4,8 +4,9 @@ Axes: b batch, c channels, t frames, h w height/width (of the high-resolution vi
 
 The SSR is a 2D U-Net whose input is the noisy high-resolution frame (3 channels) concatenated with the
 low-resolution frame upsampled bilinearly to the same size (3 channels), inflated like the base model
-(`stunet.STUNet`: temporal convs after every spatial block; by default without temporal down/up-sampling, as it
-sees short windows). It trains on random temporal windows of the high-resolution copies ingestion keeps, the
+(`stunet.STUNet`: factorized space-time conv blocks after every spatial block; by default without temporal
+down/up-sampling or attention, as it sees short windows, and without the motion layers' own text path: the
+low-resolution video carries the motion). It trains on random temporal windows of the high-resolution copies ingestion keeps, the
 low-resolution input made by downsampling them (`degrade`), so the pair always matches. At generation it runs
 over the whole clip with `multidiffusion.MultiDiffusion` (window length and overlap from this config).
 Unlike the paper's SSR, which inflates a pretrained image SR model, ours is trained from scratch: every weight
@@ -65,7 +66,7 @@ class SSRConfig:
     def stunet_config(self) -> STUNetConfig:
         return STUNetConfig(temporal_resampling=self.temporal_resampling,
                             temporal_attention=self.temporal_attention, temporal_head_dim=self.head_dim,
-                            freeze_prior=False)
+                            freeze_prior=False, motion_conditioning=False)
 
 
 def degrade(hr: torch.Tensor, scale: int) -> torch.Tensor:

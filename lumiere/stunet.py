@@ -1,17 +1,28 @@
 """Space-Time U-Net (STUNet): a 2D text-to-image U-Net inflated to generate a whole clip in one pass.
 
-Axes: b batch, c channels, t frames, h w height/width.
+Axes: b batch, c channels, t frames, h w height/width, l text tokens, d text width, e embedding width.
 
 Inflation (Lumiere §3.1), added around the prior's unchanged spatial layers:
-- after every spatial block of every level, a conv-based inflation block: a factorized (2+1)D layer whose
-  "+1" is a temporal 1D conv (kernel 3) over each pixel's time series;
+- after every spatial block of every level but the coarsest, a conv-based inflation block: a factorized
+  space-time conv — its own trainable spatial conv (1×3×3) followed by a temporal conv (3×1×1) — with a
+  residual around it and a zero-initialised output;
 - after every spatial block of the coarsest level, an attention-based inflation block: temporal
-  self-attention over all (compressed) frames;
+  self-attention over all (compressed) frames, cross-attention to the prompt's tokens, a feed-forward;
 - temporal downsampling next to every spatial downsampling (identity-initialised temporal conv, stride 2)
   and temporal upsampling next to every spatial upsampling (frame duplication, identity-initialised conv),
   so the coarsest level sees T / 2^K frames.
+
+The motion layers have a conditioning path of their own (`MotionConditioning`, trainable): the timestep and a
+learned projection of the frozen text encoder's tokens (attention-pooled to one vector, plus the pooled
+embedding) give a per-video embedding that scales and shifts every conv inflation block's features; the
+projected tokens are what the coarsest-level attention blocks cross-attend to. A prior trained on single
+frames has no reason to encode "left" or "right" in its features, and a frozen random-init text encoder barely
+separates those words (benchmarks/RESULTS.md), so the motion layers must be able to learn what the prompt says
+about motion themselves.
+
 Every new block starts as the identity (or as nearest-neighbour resampling in time), so at initialisation the
-STUNet reproduces the prior frame by frame on a static video; the prior's weights are frozen.
+STUNet reproduces the prior frame by frame, on a static video and on a moving one; the prior's weights are
+frozen by default.
 
 With `conditional=True` the first conv takes ⟨J, C, M⟩ (7 channels, see `conditioning.py`); it is a new,
 trainable layer initialised from the prior's first conv with zero weights on the 4 condition channels, so the
@@ -25,6 +36,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +44,7 @@ from einops import rearrange, repeat
 from torch import nn
 
 from .errors import FrameCountError
-from .unet2d import Attention, UNet2D, zero_init
+from .unet2d import Attention, UNet2D, timestep_embedding, zero_init
 
 CONDITION_CHANNELS = 4  # C (3) + M (1)
 
@@ -46,11 +58,13 @@ class STUNetConfig:
     # conditional: the input is ⟨J, C, M⟩ = noisy video (3) + masked condition video (3) + mask (1) = 7 channels
     # (Lumiere §4), one model for image-to-video, inpainting, cinemagraphs and extension
     conditional: bool = False
-    # temporal_text: the conv inflation blocks also get the timestep + pooled-text embedding (a per-video bias,
-    # as the prior's ResBlocks get it). Off in the paper's design, where the prompt reaches the temporal layers
-    # only through the frozen prior's features; a small prior trained on single frames has no reason to encode
-    # motion words there (benchmarks/RESULTS.md, quality_shapes)
-    temporal_text: bool = False
+    # conv inflation block: "factorized" = trainable spatial 1×3×3 conv then temporal 3×1×1 conv (the paper's);
+    # "temporal" = two temporal convs only (the earlier design, kept for the ablation in benchmarks/RESULTS.md)
+    conv_block: Literal["factorized", "temporal"] = "factorized"
+    # the motion layers' own trainable timestep + text conditioning (scale/shift in the conv blocks,
+    # cross-attention to tokens in the coarsest attention blocks); False: they see the prompt only through the
+    # prior's features, as in the paper
+    motion_conditioning: bool = True
 
     __pydantic_config__ = {"extra": "forbid"}
 
@@ -65,24 +79,78 @@ def identity_temporal_conv(channels: int, stride: int = 1) -> nn.Conv3d:
     return conv
 
 
-class TemporalConvBlock(nn.Module):
-    """Conv-based inflation: the "+1" of a (2+1)D layer; b c t h w -> b c t h w, identity at init.
+class MotionConditioning(nn.Module):
+    """The motion layers' conditioning: (timesteps b, tokens b l d, pooled b e) -> (emb b m, tokens b l m).
 
-    With `emb_dim`, the per-video embedding emb (b e) is added between the two convs (like a ResBlock's)."""
+    The text encoder is frozen (and by default a random init); the projection of its tokens here is trained with
+    the motion layers, so it can learn to separate prompts that differ only in a motion word."""
+
+    def __init__(self, context_dim: int, pooled_dim: int, dim: int, time_freqs: int):
+        super().__init__()
+        self.time_freqs = time_freqs
+        self.time_mlp = nn.Sequential(nn.Linear(time_freqs, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.token_proj = nn.Sequential(nn.LayerNorm(context_dim), nn.Linear(context_dim, dim), nn.SiLU(),
+                                        nn.Linear(dim, dim))
+        self.pool_query = nn.Parameter(torch.randn(dim) / math.sqrt(dim))
+        self.pooled_proj = nn.Linear(pooled_dim, dim)
+        self.text_mlp = nn.Sequential(nn.SiLU(), nn.Linear(dim, dim))
+
+    def text(self, context: torch.Tensor, pooled: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pooled text embedding b m, projected tokens b l m): what the motion layers know of the prompt."""
+        tokens = self.token_proj(context)
+        weights = torch.softmax(tokens @ self.pool_query / math.sqrt(tokens.shape[-1]), dim=1)  # b l
+        summary = torch.einsum("bl,blm->bm", weights, tokens)
+        if pooled is not None:
+            summary = summary + self.pooled_proj(pooled)
+        return self.text_mlp(summary), tokens
+
+    def forward(self, timesteps, context, pooled):
+        text, tokens = self.text(context, pooled)
+        return self.time_mlp(timestep_embedding(timesteps, self.time_freqs)) + text, tokens
+
+
+class FactorizedConvBlock(nn.Module):
+    """Conv-based inflation: spatial 1×3×3 conv, scale/shift from the motion embedding, temporal 3×1×1 conv;
+    b c t h w -> b c t h w, identity at init (the temporal conv, the block's output, starts at zero)."""
+
+    def __init__(self, channels: int, groups: int, emb_dim: int | None = None):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, channels)
+        self.spatial = nn.Conv2d(channels, channels, 3, padding=1)  # over (b t) images: Conv2d is the fast path
+        self.emb_proj = nn.Linear(emb_dim, 2 * channels) if emb_dim else None
+        self.norm2 = nn.GroupNorm(groups, channels)
+        self.temporal = zero_init(nn.Conv3d(channels, channels, (3, 1, 1), padding=(1, 0, 0)))  # zero: identity
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
+        t = x.shape[2]
+        h = self.norm1(x)  # GroupNorm over c and (t h w): statistics of the whole clip
+        h = self.spatial(rearrange(F.silu(h), "b c t h w -> (b t) c h w"))
+        h = self.norm2(rearrange(h, "(b t) c h w -> b c t h w", t=t))
+        if self.emb_proj is not None:
+            scale, shift = rearrange(self.emb_proj(F.silu(emb)), "b (two c) -> two b c 1 1 1", two=2)
+            h = h * (1 + scale) + shift
+        return x + self.temporal(F.silu(h))
+
+
+class TemporalConvBlock(nn.Module):
+    """Temporal-only conv inflation (`conv_block: temporal`, the ablation): two 3×1×1 convs; identity at init.
+
+    With `emb_dim`, the motion embedding (b e) scales and shifts the features between the two convs."""
 
     def __init__(self, channels: int, groups: int, emb_dim: int | None = None):
         super().__init__()
         self.norm1 = nn.GroupNorm(groups, channels)
         self.conv1 = nn.Conv3d(channels, channels, (3, 1, 1), padding=(1, 0, 0))
-        self.emb_proj = nn.Linear(emb_dim, channels) if emb_dim else None
+        self.emb_proj = nn.Linear(emb_dim, 2 * channels) if emb_dim else None
         self.norm2 = nn.GroupNorm(groups, channels)
         self.conv2 = zero_init(nn.Conv3d(channels, channels, (3, 1, 1), padding=(1, 0, 0)))  # zero: identity
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.norm2(self.conv1(F.silu(self.norm1(x))))
         if self.emb_proj is not None:
-            h = h + rearrange(self.emb_proj(F.silu(emb)), "b c -> b c 1 1 1")
-        return x + self.conv2(F.silu(self.norm2(h)))
+            scale, shift = rearrange(self.emb_proj(F.silu(emb)), "b (two c) -> two b c 1 1 1", two=2)
+            h = h * (1 + scale) + shift
+        return x + self.conv2(F.silu(h))
 
 
 def sinusoidal_positions(length: int, dim: int, device) -> torch.Tensor:
@@ -95,20 +163,36 @@ def sinusoidal_positions(length: int, dim: int, device) -> torch.Tensor:
 
 
 class TemporalAttentionBlock(nn.Module):
-    """Attention-based inflation: each pixel attends over all frames; b c t h w -> b c t h w, identity at init."""
+    """Attention-based inflation: each pixel attends over all frames, then (with `context_dim`) to the prompt's
+    tokens, then a feed-forward; b c t h w -> b c t h w, identity at init (every branch's output starts at zero)."""
 
-    def __init__(self, channels: int, head_dim: int):
+    def __init__(self, channels: int, head_dim: int, context_dim: int | None = None):
         super().__init__()
         self.norm = nn.LayerNorm(channels)
         self.attn = Attention(channels, None, head_dim)
         zero_init(self.attn.to_out)  # zero: the block starts as identity
+        self.cross = None
+        if context_dim:
+            self.norm_cross = nn.LayerNorm(channels)
+            self.cross = zero_init_out(Attention(channels, context_dim, head_dim))
+        self.norm_ff = nn.LayerNorm(channels)
+        self.ff = nn.Sequential(nn.Linear(channels, 4 * channels), nn.GELU(),
+                                zero_init(nn.Linear(4 * channels, channels)))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
         b, c, t, h, w = x.shape
         seq = rearrange(x, "b c t h w -> (b h w) t c")
         q = self.norm(seq) + sinusoidal_positions(t, c, x.device).to(seq.dtype)
         seq = seq + self.attn(q)
+        if self.cross is not None and tokens is not None:
+            seq = seq + self.cross(self.norm_cross(seq), repeat(tokens, "b l m -> (b n) l m", n=h * w))
+        seq = seq + self.ff(self.norm_ff(seq))
         return rearrange(seq, "(b h w) t c -> b c t h w", b=b, h=h, w=w)
+
+
+def zero_init_out(attn: Attention) -> Attention:
+    zero_init(attn.to_out)
+    return attn
 
 
 class TemporalDownsample(nn.Module):
@@ -146,14 +230,20 @@ class STUNet(nn.Module):
         self.prior = prior
         groups = prior.cfg.norm_groups
         channels = prior.block_channels()
+        motion_dim = prior.emb_dim if cfg.motion_conditioning else None
+        self.motion = (
+            MotionConditioning(prior.cfg.context_dim, prior.cfg.pooled_dim, prior.emb_dim, prior.time_freqs)
+            if cfg.motion_conditioning else None
+        )
+        # the paper's layout: attention blocks at the coarsest level, conv blocks at every other level (and
+        # everywhere when there are no attention blocks, e.g. the SSR)
+        attn_keys = set(prior.coarsest_keys()) if cfg.temporal_attention else set()
+        conv_block = FactorizedConvBlock if cfg.conv_block == "factorized" else TemporalConvBlock
         self.temporal_convs = nn.ModuleDict(
-            {_slot(k): TemporalConvBlock(ch, groups, prior.emb_dim if cfg.temporal_text else None)
-             for k, ch in channels.items()}
+            {_slot(k): conv_block(ch, groups, motion_dim) for k, ch in channels.items() if k not in attn_keys}
         )
         self.temporal_attns = nn.ModuleDict(
-            {_slot(k): TemporalAttentionBlock(channels[k], cfg.temporal_head_dim) for k in prior.coarsest_keys()}
-            if cfg.temporal_attention
-            else {}
+            {_slot(k): TemporalAttentionBlock(channels[k], cfg.temporal_head_dim, motion_dim) for k in attn_keys}
         )
         self.time_down = nn.ModuleDict()
         self.time_up = nn.ModuleDict()
@@ -197,26 +287,6 @@ class STUNet(nn.Module):
         """The parameters inflation added (everything but the prior)."""
         return [p for n, p in self.named_parameters() if not n.startswith("prior.")]
 
-    # --- inflation hooks called from inside UNet2D.forward; h is (b t) c h w ---
-    def block(self, key: str, h: torch.Tensor, frames: int, emb: torch.Tensor) -> torch.Tensor:
-        v = rearrange(h, "(b t) c h w -> b c t h w", t=frames)
-        v = self.temporal_convs[_slot(key)](v, emb)
-        if _slot(key) in self.temporal_attns:
-            v = self.temporal_attns[_slot(key)](v)
-        return rearrange(v, "b c t h w -> (b t) c h w")
-
-    def _resample(self, layers: nn.ModuleDict, level: int, h: torch.Tensor, frames: int):
-        if str(level) not in layers:
-            return h, frames
-        v = layers[str(level)](rearrange(h, "(b t) c h w -> b c t h w", t=frames))
-        return rearrange(v, "b c t h w -> (b t) c h w"), v.shape[2]
-
-    def down(self, level: int, h: torch.Tensor, frames: int):
-        return self._resample(self.time_down, level, h, frames)
-
-    def up(self, level: int, h: torch.Tensor, frames: int):
-        return self._resample(self.time_up, level, h, frames)
-
     def forward(
         self,
         x: torch.Tensor,
@@ -231,8 +301,13 @@ class STUNet(nn.Module):
             raise ValueError(f"this STUNet takes {self.in_channels} input channels ({what}), got {x.shape[1]}")
         frames = x.shape[2]
         self.check_frames(frames)
+        motion_emb = motion_tokens = None
+        if self.motion is not None:
+            t = torch.as_tensor(timesteps, device=x.device).reshape(-1).expand(context.shape[0])
+            motion_emb, motion_tokens = self.motion(t, context, pooled)
         out = self.prior(
-            rearrange(x, "b c t h w -> (b t) c h w"), timesteps, context, pooled, inflation=self, frames=frames,
+            rearrange(x, "b c t h w -> (b t) c h w"), timesteps, context, pooled,
+            inflation=_Hooks(self, motion_emb, motion_tokens), frames=frames,
             stem=self.conv_in if self.cfg.conditional else None,
         )
         return rearrange(out, "(b t) c h w -> b c t h w", t=frames)
@@ -240,3 +315,31 @@ class STUNet(nn.Module):
     def coarsest_frames(self, frames: int) -> int:
         self.check_frames(frames)
         return frames // self.temporal_factor
+
+
+class _Hooks:
+    """The inflation hooks `UNet2D.forward` calls (`unet2d.Inflation`) for one STUNet call; h is (b t) c h w."""
+
+    def __init__(self, stunet: STUNet, motion_emb: torch.Tensor | None, motion_tokens: torch.Tensor | None):
+        self.stunet, self.motion_emb, self.motion_tokens = stunet, motion_emb, motion_tokens
+
+    def block(self, key: str, h: torch.Tensor, frames: int, emb: torch.Tensor) -> torch.Tensor:
+        slot, s = _slot(key), self.stunet
+        v = rearrange(h, "(b t) c h w -> b c t h w", t=frames)
+        if slot in s.temporal_convs:
+            v = s.temporal_convs[slot](v, self.motion_emb)
+        if slot in s.temporal_attns:
+            v = s.temporal_attns[slot](v, self.motion_tokens)
+        return rearrange(v, "b c t h w -> (b t) c h w")
+
+    def _resample(self, layers: nn.ModuleDict, level: int, h: torch.Tensor, frames: int):
+        if str(level) not in layers:
+            return h, frames
+        v = layers[str(level)](rearrange(h, "(b t) c h w -> b c t h w", t=frames))
+        return rearrange(v, "b c t h w -> (b t) c h w"), v.shape[2]
+
+    def down(self, level: int, h: torch.Tensor, frames: int):
+        return self._resample(self.stunet.time_down, level, h, frames)
+
+    def up(self, level: int, h: torch.Tensor, frames: int):
+        return self._resample(self.stunet.time_up, level, h, frames)
