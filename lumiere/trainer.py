@@ -17,6 +17,7 @@ import math
 import time
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from einops import rearrange
 from torch import nn
@@ -106,11 +107,25 @@ def lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
     return f
 
 
+def rank_seed(seed: int, rank: int) -> int:
+    """A generator seed of its own for each data-parallel rank (`seed + rank` would make rank 1 of seed 0 draw
+    what rank 0 of seed 1 draws); rank 0 keeps `seed` itself."""
+    if rank == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
 class TrainStep:
-    """Owns optimizer, LR schedule, EMA and noise schedule for one model; `__call__` does one step."""
+    """Owns optimizer, LR schedule, EMA and noise schedule for one model; `__call__` does one step.
+
+    The random numbers of a step (noise, timesteps, CFG text dropout, frame choice, condition type) come from a
+    generator seeded per data-parallel `rank`: with one seed for all, every rank would draw the same timesteps
+    and noise and the gang would see far fewer distinct samples than its global batch. `state_dict` holds this
+    rank's generator; `gather_generators` / `load_state_dict(rank=...)` carry every rank's through a
+    checkpoint that one rank writes."""
 
     def __init__(self, model: nn.Module, cfg: LumiereConfig, kind: str, forward: nn.Module | None = None,
-                 amp_dtype: torch.dtype | None = None):
+                 amp_dtype: torch.dtype | None = None, rank: int = 0):
         self.model = model  # the module whose weights are saved
         self.forward = forward or model  # what is called (e.g. a DDP wrapper of `model`)
         self.amp_dtype = amp_dtype  # e.g. torch.bfloat16 on GPU: autocast for the forward pass
@@ -125,7 +140,8 @@ class TrainStep:
         )
         self.ema = EMA(model, cfg.train.ema_decay)
         self.noise_schedule = training_scheduler(cfg.diffusion)
-        self.generator = torch.Generator().manual_seed(cfg.train.seed)
+        self.rank = rank
+        self.generator = torch.Generator().manual_seed(rank_seed(cfg.train.seed, rank))
         self.step = 0
 
     def __call__(self, clips: torch.Tensor, cond: Conditioning) -> dict[str, float]:
@@ -153,21 +169,50 @@ class TrainStep:
             "samples_per_s": clips.shape[0] / (time.perf_counter() - t0),
         }
 
-    def state_dict(self) -> dict:
+    def state_dict(self, generators: list[torch.Tensor] | None = None) -> dict:
+        """`generators`: every rank's generator state, by rank (from `gather_generators`); default: this rank's."""
         return {
             "optimizer": self.optimizer.state_dict(),
             "lr_schedule": self.lr_schedule.state_dict(),
             "step": self.step,
-            "generator": self.generator.get_state(),
+            "generator": self.generator.get_state(),  # the writer's own (checkpoints from before per-rank RNG)
+            "generators": generators if generators is not None else [self.generator.get_state()],
+            "generator_ranks": len(generators) if generators is not None else 1,
         }
 
-    def load_state_dict(self, state: dict, ema_state: dict[str, torch.Tensor] | None = None) -> None:
+    def gather_generators(self) -> list[torch.Tensor]:
+        """Every rank's generator state, by rank; a collective when torch.distributed is initialised (call it on
+        every rank), else just this one's."""
+        import torch.distributed as dist
+
+        mine = self.generator.get_state()
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return [mine]
+        states: list = [None] * dist.get_world_size()
+        dist.all_gather_object(states, mine)
+        return states
+
+    def load_state_dict(self, state: dict, ema_state: dict[str, torch.Tensor] | None = None) -> str:
+        """Restore; this rank takes its own generator state when the checkpoint has one for it, and otherwise
+        (another worker count) a fresh per-rank seed advanced by the step, so no two ranks draw alike.
+        Returns how the generator was restored."""
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_schedule.load_state_dict(state["lr_schedule"])
         self.step = int(state["step"])
-        self.generator.set_state(state["generator"])
+        generators = state.get("generators")
+        if generators is not None and self.rank < len(generators):
+            self.generator.set_state(generators[self.rank])
+            how = f"rank {self.rank}'s own generator state"
+        elif generators is None and self.rank == 0:
+            self.generator.set_state(state["generator"])
+            how = "the checkpoint's single generator state"
+        else:
+            seed = rank_seed(self.cfg.train.seed, self.rank) + 1_000_003 * self.step
+            self.generator.manual_seed(seed % 2**63)
+            how = f"a fresh seed for rank {self.rank} (the checkpoint has no generator state for this rank)"
         if ema_state is not None:
             self.ema.load_shadow(ema_state)
+        return how
 
 
 def clips_to_model(frames_uint8: torch.Tensor) -> torch.Tensor:

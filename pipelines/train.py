@@ -140,7 +140,7 @@ def train_loop_per_worker(job_dict: dict) -> None:
     if job.compile and job.use_gpu:
         forward = torch.compile(forward)
     amp = torch.bfloat16 if job.use_gpu else None
-    step_fn = TrainStep(model, cfg, job.kind, forward=forward, amp_dtype=amp)
+    step_fn = TrainStep(model, cfg, job.kind, forward=forward, amp_dtype=amp, rank=rank)
 
     world = ctx.get_world_size()
     plan = {"workers": world, "seed": cfg.train.seed, "version": PLAN_VERSION}
@@ -152,14 +152,14 @@ def train_loop_per_worker(job_dict: dict) -> None:
             from safetensors.torch import load_file
 
             ema = load_file(Path(d) / "ema.safetensors") if (Path(d) / "ema.safetensors").exists() else None
-            step_fn.load_state_dict(load_train_state(d), ema)
+            rng = step_fn.load_state_dict(load_train_state(d), ema)
             saved = read_meta(d)[1].get("data_position") or {}
         if {k: saved.get(k) for k in plan} == plan:
             consumed = int(saved["rows_per_worker"])
             where = f"data position {consumed} rows per worker"
         else:  # another worker count or seed deals the data differently: a fresh plan
             where = f"a new data plan (the checkpoint's was {saved or 'not recorded'})"
-        _say(f"[train] rank {rank}: resumed from checkpoint at step {step_fn.step}, {where}")
+        _say(f"[train] rank {rank}: resumed from checkpoint at step {step_fn.step}, {where}, random numbers from {rng}")
     needed = consumed + (cfg.train.max_steps - step_fn.step) * cfg.train.batch_size
     if step_fn.step < cfg.train.max_steps and needed > job.plan_rows:
         raise LumiereError(f"the run is at step {step_fn.step} with {consumed} rows per worker trained; "
@@ -176,12 +176,13 @@ def train_loop_per_worker(job_dict: dict) -> None:
         client = mlflow.MlflowClient(tracking_uri=job.mlflow_uri)
 
     def checkpoint_and_report(metrics: dict) -> None:
+        generators = step_fn.gather_generators()  # a collective: every rank's random state goes into the checkpoint
         with tempfile.TemporaryDirectory() as d:
             ckpt = None
             if rank == 0:
                 path = save_checkpoint(
                     Path(d) / "ckpt", model, cfg, job.kind, step=step_fn.step, ema_state=step_fn.ema.state_dict(model),
-                    train_state=step_fn.state_dict(),
+                    train_state=step_fn.state_dict(generators),
                     extra_meta={"text_fingerprint": job.text_fingerprint,
                                 "data_position": {**plan, "rows_per_worker": consumed}},
                 )

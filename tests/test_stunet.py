@@ -1,4 +1,5 @@
-"""STUNet inflation: identity at init, frozen prior, temporal resolution, frame-count errors."""
+"""STUNet inflation: identity at init, the paper's block layout, the motion layers' own text path, frozen prior,
+temporal resolution, frame-count errors."""
 
 import pytest
 import torch
@@ -9,7 +10,14 @@ from lumiere.checkpoint import build_prior, build_stunet
 from lumiere.config import load_config
 from lumiere.diffusion import Conditioning
 from lumiere.errors import FrameCountError
-from lumiere.stunet import STUNet, TemporalDownsample, TemporalUpsample
+from lumiere.stunet import (
+    FactorizedConvBlock,
+    STUNet,
+    TemporalAttentionBlock,
+    TemporalConvBlock,
+    TemporalDownsample,
+    TemporalUpsample,
+)
 from lumiere.trainer import TrainStep
 
 
@@ -23,7 +31,7 @@ def _inputs(cfg, b=2, seed=1):
 
 
 @pytest.mark.parametrize("overrides", [[], ["unet.channel_mult=[1,2,2]", "unet.num_res_blocks=2"],
-                                       ["stunet.temporal_text=true"]])
+                                       ["stunet.conv_block=temporal", "stunet.motion_conditioning=false"]])
 def test_inflation_reproduces_prior_on_static_video(overrides):
     cfg = load_config("tiny", overrides)
     prior = perturb_(build_prior(cfg)).eval()  # a "trained" prior: no zero-initialised outputs left
@@ -53,23 +61,113 @@ def test_trained_temporal_layers_mix_frames(tiny_cfg):
     assert (a[:, :, 0] - b[:, :, 0]).abs().max() > 1e-4  # frame 0's output depends on the last frame
 
 
-def test_temporal_text_gives_the_temporal_layers_the_prompt():
-    """With stunet.temporal_text the temporal blocks see the pooled text: once trained (perturbed), the pooled
-    embedding changes the output through them; without it, only through the prior."""
-    cfg = load_config("tiny", ["stunet.temporal_text=true"])
+def test_inflation_reproduces_prior_frame_by_frame_on_a_moving_video():
+    """Every new block starts as the identity: without temporal resampling (which at init is nearest-neighbour in
+    time), a video whose frames all differ comes out as the prior's output for each frame."""
+    cfg = load_config("tiny", ["stunet.temporal_resampling=false"])
     prior = perturb_(build_prior(cfg)).eval()
     stunet = build_stunet(cfg, prior).eval()
-    assert all(block.emb_proj is not None for block in stunet.temporal_convs.values())
-    assert all(block.emb_proj is None for block in build_stunet(load_config("tiny"), prior).temporal_convs.values())
-    perturb_(stunet.temporal_convs, seed=4)
+    ctx, pooled, t = _inputs(cfg)
+    video = torch.randn(2, 3, cfg.video.frames, 32, 32, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        out_3d = stunet(video, t, ctx, pooled)
+        per_frame = torch.stack([prior(video[:, :, i], t, ctx, pooled) for i in range(cfg.video.frames)], dim=2)
+    assert per_frame.abs().mean() > 1e-2
+    torch.testing.assert_close(out_3d, per_frame, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("block", [
+    lambda: FactorizedConvBlock(8, 4, emb_dim=16),
+    lambda: TemporalConvBlock(8, 4, emb_dim=16),
+    lambda: TemporalAttentionBlock(8, 4, context_dim=16),
+])
+def test_every_new_block_is_the_identity_at_init_and_not_after_training(block):
+    b = block()
+    x = torch.randn(2, 8, 4, 6, 6, generator=torch.Generator().manual_seed(0))  # moving: every frame differs
+    cond = torch.randn(2, 5, 16) if isinstance(b, TemporalAttentionBlock) else torch.randn(2, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(b(x, cond), x)
+        perturb_(b, seed=1)
+        assert (b(x, cond) - x).abs().max() > 1e-3
+
+
+def test_blocks_follow_the_paper_layout(tiny_cfg):
+    """Conv inflation blocks at every level but the coarsest, attention blocks at the coarsest only; the conv
+    blocks are factorized, with a trainable spatial conv of their own."""
+    stunet = build_stunet(tiny_cfg)
+    coarsest = {k.replace(".", "_") for k in stunet.prior.coarsest_keys()}
+    every = {k.replace(".", "_") for k in stunet.prior.block_channels()}
+    assert set(stunet.temporal_attns) == coarsest
+    assert set(stunet.temporal_convs) == every - coarsest and stunet.temporal_convs
+    assert all(isinstance(b, FactorizedConvBlock) and b.spatial.weight.requires_grad
+               for b in stunet.temporal_convs.values())
+    no_attn = build_stunet(load_config("tiny", ["stunet.temporal_attention=false"]))
+    assert set(no_attn.temporal_convs) == every and not no_attn.temporal_attns  # e.g. the SSR
+
+
+def test_factorized_block_moves_content_in_space_the_temporal_block_cannot():
+    """Moving a shape is a spatial shift that depends on time: with the prior frozen, only the factorized block
+    has a trainable spatial kernel. Trained (perturbed), its output at a pixel depends on the neighbouring pixel.
+    (The same bump at a far pixel changes the GroupNorm statistics just as much, so only locality differs.)"""
+    near, far = torch.zeros(1, 8, 4, 6, 6), torch.zeros(1, 8, 4, 6, 6)
+    near[..., 2, 3] += 1.0  # next to pixel (2, 4)
+    far[..., 5, 0] += 1.0  # far from it
+    emb = torch.zeros(1, 16)
+    for block, mixes in ((FactorizedConvBlock(8, 4, 16), True), (TemporalConvBlock(8, 4, 16), False)):
+        perturb_(block, seed=2)
+        with torch.no_grad():
+            diff = (block(near, emb) - block(far, emb))[..., 2, 4]
+        assert (diff.abs().max() > 1e-4) == mixes, type(block).__name__
+
+
+def test_motion_layers_get_the_timestep_and_the_prompt_through_their_own_path():
+    """Trained (perturbed), the STUNet's output depends on the prompt and the timestep through the motion layers'
+    own conditioning; cutting that path (zeroing its text / time projections) changes the output. Without
+    `stunet.motion_conditioning` there is no such path."""
+    cfg = load_config("tiny")
+    prior = perturb_(build_prior(cfg)).eval()
+    stunet = build_stunet(cfg, prior).eval()
+    assert stunet.motion is not None and all(b.emb_proj is not None for b in stunet.temporal_convs.values())
+    assert all(b.cross is not None for b in stunet.temporal_attns.values())
+    off = build_stunet(load_config("tiny", ["stunet.motion_conditioning=false"]), prior)
+    assert off.motion is None and all(b.emb_proj is None for b in off.temporal_convs.values())
+    perturb_(torch.nn.ModuleList([stunet.motion, stunet.temporal_convs, stunet.temporal_attns]), seed=4)
     ctx, pooled, t = _inputs(cfg)
     video = torch.randn(2, 3, 8, 32, 32)
     with torch.no_grad():
         base = stunet(video, t, ctx, pooled)
-        for block in stunet.temporal_convs.values():
-            block.emb_proj.weight.zero_()  # cut the temporal layers' own text path
-        cut = stunet(video, t, ctx, pooled)
-    assert (base - cut).abs().max() > 1e-4
+        stunet.motion.text_mlp[1].weight.zero_()  # cut the pooled text path into the conv blocks
+        no_pooled_text = stunet(video, t, ctx, pooled)
+        stunet.motion.token_proj[-1].weight.zero_()
+        stunet.motion.token_proj[-1].bias.zero_()  # and the tokens the coarsest attention cross-attends to
+        no_tokens = stunet(video, t, ctx, pooled)
+        stunet.motion.time_mlp[-1].weight.zero_()
+        no_time = stunet(video, t, ctx, pooled)
+    assert (base - no_pooled_text).abs().max() > 1e-4
+    assert (no_pooled_text - no_tokens).abs().max() > 1e-4
+    assert (no_tokens - no_time).abs().max() > 1e-4
+
+
+def test_motion_text_path_learns_to_separate_prompts_the_frozen_encoder_barely_does():
+    """The text path is trainable: a few steps of fitting two near-identical token sequences to opposite targets
+    push their motion embeddings apart (the frozen features themselves stay put)."""
+    torch.manual_seed(0)
+    cfg = load_config("tiny")
+    stunet = build_stunet(cfg)
+    d, e = cfg.text.dims()
+    base = torch.randn(1, 16, d)
+    ctx = base.repeat(2, 1, 1)
+    ctx[1, 5] += 0.1 * torch.randn(d)  # one token differs slightly: "left" vs "right"
+    pooled = torch.zeros(2, e)
+    cos = lambda: float(torch.cosine_similarity(*stunet.motion.text(ctx, pooled)[0], dim=0))  # noqa: E731
+    before = cos()
+    opt = torch.optim.Adam(stunet.motion.parameters(), lr=1e-2)
+    target = torch.stack([torch.ones(stunet.prior.emb_dim), -torch.ones(stunet.prior.emb_dim)])
+    for _ in range(50):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(stunet.motion.text(ctx, pooled)[0], target).backward()
+        opt.step()
+    assert before > 0.9 and cos() < 0.0
 
 
 def test_temporal_resampling_is_nearest_neighbour_at_init():
