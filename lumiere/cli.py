@@ -324,8 +324,8 @@ def demo(
     stunet_steps: int = typer.Option(600, min=1, help="Ray Train steps for the STUNet's temporal layers."),
     num_workers: int = typer.Option(2, min=1, help="Ray Train workers (DDP) per training job."),
     prompt: list[str] = typer.Option(
-        ["a red square moving right", "a blue circle moving down", "a yellow triangle moving left"],
-        help="Text-to-video prompts to request (repeatable); one image-to-video request is added.",
+        [], help="Text-to-video prompts to request (repeatable; default: every colour x direction of the corpus, "
+                 "scored); one image-to-video request is added.",
     ),
     sample_steps: int | None = typer.Option(None, min=1, help="Sampling steps per video (default: the config's)."),
     port: int = typer.Option(0, min=0, help="Port for the Videos API on 127.0.0.1 (0: a free one)."),
@@ -333,10 +333,10 @@ def demo(
 ):
     """The main job end to end on CPU: corpus -> ingest (Ray Data) -> train t2i + STUNet (Ray Train, MLflow) ->
     serve (Ray Serve) -> videos through the API (openai SDK)."""
-    from .demo import run_demo
+    from .demo import default_prompts, run_demo
 
-    run_demo(workdir, config, set_, clips, t2i_steps, stunet_steps, prompt, num_workers=num_workers,
-             sample_steps=sample_steps, port=port)
+    run_demo(workdir, config, set_, clips, t2i_steps, stunet_steps, prompt or default_prompts(),
+             num_workers=num_workers, sample_steps=sample_steps, port=port)
 
 
 # Ray Train's placement-group cleaner asks the State API whether the controller is alive once a second and logs

@@ -6,8 +6,8 @@ The SSR is a 2D U-Net whose input is the noisy high-resolution frame (3 channels
 low-resolution frame upsampled bilinearly to the same size (3 channels), inflated like the base model
 (`stunet.STUNet`: factorized space-time conv blocks after every spatial block; by default without temporal
 down/up-sampling or attention, as it sees short windows, and without the motion layers' own text path: the
-low-resolution video carries the motion). It trains on random temporal windows of the high-resolution copies ingestion keeps, the
-low-resolution input made by downsampling them (`degrade`), so the pair always matches. At generation it runs
+low-resolution video carries the motion). It trains on random temporal windows of the high-resolution copies
+ingestion keeps, the low-resolution input made by downsampling them (`degrade`), so the pair always matches. At generation it runs
 over the whole clip with `multidiffusion.MultiDiffusion` (window length and overlap from this config).
 Unlike the paper's SSR, which inflates a pretrained image SR model, ours is trained from scratch: every weight
 trains (`freeze_prior=False`).

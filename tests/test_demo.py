@@ -4,6 +4,7 @@ and a failing stage is named."""
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -46,6 +47,9 @@ def test_demo_end_to_end_tiny(tmp_path):
     ref = np.asarray(Image.open(tmp_path / "videos" / "01_reference.png").convert("RGB")).astype(int)
     assert np.abs(read_video(requests[1]["video"])[0][0].astype(int) - ref).mean() < 12
     assert "Demo finished" in out
+    # the text-to-video result is scored against its prompt, and the accuracy over the prompts printed
+    measured = r"measured +direction [01]/1 \((0|100)%\), colour [01]/1 \((0|100)%\) as prompted"
+    assert re.search(measured, out), out[-2000:]
 
 
 def test_demo_failure_names_the_stage(tmp_path):
