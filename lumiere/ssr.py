@@ -7,8 +7,9 @@ low-resolution frame upsampled bilinearly to the same size (3 channels), inflate
 (`stunet.STUNet`: factorized space-time conv blocks after every spatial block; by default without temporal
 down/up-sampling or attention, as it sees short windows, and without the motion layers' own text path: the
 low-resolution video carries the motion). It trains on random temporal windows of the high-resolution copies
-ingestion keeps, the low-resolution input made by downsampling them (`degrade`), so the pair always matches. At generation it runs
-over the whole clip with `multidiffusion.MultiDiffusion` (window length and overlap from this config).
+ingestion keeps, the low-resolution input made by downsampling them (`degrade`), so the pair always matches.
+At generation it runs over the whole clip with `multidiffusion.MultiDiffusion` (window length and overlap from
+this config).
 Unlike the paper's SSR, which inflates a pretrained image SR model, ours is trained from scratch: every weight
 trains (`freeze_prior=False`).
 """
