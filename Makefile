@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast demo bench lint clean
+.PHONY: install test test-fast demo bench lint serve-config clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,7 +27,12 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/stunet_vs_fixed.py
 
 lint: $(STAMP)
-	$(BIN)/ruff check lumiere pipelines serve tests benchmarks
+	$(BIN)/ruff check lumiere pipelines serve cli infra tests benchmarks
+
+# kustomize loads no file outside infra/k8s: the RayService embeds this copy of the Serve config
+# (tests/test_infra.py fails while it differs from serve/config.yaml)
+serve-config:
+	cp serve/config.yaml infra/k8s/base/serve-config.yaml
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache

@@ -54,7 +54,7 @@ sys.path.insert(0, str(ROOT))
 
 from lumiere.shapes import make_corpus  # noqa: E402 (after the sys.path insert)
 from lumiere.video import decode_mp4_bytes, encode_mp4_bytes, read_video  # noqa: E402
-from pipelines.curation import resize_center_crop  # noqa: E402
+from pipelines.ingest.curation import resize_center_crop  # noqa: E402
 
 FRAMES, FPS = 80, 16
 

@@ -9,7 +9,7 @@ photographs under a camera pan, a 1/f texture with and without grain), at both s
 - encode CPU ms (process CPU time, one thread), mean over `--rounds` rounds that alternate the order of the two
   settings (A B, B A, …) on every clip, so load drifts on this shared machine hit both alike;
 - size KiB (the `frames` cell), PSNR of the decoded clip against its frames (dB), and the loader's decode
-  CPU ms (`decode_mp4_bytes`, what `pipelines/shards.py` does per sample).
+  CPU ms (`decode_mp4_bytes`, what `pipelines/train/shards.py` does per sample).
 
     .venv/bin/python benchmarks/ingest_encoder.py                 # 3 clips per kind, 3 rounds: ~2 minutes
     .venv/bin/python benchmarks/ingest_encoder.py --clips 8 --preset faster
@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from frame_storage import photo_clip, psnr, sample_photos, shape_clips, texture_clip  # noqa: E402
 
 from lumiere.video import X264_FAST_ANALYSIS, decode_mp4_bytes, encode_mp4_bytes  # noqa: E402
-from pipelines.curation import resize_center_crop  # noqa: E402
+from pipelines.ingest.curation import resize_center_crop  # noqa: E402
 
 
 def clips_by_kind(n: int, hr: int, seed: int) -> dict[str, list[np.ndarray]]:

@@ -1,4 +1,5 @@
-"""End-to-end ingestion throughput (`pipelines.ingest.run_ingest`) against the decode limit, and where the time goes.
+"""End-to-end ingestion throughput (`pipelines.ingest.job.run_ingest`) against the decode limit, and where the
+time goes.
 
 1. Corpus: `--videos` videos, `--seconds` long, written with `lumiere.video.write_mp4` (CRF 12) at frame
    rates cycling through `--fps-list` (so the pipeline resamples to 16 fps), plus captions.jsonl, in a temp dir:
@@ -64,8 +65,9 @@ if os.environ.get("INGEST_BENCH_TREE"):  # --against: import `pipelines` from an
 from lumiere.shapes import COLORS, DIRECTIONS, SHAPES, ShapeSpec, caption, render_clip  # noqa: E402
 from lumiere.storage import StorageOptions  # noqa: E402
 from lumiere.video import write_mp4  # noqa: E402
-from pipelines import curation, ingest, ingest_stages  # noqa: E402
-from pipelines.ingest_config import IngestConfig, load_ingest_config  # noqa: E402
+from pipelines.ingest import curation, stage1_list, stage2_decode, stage3_embed, stage4_write  # noqa: E402
+from pipelines.ingest import job as ingest  # noqa: E402
+from pipelines.ingest.config import IngestConfig, load_ingest_config  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from frame_storage import sample_photos  # noqa: E402
@@ -203,7 +205,7 @@ def stage_breakdown(files: list[dict], cfg: IngestConfig, out_dir: str) -> dict:
     torch.set_num_threads(1)
     os.makedirs(out_dir, exist_ok=True)
     for row in files[:2]:  # warm-up (first calls into torch, decord, x264), not timed
-        ingest_stages.decode_and_cut(row, cfg, StorageOptions())
+        stage2_decode.decode_and_cut(row, cfg, StorageOptions())
     T = Timer()
     clips = 0
     for row in files:
@@ -230,9 +232,9 @@ def stage_breakdown(files: list[dict], cfg: IngestConfig, out_dir: str) -> dict:
                     resized = T(f"resize_center_crop {name}", curation.resize_center_crop, clip, size)
                     kind = ("mp4 " + cfg.mp4_preset + (" + fast analysis" if cfg.mp4_fast_analysis else "")
                             if cfg.frame_format == "mp4" else "raw")
-                    T(f"encode {name} ({kind})", ingest_stages._encode, resized, cfg)
+                    T(f"encode {name} ({kind})", stage2_decode._encode, resized, cfg)
                     if cfg.frame_format == "mp4" and cfg.codec_threads != 0:
-                        T(f"(encode {name}, x264's default threads)", ingest_stages._encode, resized,
+                        T(f"(encode {name}, x264's default threads)", stage2_decode._encode, resized,
                           cfg.model_copy(update={"codec_threads": 0}))
                 clips += 1
     per_file = {"sum_of_parts_s": sum(v for k, v in T.total.items() if not k.startswith("(")),
@@ -242,19 +244,19 @@ def stage_breakdown(files: list[dict], cfg: IngestConfig, out_dir: str) -> dict:
     rows = []
     for row in files:  # the real thing
 
-        rows += T("decode_and_cut (whole)", ingest_stages.decode_and_cut, row, cfg, options)
+        rows += T("decode_and_cut (whole)", stage2_decode.decode_and_cut, row, cfg, options)
     per_file["decode_and_cut_s"] = T.total["decode_and_cut (whole)"]
     per_file["decode_and_cut_cpu_s"] = T.cpu["decode_and_cut (whole)"]
     ok = sum(r["status"] == "ok" for r in rows)
 
-    embedder = T("CaptionEmbedder() construction", ingest_stages.CaptionEmbedder, cfg)
+    embedder = T("CaptionEmbedder() construction", stage3_embed.CaptionEmbedder, cfg)
     batches = []
     for i in range(0, len(rows), cfg.embed_batch_size):
         chunk = rows[i:i + cfg.embed_batch_size]
         batch = {k: np.array([r[k] for r in chunk], dtype=object) for k in chunk[0]}
         batches.append(T("CaptionEmbedder() call", embedder, batch))
     for b in batches:
-        T("write_shard", ingest_stages.write_shard, b, out_dir, options)
+        T("write_shard", stage4_write.write_shard, b, out_dir, options)
     torch.set_num_threads(os.cpu_count() or 1)
     return {"clips": clips, "ok_rows": ok, "rows": len(rows), "seconds": dict(T.total), "cpu_seconds": dict(T.cpu),
             "calls": dict(T.calls), **per_file}
@@ -274,7 +276,7 @@ def _traced(kind: str, fn, log_dir: str):
 
 
 def _traced_embedder(log_dir: str):
-    base = ingest_stages.CaptionEmbedder
+    base = stage3_embed.CaptionEmbedder
 
     class TracedEmbedder(base):
         def __init__(self, cfg):
@@ -352,9 +354,9 @@ def _cpu_by_role(before: dict, after: dict, driver_pid: int) -> dict[str, float]
 def _one_run(root: Path, cfg: IngestConfig, out: Path, timeout: float, log_dir: str) -> dict:
     """One traced run_ingest on the already started Ray; stopped by a watchdog after `timeout` s."""
     saved = ingest.decode_and_cut, ingest.CaptionEmbedder, ingest.write_shard
-    ingest.decode_and_cut = _traced("decode", ingest_stages.decode_and_cut, log_dir)
+    ingest.decode_and_cut = _traced("decode", stage2_decode.decode_and_cut, log_dir)
     ingest.CaptionEmbedder = _traced_embedder(log_dir)
-    ingest.write_shard = _traced("write", ingest_stages.write_shard, log_dir)
+    ingest.write_shard = _traced("write", stage4_write.write_shard, log_dir)
     done = threading.Event()
 
     def watchdog():
@@ -431,7 +433,7 @@ def end_to_end(root: Path, cfg: IngestConfig, num_cpus: int, timeout: float, wor
 def _phase(args, cfg: IngestConfig) -> dict:
     """In a child process (`--phase`), with `pipelines` from INGEST_BENCH_TREE or this tree: one measurement."""
     root = args.corpus
-    files, _ = ingest_stages.list_inputs(str(root), str(root / "captions.jsonl"), cfg, StorageOptions())
+    files, _ = stage1_list.list_inputs(str(root), str(root / "captions.jsonl"), cfg, StorageOptions())
     if args.phase == "raw":
         paths = [f["source"] for f in files]
         raw_decode(paths[:2], 0)  # warm-up, not timed
@@ -443,9 +445,9 @@ def _phase(args, cfg: IngestConfig) -> dict:
 
         torch.set_num_threads(1)
         for row in files[:2]:  # warm-up, not timed
-            ingest_stages.decode_and_cut(row, cfg, StorageOptions())
+            stage2_decode.decode_and_cut(row, cfg, StorageOptions())
         c0, t0 = _cpu(), time.perf_counter()
-        rows = [r for row in files for r in ingest_stages.decode_and_cut(row, cfg, StorageOptions())]
+        rows = [r for row in files for r in stage2_decode.decode_and_cut(row, cfg, StorageOptions())]
         return {"seconds": time.perf_counter() - t0, "cpu_seconds": _cpu() - c0,
                 "clips": sum(r["status"] == "ok" for r in rows)}
     work = Path(tempfile.mkdtemp(prefix="e2e-", dir=os.getcwd()))  # the side-by-side run's temp dir
@@ -679,7 +681,7 @@ def main(argv: list[str] | None = None) -> int:
             root, records = repeat_corpus(root, records, args.repeat, work / "corpus-repeated")
         src_frames = sum(r["frames"] for r in records)
         say(f"corpus: {len(records)} videos, {src_frames} source frames, {time.perf_counter() - t0:.1f}s")
-        files, _ = ingest_stages.list_inputs(str(root), str(root / "captions.jsonl"), cfg, StorageOptions())
+        files, _ = stage1_list.list_inputs(str(root), str(root / "captions.jsonl"), cfg, StorageOptions())
         assert len(files) == len(records) and all(f["has_caption"] for f in files), "captions not matched"
         paths = [f["source"] for f in files]
 

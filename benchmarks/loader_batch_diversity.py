@@ -1,6 +1,6 @@
 """Ray Train input: how many different clips a training batch holds, under the workers' data plans.
 
-Each worker reads its own seeded plan (`pipelines.shards.rank_plan`: shards in a random order per epoch, each
+Each worker reads its own seeded plan (`pipelines.train.shards.rank_plan`: shards in a random order per epoch, each
 shard's rows shuffled); this counts distinct clips per batch of each worker's first `--rows` plan rows for a
 shard set, and what uniform random sampling would give. No Ray and no decoding: the plan alone fixes the rows
 (the trainer checks every batch against it).
@@ -30,7 +30,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=4096, help="plan rows per worker")
     args = ap.parse_args()
 
-    from pipelines.shards import rank_plan, shard_rows, unit_rows
+    from pipelines.train.shards import rank_plan, shard_rows, unit_rows
 
     manifest = json.loads((args.shards / "manifest.json").read_text())
     shards = shard_rows(manifest, str(args.shards.resolve()))

@@ -12,7 +12,7 @@ STUNet against its fixed-temporal-resolution variant at the same step budget.
    = mean training loss over the first and the last `--loss-window` steps of `--steps` (same step budget for
    all). t2i trains first; stunet and stunet-fixed then start from its trained prior (as `lumiere train stunet
    --init-from` does) and train side by side.
-2. Ray Train (`pipelines.train.run_training`, what `lumiere train` runs: shards → Ray Data → DDP over gloo,
+2. Ray Train (`pipelines.train.job.run_training`, what `lumiere train` runs: shards → Ray Data → DDP over gloo,
    MLflow): a small shapes corpus ingested into standard shards (80 frames, 128×128, the config's text encoder),
    then t2i and stunet (initialised from the t2i run) with 1 and 2 workers (1 CPU each: torch runs 1 thread per
    worker), `--ray-steps` steps, each job `--ray-repeats` times with the 1/2-worker order reversed on the repeat
@@ -136,9 +136,9 @@ def ray_train(config: str, args, work: Path) -> list[dict]:
     import mlflow
 
     from lumiere.shapes import make_corpus
-    from pipelines.ingest import run_ingest
-    from pipelines.ingest_config import load_ingest_config
-    from pipelines.train import run_training
+    from pipelines.ingest.config import load_ingest_config
+    from pipelines.ingest.job import run_ingest
+    from pipelines.train.job import run_training
 
     root = work / config
     t0 = time.perf_counter()

@@ -29,7 +29,7 @@ import threading
 import time
 from pathlib import Path
 
-from .errors import LumiereError
+from lumiere.errors import LumiereError
 
 # what the demo writes under WORKDIR; a re-run removes these first (nothing else in WORKDIR is touched)
 OUTPUTS = ("corpus", "shards", "runs", "serve", "videos", "mlruns", "mlflow.db")
@@ -38,7 +38,7 @@ OUTPUTS = ("corpus", "shards", "runs", "serve", "videos", "mlruns", "mlflow.db")
 def default_prompts() -> list[str]:
     """Every colour × direction of the shapes vocabulary, shapes in rotation (as benchmarks/quality_shapes.py
     scores): the demo's measured direction accuracy is over all of them, not a hand-picked few."""
-    from .shapes import COLORS, DIRECTIONS, SHAPES
+    from lumiere.shapes import COLORS, DIRECTIONS, SHAPES
 
     pairs = [(c, d) for c in COLORS for d in DIRECTIONS]
     return [f"a {c} {SHAPES[i % len(SHAPES)]} moving {d}" for i, (c, d) in enumerate(pairs)]
@@ -119,7 +119,7 @@ def _png(frame) -> bytes:
 def _measured(video, prompt: str) -> tuple[str, dict | None]:
     """What `shapes.analyse_clip` sees in a generated video, against what the prompt asked for: a line, and
     {"color": ok, "direction": ok} when the prompt is in the shapes vocabulary (else None)."""
-    from .shapes import analyse_clip, parse_caption
+    from lumiere.shapes import analyse_clip, parse_caption
 
     a = analyse_clip(video)
     seen = f"{a['dominant_color'] or 'no shape'}, moving {a['direction'] or 'nowhere'}"
@@ -152,7 +152,7 @@ def _clean(workdir: Path) -> None:
 def run_demo(workdir: Path, config: str, overrides: list[str], count: int, t2i_steps: int, stunet_steps: int,
              prompts: list[str], num_workers: int = 2, sample_steps: int | None = None, port: int = 0) -> dict:
     """Run the demo; returns {"videos": [mp4 paths], "spritesheets": [png paths], "mlflow": uri, ...}."""
-    from .config import load_config
+    from lumiere.config import load_config
 
     cfg = load_config(config, overrides)
     workdir = Path(workdir).resolve()
@@ -167,7 +167,7 @@ def run_demo(workdir: Path, config: str, overrides: list[str], count: int, t2i_s
     result: dict = {"videos": [], "spritesheets": [], "scores": [], "mlflow": tracking_uri}
     try:
         with stage(f"1/7 corpus: {count} moving-shapes clips ({frames} frames, {size}x{size})"):
-            from .shapes import make_corpus
+            from lumiere.shapes import make_corpus
 
             if workdir.exists() and not workdir.is_dir():
                 raise LumiereError(f"{workdir} exists and is not a directory")
@@ -187,8 +187,8 @@ def run_demo(workdir: Path, config: str, overrides: list[str], count: int, t2i_s
             started_ray = True
 
         with stage("2/7 ingest (Ray Data): decode, filter, embed captions, write Parquet shards"):
-            from pipelines.ingest import run_ingest
-            from pipelines.ingest_config import IngestConfig
+            from pipelines.ingest.config import IngestConfig
+            from pipelines.ingest.job import run_ingest
 
             shards = workdir / "shards"
             # the corpus's own frame count, size and encoder: one clip per video, no SSR copy; the text encoder
@@ -201,7 +201,7 @@ def run_demo(workdir: Path, config: str, overrides: list[str], count: int, t2i_s
 
         _prepare_mlflow(tracking_uri, workdir)
         os.environ.setdefault("MLFLOW_TRACKING_URI", tracking_uri)
-        from pipelines.train import run_training
+        from pipelines.train.job import run_training
 
         with stage(f"3/7 train the 2D text-to-image prior (Ray Train, {num_workers} workers, {t2i_steps} steps)"):
             t2i_cfg = load_config(config, [*overrides, f"train.max_steps={t2i_steps}"])
@@ -298,7 +298,7 @@ def _request(base: str, api_key: str, jobs: list[tuple[str, Path | None]], out: 
              result: dict) -> None:
     import openai
 
-    from .video import decode_mp4_bytes, read_video
+    from lumiere.video import decode_mp4_bytes, read_video
 
     client = openai.OpenAI(base_url=f"{base}/v1", api_key=api_key, max_retries=2, timeout=120)
     out.mkdir(parents=True, exist_ok=True)

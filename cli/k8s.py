@@ -1,11 +1,11 @@
-"""`lumiere k8s …`: the operator's commands (see lumiere/k8s.py and docs/operations.md). Imports stay light: the
-kubernetes client is imported inside the commands that talk to a cluster."""
+"""`lumiere k8s …`: the operator's commands (the library is infra/kuberay.py; see docs/operations.md). Imports
+stay light: the kubernetes client is imported inside the commands that talk to a cluster."""
 
 from __future__ import annotations
 
 import typer
 
-from .errors import LumiereError
+from lumiere.errors import LumiereError
 
 k8s_app = typer.Typer(no_args_is_help=True,
                       help="Run ingestion, training and the API on Kubernetes with KubeRay (infra/k8s).")
@@ -16,7 +16,7 @@ JOB_HELP = "ingest, train-t2i, train-stunet or train-ssr (t2i, stunet, ssr also 
 
 
 def _overrides(**kw):
-    from .k8s import JobOverrides
+    from infra.kuberay import JobOverrides
 
     return JobOverrides(**kw)
 
@@ -34,7 +34,7 @@ def render(
     manifests: str | None = typer.Option(None, help="The infra/k8s directory (default: this checkout's)."),
 ):
     """Print the overlay's manifests as YAML (pipe into `kubectl apply -f -`)."""
-    from .k8s import apply_job_overrides, job_from_overlay, render_overlay, set_image, set_namespace, to_yaml
+    from infra.kuberay import apply_job_overrides, job_from_overlay, render_overlay, set_image, set_namespace, to_yaml
 
     objs = render_overlay(overlay, manifests)
     kinds = {o["kind"] for o in objs}
@@ -76,8 +76,8 @@ def submit(
     manifests: str | None = typer.Option(None, help="The infra/k8s directory (default: this checkout's)."),
 ):
     """Create a RayJob from the overlay's manifest with your overrides."""
-    from .k8s import Cluster, build_job, to_yaml
-    from .k8s import submit as do_submit
+    from infra.kuberay import Cluster, build_job, to_yaml
+    from infra.kuberay import submit as do_submit
 
     ov = _overrides(image=image, namespace=namespace, name=name, input=input, output=output, data=data,
                     config=config, init_from=init_from, run_name=run_name, num_workers=num_workers,
@@ -114,7 +114,7 @@ def status(
     context: str | None = typer.Option(None, help="Kubeconfig context."),
 ):
     """Show a RayJob (its deployment and Ray job status) or a RayService; without a name, list the project's."""
-    from .k8s import Cluster, describe
+    from infra.kuberay import Cluster, describe
 
     ns = _namespace(namespace, overlay)
     cl = Cluster(kubeconfig, context)
@@ -144,7 +144,7 @@ def logs(
     context: str | None = typer.Option(None, help="Kubeconfig context."),
 ):
     """Stream the RayJob's submitter pod log: the entrypoint's output (`ray job logs --follow`)."""
-    from .k8s import Cluster
+    from infra.kuberay import Cluster
 
     ns = _namespace(namespace, overlay)
     cl = Cluster(kubeconfig, context)
@@ -168,7 +168,7 @@ def delete(
     context: str | None = typer.Option(None, help="Kubeconfig context."),
 ):
     """Delete a RayJob (its Ray cluster and submitter go with it) or a RayService."""
-    from .k8s import Cluster
+    from infra.kuberay import Cluster
 
     ns = _namespace(namespace, overlay)
     cl = Cluster(kubeconfig, context)
@@ -186,6 +186,6 @@ def wait_resources(
     address: str = typer.Option("auto", help="Ray address (inside a RayJob: auto)."),
 ):
     """Inside a RayJob: wait until the job's Ray cluster has its workers (used before `lumiere train`)."""
-    from .k8s import wait_for_resources
+    from infra.kuberay import wait_for_resources
 
     wait_for_resources(cpus, gpus, timeout, address)

@@ -1,5 +1,9 @@
 """`lumiere`: one command line for every user (data, train, generate, serve, k8s, demo).
 
+Thin: each command parses its options, calls the stage's library function (lumiere for config/data/generate/
+style, pipelines.ingest.job, pipelines.train.job, serve.launch, infra.kuberay through k8s.py, demo.py) and
+prints.
+
 Heavy imports (torch, ray, …) happen inside the commands so `lumiere --help` is instant. Problems with the
 user's input (`LumiereError`, including config errors) print one line and exit 2, without a traceback.
 """
@@ -12,8 +16,9 @@ from pathlib import Path
 
 import typer
 
-from .errors import LumiereError
-from .k8s_cli import k8s_app
+from lumiere.errors import LumiereError
+
+from .k8s import k8s_app
 
 app = typer.Typer(
     add_completion=False,
@@ -44,7 +49,7 @@ def config_show(
     """Print the fully resolved config as YAML."""
     import yaml
 
-    from .config import load_config
+    from lumiere.config import load_config
 
     cfg = load_config(name, set_)
     typer.echo(yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip())
@@ -53,7 +58,7 @@ def config_show(
 @config_app.command("list")
 def config_list():
     """List the named configs."""
-    from .config import available_configs
+    from lumiere.config import available_configs
 
     for name in available_configs():
         typer.echo(name)
@@ -71,7 +76,7 @@ def data_shapes(
     bounce: bool = typer.Option(False, help="Shapes bounce off the borders."),
 ):
     """Generate the moving-shapes demo corpus: captioned mp4 clips of coloured shapes moving."""
-    from .shapes import make_corpus
+    from lumiere.shapes import make_corpus
 
     if size % 2:
         raise LumiereError(f"--size must be even (H.264 needs even frame sizes), got {size}")
@@ -90,13 +95,13 @@ def ingest(
         None,
         help="Sidecar captions (.jsonl/.csv/.parquet with path,caption); default: a .txt/.json beside each video.",
     ),
-    config: Path | None = typer.Option(None, help="Ingest config YAML (see pipelines/ingest_config.py)."),
+    config: Path | None = typer.Option(None, help="Ingest config YAML (see pipelines/ingest/config.py)."),
     address: str | None = typer.Option(None, help="Ray cluster address (default: start a local Ray)."),
     set_: list[str] = typer.Option([], "--set", help="Override an ingest config key, e.g. --set clip_frames=16."),
 ):
     """Turn a video corpus into Parquet shards of fixed-length clips (Ray Data); re-run to resume."""
-    from pipelines.ingest import run_ingest
-    from pipelines.ingest_config import load_ingest_config
+    from pipelines.ingest.config import load_ingest_config
+    from pipelines.ingest.job import run_ingest
 
     cfg = load_ingest_config(config, set_)
     report = run_ingest(input, output, captions, cfg, address=address)
@@ -128,7 +133,7 @@ def train(
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
 ):
     """Train the text-to-image prior, the STUNet or the SSR on Ray Train, tracked in MLflow."""
-    from .config import load_config
+    from lumiere.config import load_config
 
     if conditional and kind != "stunet":
         raise LumiereError("--conditional applies to `lumiere train stunet` only")
@@ -138,11 +143,11 @@ def train(
             overrides.append(f"{key}={value}")
     cfg = load_config(config, overrides)
     if address and address.startswith(("http://", "https://")):
-        from pipelines.submit import submit_and_follow
+        from pipelines.train.submit import submit_and_follow
 
         argv = [a for a in sys.argv[1:]]
         raise typer.Exit(submit_and_follow(address, argv))
-    from pipelines.train import run_training
+    from pipelines.train.job import run_training
 
     run_training(kind, data, str(output), cfg, init_from=init_from, num_workers=num_workers, gpu=gpu,
                  run_name=run_name, address=address, compile=compile, max_failures=max_failures)
@@ -152,7 +157,7 @@ def _load_media(path: Path | None, what: str, cfg, kind: str):
     """--image / --video / --mask files -> uint8 arrays, or a one-line error naming the option."""
     if path is None:
         return None
-    from .video import VideoReadError, read_image, read_video
+    from lumiere.video import VideoReadError, read_image, read_video
 
     try:
         if kind == "video" or (kind == "mask" and path.suffix.lower() in (".mp4", ".mov", ".webm", ".mkv")):
@@ -192,11 +197,11 @@ def generate(
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
 ):
     """Generate a video (text-to-video, image-to-video, inpainting, cinemagraph, edit, extension) as an mp4."""
-    from .config import load_config
-    from .diffusion import SAMPLERS
-    from .pipeline import TASKS, TextToVideo, Upsampler
-    from .video import save_png, write_mp4
-    from .video import spritesheet as make_sheet
+    from lumiere.config import load_config
+    from lumiere.diffusion import SAMPLERS
+    from lumiere.pipeline import TASKS, TextToVideo, Upsampler
+    from lumiere.video import save_png, write_mp4
+    from lumiere.video import spritesheet as make_sheet
 
     if out.suffix.lower() != ".mp4":
         raise LumiereError(f"--out must end in .mp4, got {out}")
@@ -259,10 +264,10 @@ def style_fit(
     """Fine-tune the T2I prior on style images; generate with it via `lumiere generate --style DIR`."""
     import numpy as np
 
-    from .checkpoint import load_model
-    from .style import fit_style, prior_fingerprint, save_style
-    from .text_encoder import TextEncoder
-    from .video import fit_frames, read_image
+    from lumiere.checkpoint import load_model
+    from lumiere.style import fit_style, prior_fingerprint, save_style
+    from lumiere.text_encoder import TextEncoder
+    from lumiere.video import fit_frames, read_image
 
     model, cfg, meta = load_model(checkpoint, use_ema=True, as_kind="stunet")
     pictures = []
@@ -273,7 +278,7 @@ def style_fit(
             raise LumiereError(f"--images: {e}") from None
     encoder = TextEncoder(cfg.text)
     context, pooled = encoder.encode_text([prompt])
-    from .diffusion import Conditioning
+    from lumiere.diffusion import Conditioning
 
     _echo(f"fitting a style on {len(pictures)} image(s) at {cfg.video.size}x{cfg.video.size} for {steps} steps "
           f"from {checkpoint}")

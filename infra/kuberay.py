@@ -1,7 +1,9 @@
-"""`lumiere k8s`: render the KubeRay manifests in `infra/k8s` and drive RayJobs on a Kubernetes cluster.
+"""The operators' library behind `lumiere k8s` (cli/k8s.py): render the KubeRay manifests in `infra/k8s` and
+drive RayJobs on a Kubernetes cluster. It lives beside the manifests it renders, not in the model package.
 
-- render: `kubectl kustomize` (or `kustomize build`) of an overlay, which also inlines `serve/config.yaml` into
-  the RayService; then the user's overrides (image, namespace, data paths, workers, GPUs) applied in Python.
+- render: `kubectl kustomize` (or `kustomize build`) of an overlay, which also inlines the Serve config
+  (infra/k8s/base/serve-config.yaml, a checked copy of `serve/config.yaml`) into the RayService; then the
+  user's overrides (image, namespace, data paths, workers, GPUs) applied in Python.
 - submit: render one RayJob of the overlay with the overrides, give it a unique name and create it through the
   `kubernetes` client (`CustomObjectsApi`, group `ray.io`, version `v1`, plural `rayjobs`), after checking that
   the cluster has the KubeRay CRDs and the namespace.
@@ -27,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import LumiereError
+from lumiere.errors import LumiereError
 
 GROUP, VERSION = "ray.io", "v1"
 RAY_KINDS = {"RayJob": "rayjobs", "RayService": "rayservices", "RayCluster": "rayclusters"}
@@ -45,8 +47,7 @@ PART_OF = "app.kubernetes.io/part-of=lumiere"
 
 def manifests_dir(path: str | Path | None = None) -> Path:
     """The `infra/k8s` directory: the given one, else the checkout this package runs from, else ./infra/k8s."""
-    candidates = [Path(path)] if path else [Path(__file__).resolve().parent.parent / "infra" / "k8s",
-                                            Path.cwd() / "infra" / "k8s"]
+    candidates = [Path(path)] if path else [Path(__file__).resolve().parent / "k8s", Path.cwd() / "infra" / "k8s"]
     for c in candidates:
         if (c / "base" / "kustomization.yaml").is_file():
             return c
@@ -56,12 +57,13 @@ def manifests_dir(path: str | Path | None = None) -> Path:
 
 
 def kustomize_command(overlay_dir: Path) -> list[str]:
-    """kubectl kustomize, or a standalone kustomize; both without the load restrictor, because the RayService's
-    serve config is serve/config.yaml, outside infra/k8s."""
+    """kubectl kustomize, or a standalone kustomize, with no extra flags: what `kubectl apply -k` renders. The
+    RayService's Serve config is a copy inside the tree (infra/k8s/base/serve-config.yaml, kept equal to
+    serve/config.yaml by `make serve-config` and checked by tests/test_infra.py)."""
     if shutil.which("kubectl"):
-        return ["kubectl", "kustomize", "--load-restrictor", "LoadRestrictionsNone", str(overlay_dir)]
+        return ["kubectl", "kustomize", str(overlay_dir)]
     if shutil.which("kustomize"):
-        return ["kustomize", "build", "--load-restrictor", "LoadRestrictionsNone", str(overlay_dir)]
+        return ["kustomize", "build", str(overlay_dir)]
     raise LumiereError("rendering the manifests needs kubectl (>= 1.27) or kustomize (>= 5) on PATH; neither found")
 
 

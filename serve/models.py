@@ -1,6 +1,7 @@
 """Where the served models come from: a checkpoint directory, an MLflow model URI (`models:/name/version`,
 `runs:/…`), or — for tests and demos only — a randomly initialised named config. Every replica resolves the same
-`ModelSpec`, so the text encoder, generator and upsampler deployments agree on the weights."""
+`ModelSpec`, so the text encoder, generator and upsampler deployments agree on the weights. URIs and directories
+are resolved by `lumiere.model_uri`, as training's --init-from is: serving imports no training code."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lumiere.errors import LumiereError
+from lumiere.model_uri import checkpoint_dir, resolve_model
 
 
 @dataclass(frozen=True)
@@ -39,16 +41,10 @@ class ModelSpec:
     def path(self) -> str:
         """A local checkpoint directory for checkpoint/model_uri specs (MLflow artifacts are downloaded)."""
         if self.model_uri:
-            from pipelines.train import resolve_init
-
-            return resolve_init(self.model_uri, Path(tempfile.mkdtemp(prefix="lumiere-model-")))
-        path = Path(self.checkpoint).expanduser()
-        if (path / "checkpoints" / "latest" / "meta.json").exists():
-            path = path / "checkpoints" / "latest"
-        if not (path / "meta.json").exists():
-            raise LumiereError(f"checkpoint {self.checkpoint}: not a checkpoint directory (no meta.json) nor a "
-                               "training output directory")
-        return str(path.resolve())
+            return resolve_model(self.model_uri, Path(tempfile.mkdtemp(prefix="lumiere-model-")), "--model-uri")
+        return checkpoint_dir(Path(self.checkpoint).expanduser(),
+                              f"checkpoint {self.checkpoint}: not a checkpoint directory (no meta.json) nor a "
+                              "training output directory")
 
     def config(self):
         if self.random_init:

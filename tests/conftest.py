@@ -33,7 +33,7 @@ def run_cli(*args: str, timeout: float = 300, env: dict | None = None,
     that fails because a server it talks to is not up yet ("cannot reach") is retried once a second."""
     for _ in range(retries_until_up + 1):
         proc = subprocess.run(
-            [sys.executable, "-m", "lumiere.cli", *args], capture_output=True, text=True, timeout=timeout, env=env
+            [sys.executable, "-m", "cli.main", *args], capture_output=True, text=True, timeout=timeout, env=env
         )
         if "cannot reach" not in proc.stderr:
             break

@@ -13,7 +13,8 @@ import pytest
 import corpus
 from lumiere.storage import StorageOptions
 from lumiere.video import decode_mp4_bytes, encode_mp4_bytes
-from pipelines.curation import (
+from pipelines.ingest.config import load_ingest_config
+from pipelines.ingest.curation import (
     Reject,
     clip_scores,
     decode_with_timeout,
@@ -22,8 +23,9 @@ from pipelines.curation import (
     resize_center_crop,
     shot_boundaries,
 )
-from pipelines.ingest_config import load_ingest_config
-from pipelines.ingest_stages import CaptionEmbedder, decode_and_cut, list_inputs
+from pipelines.ingest.stage1_list import list_inputs
+from pipelines.ingest.stage2_decode import decode_and_cut
+from pipelines.ingest.stage3_embed import CaptionEmbedder
 
 CFG = load_ingest_config(None, ["encoder_from=tiny"])
 
@@ -87,7 +89,7 @@ def test_a_decoder_that_never_returns_is_still_bounded(built, monkeypatch):
     import threading
     import time
 
-    from pipelines import curation
+    from pipelines.ingest import curation
 
     release = threading.Event()
 

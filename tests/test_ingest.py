@@ -19,8 +19,8 @@ import pytest
 
 import corpus
 from lumiere.video import decode_mp4_bytes
-from pipelines.ingest import decode_tasks, run_ingest
-from pipelines.ingest_config import load_ingest_config
+from pipelines.ingest.config import load_ingest_config
+from pipelines.ingest.job import decode_tasks, run_ingest
 
 pytestmark = pytest.mark.timeout(600)
 OVERRIDES = ["encoder_from=tiny", "shard_clips=4"]
@@ -135,7 +135,7 @@ def test_sigkill_mid_run_then_rerun_gives_the_clean_clip_set(built, ingested, ra
     root, _ = built
     clean = _fingerprint(ingested[0])
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "lumiere.cli", "ingest", "--input", str(root / "videos"), "--output", str(out),
+    cmd = [sys.executable, "-m", "cli.main", "ingest", "--input", str(root / "videos"), "--output", str(out),
            "--captions", str(root / "captions.jsonl"), "--address", ray.get_runtime_context().gcs_address,
            "--set", "encoder_from=tiny", "--set", "shard_clips=1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -199,7 +199,7 @@ def test_sidecar_captions_match_with_a_relative_input_path(tmp_path, monkeypatch
     """`lumiere ingest --input data/shapes --captions data/shapes/captions.jsonl`, run from the parent directory:
     the sidecar's paths are relative to the input root whether --input is relative or absolute."""
     from lumiere.storage import StorageOptions
-    from pipelines.ingest_stages import list_inputs
+    from pipelines.ingest.stage1_list import list_inputs
 
     videos = tmp_path / "data" / "shapes" / "videos"
     videos.mkdir(parents=True)

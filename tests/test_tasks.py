@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from einops import rearrange
 from typer.testing import CliRunner
 
+from cli.main import app
 from conftest import run_cli
 from lumiere.checkpoint import save_checkpoint
-from lumiere.cli import app
 from lumiere.config import load_config
 from lumiere.errors import LumiereError
 from lumiere.pipeline import TextToVideo

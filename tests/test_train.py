@@ -22,8 +22,8 @@ from safetensors.torch import load_file
 
 from conftest import run_cli, run_clis
 from lumiere.shapes import make_corpus
-from pipelines.ingest import run_ingest
-from pipelines.ingest_config import load_ingest_config
+from pipelines.ingest.config import load_ingest_config
+from pipelines.ingest.job import run_ingest
 
 pytestmark = pytest.mark.timeout(900)
 TINY = ["train.checkpoint_every=4", "train.log_every=2", "train.batch_size=2"]
@@ -60,7 +60,7 @@ def _cfg(*extra):
 
 @pytest.fixture(scope="module")
 def t2i_run(shards, mlflow_uri, tmp_path_factory):
-    from pipelines.train import run_training
+    from pipelines.train.job import run_training
 
     out = tmp_path_factory.mktemp("t2i")
     result = run_training("t2i", str(shards), str(out), _cfg("train.max_steps=8"), num_workers=2,
@@ -89,7 +89,7 @@ def test_stunet_from_t2i_keeps_the_prior_and_loads_from_the_registry(t2i_run, sh
     import mlflow
 
     from lumiere.pipeline import TextToVideo
-    from pipelines.train import run_training
+    from pipelines.train.job import run_training
 
     t2i_out, _ = t2i_run
     result = run_training("stunet", str(shards), str(tmp_path), _cfg("train.max_steps=4"), num_workers=2,
@@ -114,7 +114,7 @@ def test_conditional_stunet_and_ssr_train_and_generate(t2i_run, shards, mlflow_u
     import numpy as np
 
     from lumiere.pipeline import TextToVideo, Upsampler
-    from pipelines.train import run_training
+    from pipelines.train.job import run_training
 
     t2i_out, _ = t2i_run
     quiet = {"log": lambda *a: None, "num_workers": 1}
@@ -139,7 +139,7 @@ def test_conditional_stunet_and_ssr_train_and_generate(t2i_run, shards, mlflow_u
 
 def test_ssr_needs_high_resolution_copies(shards):
     from lumiere.errors import LumiereError
-    from pipelines.shards import check_manifest
+    from pipelines.train.shards import check_manifest
 
     manifest = json.loads((shards / "manifest.json").read_text())
     with pytest.raises(LumiereError, match="re-ingest with --set hr_size=64"):
@@ -150,7 +150,7 @@ def test_ssr_needs_high_resolution_copies(shards):
 def test_data_plans_deal_every_clip_once_per_epoch_in_a_seeded_order():
     import numpy as np
 
-    from pipelines.shards import rank_plan, unit_rows
+    from pipelines.train.shards import rank_plan, unit_rows
 
     def rows(units):
         return [(u["path"], int(r)) for u in units for r in unit_rows(u, np.arange(sizes[u["path"]]))]
@@ -239,7 +239,7 @@ def _trained_rows(trace: Path, steps: int, bs: int = 2, workers: int = 2) -> int
 def test_killed_worker_resumes_from_last_checkpoint(shards, mlflow_uri, tmp_path, monkeypatch):
     import mlflow
 
-    from pipelines.train import run_training
+    from pipelines.train.job import run_training
 
     monkeypatch.setenv("LUMIERE_DATA_TRACE", str(tmp_path / "trace"))
     (tmp_path / "trace").mkdir()
@@ -267,7 +267,7 @@ def test_killed_worker_resumes_from_last_checkpoint(shards, mlflow_uri, tmp_path
 def test_killed_driver_rerun_with_same_name_resumes(shards, mlflow_uri, tmp_path, ray_session):
     import ray
 
-    cmd = [sys.executable, "-m", "lumiere.cli", "train", "t2i", "--data", str(shards), "--output", str(tmp_path),
+    cmd = [sys.executable, "-m", "cli.main", "train", "t2i", "--data", str(shards), "--output", str(tmp_path),
            "--config", "tiny", "--num-workers", "2", "--max-steps", "40", "--run-name", "t2i-kill-driver",
            "--address", ray.get_runtime_context().gcs_address, *sum((["--set", o] for o in TINY), [])]
     (tmp_path / "trace").mkdir()

@@ -30,7 +30,7 @@ class IngestConfig(BaseModel):
     # X264_FAST_ANALYSIS): 7-29% cheaper encodes for 0-8% larger clips, PSNR within 0.07 dB on natural content
     # (benchmarks/ingest_encoder.py; docs/decisions.md)
     mp4_fast_analysis: bool = True
-    # filters (reason codes in pipelines/curation.py REASONS)
+    # filters (reason codes in pipelines/ingest/curation.py REASONS)
     min_side: int = Field(128, ge=1)  # too_small: source's shorter side below this
     cut_threshold: float = Field(0.5, gt=0, le=1)  # hard cut: colour-histogram distance between frames above
     static_threshold: float = Field(0.1, ge=0)  # static: mean |Δ| (0–255) between frames 4 apart below this

@@ -1,4 +1,5 @@
-"""`lumiere ingest`: a raw video corpus -> Parquet shards of fixed-length clips, as one Ray Data pipeline.
+"""`lumiere ingest`: a raw video corpus -> Parquet shards of fixed-length clips, as one Ray Data pipeline that
+composes the four stages of this package (stage1_list … stage4_write) in order.
 
     files  = list_inputs(input, captions)                        driver: listing + captions
     todo   = files not yet fully committed (resume)              driver: scan of the output's parts
@@ -33,16 +34,12 @@ from lumiere import storage
 from lumiere.errors import LumiereError
 from lumiere.storage import StorageOptions
 
+from .config import IngestConfig
 from .curation import REASONS
-from .ingest_config import IngestConfig
-from .ingest_stages import (
-    REJECT_SCHEMA,
-    SCHEMA_VERSION,
-    CaptionEmbedder,
-    decode_and_cut,
-    list_inputs,
-    write_shard,
-)
+from .stage1_list import list_inputs
+from .stage2_decode import decode_and_cut
+from .stage3_embed import CaptionEmbedder
+from .stage4_write import REJECT_SCHEMA, SCHEMA_VERSION, write_shard
 
 
 def _read_parts(output_uri: str, folder: str, columns: list[str],

@@ -1,36 +1,23 @@
-"""The ingestion stages, each a plain function or class over a row or a batch (testable without Ray).
-
-    list_inputs        driver: list videos under a URI, attach captions (sidecar or .txt/.json beside)
-    decode_and_cut     per file: probe → decode (decord, 16 fps, timeout) → shots → clips → filters → crops
-    CaptionEmbedder    actor: open_clip text embedding of the caption, image embedding of the keyframe,
-                       CLIP score (and the low_clip_score filter)
-    write_shard        per batch: one Parquet shard of accepted clips + one part of rejects, written atomically
+"""Stage 2 of ingestion, a Ray Data flat_map task per input file: probe → decode (decord, 16 fps, timeout) →
+shots → clips → filters → crops → encoded frames. The frame-level functions it calls are in `curation.py`.
 
 Every row that leaves `decode_and_cut` is a *candidate*: an accepted clip or a rejected file/shot/clip, with a
 deterministic `clip_id` and the number of candidates its file produced (`file_candidates`). A file is done
-when all of its candidates are committed (in a shard or a rejects part); that is what resume relies on.
+when all of its candidates are committed (in a shard or a rejects part, stage 4); that is what resume relies on.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
-import json
 import os
-import time
-import uuid
-from pathlib import PurePosixPath
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
-import torch
 
 from lumiere import storage
 from lumiere.storage import StorageOptions
 from lumiere.video import X264_FAST_ANALYSIS, encode_mp4_bytes
 
+from .config import IngestConfig
 from .curation import (
     Reject,
     clip_scores,
@@ -40,111 +27,12 @@ from .curation import (
     resize_center_crop,
     shot_boundaries,
 )
-from .ingest_config import IngestConfig
-
-SCHEMA_VERSION = 1
-
-# --- the shard schema (documented in docs/data-format.md) -------------------------------------------------
-CLIP_SCHEMA = pa.schema([
-    ("clip_id", pa.string()),
-    ("source", pa.string()),
-    ("file_id", pa.string()),
-    ("file_candidates", pa.int32()),
-    ("shot_index", pa.int32()),
-    ("clip_index", pa.int32()),
-    ("start_frame", pa.int64()),
-    ("start_time_s", pa.float64()),
-    ("fps", pa.float32()),
-    ("num_frames", pa.int32()),
-    ("height", pa.int32()),
-    ("width", pa.int32()),
-    ("frames_format", pa.string()),
-    ("frames", pa.binary()),
-    ("hr_size", pa.int32()),
-    ("hr_frames", pa.binary()),
-    ("caption", pa.string()),
-    ("text_tokens", pa.binary()),
-    ("text_pooled", pa.list_(pa.float32())),
-    ("image_embedding", pa.list_(pa.float32())),
-    ("clip_score", pa.float32()),
-    ("motion_score", pa.float32()),
-    ("brightness", pa.float32()),
-    ("src_width", pa.int32()),
-    ("src_height", pa.int32()),
-    ("src_fps", pa.float32()),
-    ("src_codec", pa.string()),
-])
-REJECT_SCHEMA = pa.schema([
-    ("clip_id", pa.string()),
-    ("source", pa.string()),
-    ("file_id", pa.string()),
-    ("file_candidates", pa.int32()),
-    ("reason", pa.string()),
-    ("detail", pa.string()),
-    ("shot_index", pa.int32()),
-    ("start_frame", pa.int64()),
-    ("num_frames", pa.int32()),
-])
 
 
 def file_id(source: str) -> str:
     return hashlib.sha1(source.encode()).hexdigest()[:16]
 
 
-# --- 1. list inputs (driver) -------------------------------------------------------------------------------
-def _read_sidecar(uri: str, options: StorageOptions) -> dict[str, str]:
-    data = storage.read_bytes(uri, options)
-    name = uri.lower()
-    if name.endswith(".parquet"):
-        table = pq.read_table(io.BytesIO(data), columns=["path", "caption"])
-        rows = table.to_pylist()
-    elif name.endswith(".csv"):
-        rows = list(csv.DictReader(io.StringIO(data.decode("utf-8"))))
-    elif name.endswith((".jsonl", ".json")):
-        rows = [json.loads(line) for line in data.decode("utf-8").splitlines() if line.strip()]
-    else:
-        raise ValueError(f"captions file {uri} must be .jsonl, .csv or .parquet")
-    try:
-        return {str(r["path"]): str(r["caption"] or "") for r in rows}
-    except KeyError as e:
-        raise ValueError(f"captions file {uri} needs columns 'path' and 'caption' (missing {e})") from None
-
-
-def _caption_beside(video_uri: str, files: set[str], options: StorageOptions) -> str | None:
-    stem = video_uri.rsplit(".", 1)[0]
-    if stem + ".txt" in files:
-        return storage.read_bytes(stem + ".txt", options).decode("utf-8").strip()
-    if stem + ".json" in files:
-        doc = json.loads(storage.read_bytes(stem + ".json", options))
-        return str(doc.get("caption", "")).strip() if isinstance(doc, dict) else None
-    return None
-
-
-def list_inputs(input_uri: str, captions_uri: str | None, cfg: IngestConfig,
-                options: StorageOptions) -> tuple[list[dict], int]:
-    """The video files under `input_uri` with their captions; returns (files, number of non-video files)."""
-    listing = storage.list_files(input_uri, options)
-    names = {u for u, _ in listing}
-    sidecar = _read_sidecar(captions_uri, options) if captions_uri else {}
-    # the listing's URIs are resolved (a local path made absolute), so the root they are relative to must be too:
-    # with the raw argument, a relative --input matched no sidecar path and every file was "no_caption"
-    resolved = storage.resolve(input_uri, options)[1]
-    root = ("s3://" + resolved if storage.is_s3(input_uri) else resolved).rstrip("/")
-    files, skipped = [], 0
-    for uri, size in listing:
-        if not uri.lower().endswith(tuple(e.lower() for e in cfg.extensions)):
-            skipped += 1
-            continue
-        rel = uri[len(root) + 1:] if uri.startswith(root + "/") else PurePosixPath(uri).name
-        caption = sidecar.get(rel, sidecar.get(uri, sidecar.get(PurePosixPath(uri).name)))
-        if caption is None:
-            caption = _caption_beside(uri, names, options)
-        files.append({"source": uri, "size": int(size), "caption": caption or "",
-                      "has_caption": bool(caption)})
-    return files, skipped
-
-
-# --- 2. decode, cut, filter (per file) ---------------------------------------------------------------------
 def _reject_row(source: str, clip_id: str, reason: str, detail: str, shot: int = -1, start: int = -1,
                 frames: int = 0) -> dict:
     return {"status": "reject", "clip_id": clip_id, "source": source, "file_id": file_id(source),
@@ -249,92 +137,3 @@ def _candidates(row: dict, cfg: IngestConfig, options: StorageOptions) -> list[d
                 "src_codec": meta.codec,
             })
     return out
-
-
-# --- 3. caption-embed (actor) ------------------------------------------------------------------------------
-class CaptionEmbedder:
-    """Loads the open_clip encoder once per actor; adds text/image embeddings and the CLIP score."""
-
-    def __init__(self, cfg: IngestConfig):
-        from lumiere.text_encoder import TextEncoder
-
-        self.cfg = cfg
-        device = "cuda" if cfg.embed_num_gpus > 0 and torch.cuda.is_available() else "cpu"
-        self.encoder = TextEncoder(cfg.text_encoder()).to(device)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        n = len(batch["clip_id"])
-        ok = np.array([s == "ok" for s in batch["status"]])
-        tokens = np.empty(n, dtype=object)
-        pooled = np.empty(n, dtype=object)
-        image = np.empty(n, dtype=object)
-        score = np.zeros(n, dtype=np.float32)
-        tokens[:], pooled[:], image[:] = b"", None, None
-        if ok.any():
-            idx = np.flatnonzero(ok)
-            context, text = self.encoder.encode_text([str(batch["caption"][i]) for i in idx])
-            size = self.cfg.size
-            keyframes = torch.stack([
-                torch.from_numpy(np.frombuffer(batch["keyframe"][i], dtype=np.uint8).reshape(size, size, 3).copy())
-                for i in idx
-            ]).permute(0, 3, 1, 2).float() / 255.0
-            img = self.encoder.encode_image(keyframes)
-            cos = torch.nn.functional.cosine_similarity(text, img, dim=-1)
-            for j, i in enumerate(idx):
-                tokens[i] = context[j].to(torch.float16).cpu().numpy().tobytes()
-                pooled[i] = text[j].cpu().numpy().astype(np.float32)
-                image[i] = img[j].cpu().numpy().astype(np.float32)
-                score[i] = float(cos[j])
-                if self.cfg.min_clip_score is not None and score[i] < self.cfg.min_clip_score:
-                    batch["status"][i] = "reject"
-                    batch["reason"][i] = "low_clip_score"
-                    batch["detail"][i] = f"CLIP score {score[i]:.3f} < min_clip_score={self.cfg.min_clip_score}"
-        batch.update(text_tokens=tokens, text_pooled=pooled, image_embedding=image, clip_score=score)
-        return batch
-
-
-# --- 4. write shards (per batch) ---------------------------------------------------------------------------
-def _column(batch: dict, name: str, n: int, default):
-    values = batch.get(name)
-    if values is None:
-        return [default] * n
-    return [default if (v is None or (isinstance(v, float) and np.isnan(v))) else v for v in values]
-
-
-def _table(rows_idx: np.ndarray, batch: dict, schema: pa.Schema) -> pa.Table:
-    defaults = {pa.string(): "", pa.binary(): b"", pa.int32(): -1, pa.int64(): -1, pa.float32(): 0.0,
-                pa.float64(): 0.0}
-    cols = {}
-    for f in schema:
-        default = defaults.get(f.type, None)
-        col = _column(batch, f.name, len(batch["clip_id"]), default)
-        vals = [col[i] for i in rows_idx]
-        if pa.types.is_list(f.type):
-            vals = [list(v) if v is not None else [] for v in vals]
-        cols[f.name] = pa.array(vals, type=f.type)
-    return pa.table(cols, schema=schema)
-
-
-def write_shard(batch: dict[str, np.ndarray], output_uri: str, options: StorageOptions) -> dict[str, np.ndarray]:
-    """Write the batch's accepted clips as one shard and its rejects as one part; each file atomically.
-    Returns one summary row per written file (what the driver counts for progress)."""
-    statuses = np.asarray(batch["status"])
-    name = f"part-{uuid.uuid4().hex[:16]}.parquet"
-    summary = {"kind": [], "path": [], "rows": [], "frames": [], "sources": []}
-    for kind, schema, mask in (("shard", CLIP_SCHEMA, statuses == "ok"),
-                               ("rejects", REJECT_SCHEMA, statuses != "ok")):
-        idx = np.flatnonzero(mask)
-        if len(idx) == 0:
-            continue
-        table = _table(idx, batch, schema)
-        sink = io.BytesIO()
-        pq.write_table(table, sink, compression="zstd")
-        uri = storage.join(output_uri, "shards" if kind == "shard" else "rejects", name)
-        storage.write_bytes(uri, sink.getvalue(), options)
-        summary["kind"].append(kind)
-        summary["path"].append(uri)
-        summary["rows"].append(len(idx))
-        summary["frames"].append(int(np.sum(np.asarray(batch["num_frames"])[idx])) if kind == "shard" else 0)
-        summary["sources"].append(len(set(np.asarray(batch["source"])[idx].tolist())))
-    summary["written_at"] = [time.time()] * len(summary["kind"])
-    return {k: np.asarray(v) for k, v in summary.items()}

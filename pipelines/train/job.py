@@ -11,7 +11,7 @@
              loop: iter_torch_batches -> TrainStep (the loop shared with the demo) -> metrics / checkpoints
     driver   copy the final checkpoint to OUTPUT/checkpoints/, register it in the MLflow Model Registry
 
-Data: every worker reads its own plan (pipelines.shards.rank_plan: shards and rows in an order seeded by
+Data: every worker reads its own plan (pipelines.train.shards.rank_plan: shards and rows in an order seeded by
 train.seed, whole epochs back to back), unsplit and in order, so which rows a step trains on is fixed by the
 config and worker count alone. A checkpoint records the data position (rows trained per worker); a resume —
 after a killed worker or a re-run with the same --run-name — continues from exactly that row, and the rows
@@ -45,11 +45,12 @@ from lumiere.checkpoint import (
 )
 from lumiere.config import LumiereConfig, build_config
 from lumiere.errors import LumiereError
+from lumiere.model_uri import resolve_model
 
 from .shards import DataPosition, check_manifest, check_shard_files, clip_datasets, read_manifest
 
 KINDS = ("t2i", "stunet", "ssr")
-PLAN_VERSION = 1  # of pipelines.shards.rank_plan: a checkpoint's data position means nothing under another
+PLAN_VERSION = 1  # of pipelines.train.shards.rank_plan: a checkpoint's data position means nothing under another
 SAMPLE_PROMPTS = ["a red square moving right", "a blue circle moving down"]
 
 
@@ -67,7 +68,7 @@ class TrainJob:
     compile: bool = False
     sample_every: int = 0
     sample_prompts: list[str] = field(default_factory=lambda: list(SAMPLE_PROMPTS))
-    data_position: Any = None  # the DataPosition actor's handle (pipelines.shards)
+    data_position: Any = None  # the DataPosition actor's handle (pipelines.train.shards)
     plan_rows: int = 0  # rows in each worker's data plan
     data_trace: str | None = None  # a directory: each worker appends the plan rows of every step (tests)
 
@@ -241,26 +242,6 @@ def train_loop_per_worker(job_dict: dict) -> None:
 
 
 # --- the driver side ---------------------------------------------------------------------------------------
-def resolve_init(init_from: str | None, workdir: Path) -> str | None:
-    """A checkpoint directory, a run's output directory (its latest checkpoint) or an MLflow model URI."""
-    if init_from is None:
-        return None
-    if init_from.startswith(("models:/", "runs:/")):
-        import mlflow
-
-        try:
-            return mlflow.artifacts.download_artifacts(artifact_uri=init_from, dst_path=str(workdir / "init"))
-        except Exception as e:  # MLflow raises several types for unknown models/versions
-            raise LumiereError(f"cannot fetch {init_from} from MLflow ({mlflow.get_tracking_uri()}): "
-                               f"{str(e).splitlines()[0]}") from None
-    path = Path(init_from)
-    if (path / "checkpoints" / "latest" / "meta.json").exists():
-        path = path / "checkpoints" / "latest"
-    if not (path / "meta.json").exists():
-        raise LumiereError(f"--init-from {init_from}: not a checkpoint, a training output directory or a models:/ URI")
-    return str(path.resolve())
-
-
 def check_init(kind: str, init: str | None, cfg: LumiereConfig) -> None:
     if kind == "stunet" and init is None:
         raise LumiereError("training a stunet needs --init-from a t2i checkpoint (the prior it inflates)")
@@ -358,7 +339,7 @@ def run_training(kind: str, data: str, output: str, cfg: LumiereConfig, *, init_
     check_manifest(manifest, cfg, data, fingerprint, kind)
     check_shard_files(manifest, data)
     output_dir.mkdir(parents=True, exist_ok=True)
-    init = resolve_init(init_from, output_dir)
+    init = resolve_model(init_from, output_dir)
     check_init(kind, init, cfg)
     if gpu and not torch.cuda.is_available() and not address:
         raise LumiereError("--gpu given but no CUDA device is visible here")

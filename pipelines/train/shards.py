@@ -2,6 +2,12 @@
 adapts them to the model config (random temporal crop to the config's frames, resize to its size), so tiny
 configs train on the same 80-frame 128×128 shards as the paper-sized ones.
 
+Why here, in the training room, and not shared with ingestion: this is the reading side of the shard format
+only (the writing side and the schema are `pipelines/ingest/stage4_write.py`; the contract between the two is
+docs/data-format.md and the manifest's `schema_version`, checked below). Keeping the two apart means an ingest
+worker never imports the model config (diffusers, scipy) this module needs, and a training worker never imports
+the decoders; neither job imports the other.
+
 Axes of what the loader yields per batch: video uint8 `b t h w c`, context float32 `b l d`, pooled `b e`.
 """
 

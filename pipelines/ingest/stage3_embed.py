@@ -1,0 +1,51 @@
+"""Stage 3 of ingestion, a Ray Data actor pool (GPU when configured): the open_clip text embedding of each
+accepted clip's caption, the image embedding of its keyframe, their CLIP score (and the low_clip_score filter).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .config import IngestConfig
+
+
+class CaptionEmbedder:
+    """Loads the open_clip encoder once per actor; adds text/image embeddings and the CLIP score."""
+
+    def __init__(self, cfg: IngestConfig):
+        from lumiere.text_encoder import TextEncoder
+
+        self.cfg = cfg
+        device = "cuda" if cfg.embed_num_gpus > 0 and torch.cuda.is_available() else "cpu"
+        self.encoder = TextEncoder(cfg.text_encoder()).to(device)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch["clip_id"])
+        ok = np.array([s == "ok" for s in batch["status"]])
+        tokens = np.empty(n, dtype=object)
+        pooled = np.empty(n, dtype=object)
+        image = np.empty(n, dtype=object)
+        score = np.zeros(n, dtype=np.float32)
+        tokens[:], pooled[:], image[:] = b"", None, None
+        if ok.any():
+            idx = np.flatnonzero(ok)
+            context, text = self.encoder.encode_text([str(batch["caption"][i]) for i in idx])
+            size = self.cfg.size
+            keyframes = torch.stack([
+                torch.from_numpy(np.frombuffer(batch["keyframe"][i], dtype=np.uint8).reshape(size, size, 3).copy())
+                for i in idx
+            ]).permute(0, 3, 1, 2).float() / 255.0
+            img = self.encoder.encode_image(keyframes)
+            cos = torch.nn.functional.cosine_similarity(text, img, dim=-1)
+            for j, i in enumerate(idx):
+                tokens[i] = context[j].to(torch.float16).cpu().numpy().tobytes()
+                pooled[i] = text[j].cpu().numpy().astype(np.float32)
+                image[i] = img[j].cpu().numpy().astype(np.float32)
+                score[i] = float(cos[j])
+                if self.cfg.min_clip_score is not None and score[i] < self.cfg.min_clip_score:
+                    batch["status"][i] = "reject"
+                    batch["reason"][i] = "low_clip_score"
+                    batch["detail"][i] = f"CLIP score {score[i]:.3f} < min_clip_score={self.cfg.min_clip_score}"
+        batch.update(text_tokens=tokens, text_pooled=pooled, image_embedding=image, clip_score=score)
+        return batch

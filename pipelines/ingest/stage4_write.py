@@ -1,0 +1,107 @@
+"""Stage 4 of ingestion, a Ray Data task per batch: one Parquet shard of the accepted clips and one part of the
+rejects, each written atomically; and the schema of both (documented in docs/data-format.md; the training side
+reads it with `pipelines.train.shards`, which checks `SCHEMA_VERSION` through the manifest).
+"""
+
+from __future__ import annotations
+
+import io
+import time
+import uuid
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from lumiere import storage
+from lumiere.storage import StorageOptions
+
+SCHEMA_VERSION = 1
+
+# the shard schema (documented in docs/data-format.md)
+CLIP_SCHEMA = pa.schema([
+    ("clip_id", pa.string()),
+    ("source", pa.string()),
+    ("file_id", pa.string()),
+    ("file_candidates", pa.int32()),
+    ("shot_index", pa.int32()),
+    ("clip_index", pa.int32()),
+    ("start_frame", pa.int64()),
+    ("start_time_s", pa.float64()),
+    ("fps", pa.float32()),
+    ("num_frames", pa.int32()),
+    ("height", pa.int32()),
+    ("width", pa.int32()),
+    ("frames_format", pa.string()),
+    ("frames", pa.binary()),
+    ("hr_size", pa.int32()),
+    ("hr_frames", pa.binary()),
+    ("caption", pa.string()),
+    ("text_tokens", pa.binary()),
+    ("text_pooled", pa.list_(pa.float32())),
+    ("image_embedding", pa.list_(pa.float32())),
+    ("clip_score", pa.float32()),
+    ("motion_score", pa.float32()),
+    ("brightness", pa.float32()),
+    ("src_width", pa.int32()),
+    ("src_height", pa.int32()),
+    ("src_fps", pa.float32()),
+    ("src_codec", pa.string()),
+])
+REJECT_SCHEMA = pa.schema([
+    ("clip_id", pa.string()),
+    ("source", pa.string()),
+    ("file_id", pa.string()),
+    ("file_candidates", pa.int32()),
+    ("reason", pa.string()),
+    ("detail", pa.string()),
+    ("shot_index", pa.int32()),
+    ("start_frame", pa.int64()),
+    ("num_frames", pa.int32()),
+])
+
+
+def _column(batch: dict, name: str, n: int, default):
+    values = batch.get(name)
+    if values is None:
+        return [default] * n
+    return [default if (v is None or (isinstance(v, float) and np.isnan(v))) else v for v in values]
+
+
+def _table(rows_idx: np.ndarray, batch: dict, schema: pa.Schema) -> pa.Table:
+    defaults = {pa.string(): "", pa.binary(): b"", pa.int32(): -1, pa.int64(): -1, pa.float32(): 0.0,
+                pa.float64(): 0.0}
+    cols = {}
+    for f in schema:
+        default = defaults.get(f.type, None)
+        col = _column(batch, f.name, len(batch["clip_id"]), default)
+        vals = [col[i] for i in rows_idx]
+        if pa.types.is_list(f.type):
+            vals = [list(v) if v is not None else [] for v in vals]
+        cols[f.name] = pa.array(vals, type=f.type)
+    return pa.table(cols, schema=schema)
+
+
+def write_shard(batch: dict[str, np.ndarray], output_uri: str, options: StorageOptions) -> dict[str, np.ndarray]:
+    """Write the batch's accepted clips as one shard and its rejects as one part; each file atomically.
+    Returns one summary row per written file (what the driver counts for progress)."""
+    statuses = np.asarray(batch["status"])
+    name = f"part-{uuid.uuid4().hex[:16]}.parquet"
+    summary = {"kind": [], "path": [], "rows": [], "frames": [], "sources": []}
+    for kind, schema, mask in (("shard", CLIP_SCHEMA, statuses == "ok"),
+                               ("rejects", REJECT_SCHEMA, statuses != "ok")):
+        idx = np.flatnonzero(mask)
+        if len(idx) == 0:
+            continue
+        table = _table(idx, batch, schema)
+        sink = io.BytesIO()
+        pq.write_table(table, sink, compression="zstd")
+        uri = storage.join(output_uri, "shards" if kind == "shard" else "rejects", name)
+        storage.write_bytes(uri, sink.getvalue(), options)
+        summary["kind"].append(kind)
+        summary["path"].append(uri)
+        summary["rows"].append(len(idx))
+        summary["frames"].append(int(np.sum(np.asarray(batch["num_frames"])[idx])) if kind == "shard" else 0)
+        summary["sources"].append(len(set(np.asarray(batch["source"])[idx].tolist())))
+    summary["written_at"] = [time.time()] * len(summary["kind"])
+    return {k: np.asarray(v) for k, v in summary.items()}
