@@ -1,18 +1,21 @@
-"""Does the model learn motion? STUNet vs the fixed-temporal baseline on the moving-shapes vocabulary.
+"""Does the model learn motion? STUNet variants vs the fixed-temporal baseline on the moving-shapes vocabulary.
 
 The paper's central claim, at small scale: temporal down/up-sampling in the U-Net (the STUNet) gives globally
 coherent motion; the baseline of the same width/depth keeps every frame at every level
-(`stunet.temporal_resampling=false`) and so costs more per step. Both are trained with the same compute from the
-same trained 2D prior, then scored automatically on generated videos.
+(`stunet.temporal_resampling=false`) and so costs more per step. Every model is trained with the same compute
+from the same trained 2D prior, then scored automatically on generated videos. By default the two models are
+the config's STUNet and its fixed-temporal baseline; `--variant NAME=key=value,...` (repeatable) trains any set
+of variants instead, e.g. an ablation that changes one thing at a time.
 
     1. corpus: `make_corpus` (balanced over colour x shape x direction), decoded; captions embedded
     2. the 2D text-to-image prior, trained once (`--t2i-steps`), shared by both variants
-    3. the two inflated models, prior frozen, temporal layers trained on whole clips with `lumiere.trainer.TrainStep`
-       (the loop `lumiere train` runs on each worker), in-process, on the same batches in the same order:
+    3. the inflated models (prior frozen unless a variant says otherwise), trained on whole clips with
+       `lumiere.trainer.TrainStep` (the loop `lumiere train` runs on each worker), in-process, on the same batches
+       in the same order:
          --minutes M  same compute: each gets M minutes of training step time; step budgets come from a
                       side-by-side timing of both before training (so the LR schedule can decay to the end)
          --steps N    same number of steps (the fixed variant then costs ~2x the compute)
-       The two train interleaved (whichever is behind its budget steps next), so machine load hits both alike.
+       They train interleaved (whichever is behind its budget steps next), so machine load hits all alike.
     4. generate: every colour x direction, shapes in rotation, `--seeds` seeds each (EMA weights, the config's
        sampler, steps and guidance)
     5. score each video with `lumiere.shapes.analyse_clip` against its prompt:
@@ -23,6 +26,8 @@ same trained 2D prior, then scored automatically on generated videos.
          smoothness  mean |second difference| of the centroid track, px/frame^2 (0 = constant speed)
          area cv     coefficient of variation of the shape's area over the frames (0 = stable shape)
        The real corpus clips are scored the same way as a reference (the scorer's ceiling).
+    6. text separation: mean cosine between prompts that differ only in direction (or only in colour), as the
+       frozen encoder's pooled embedding and as the STUNet's motion text path (`MotionConditioning.text`) see them
 
     python benchmarks/quality_shapes.py --minutes 8          # ~20 min on 2 cores: 1,000 t2i steps + 2 x 8 min + eval
     python benchmarks/quality_shapes.py --steps 300 --quick  # a quick check
