@@ -12,8 +12,9 @@ of variants instead, e.g. an ablation that changes one thing at a time.
     3. the inflated models (prior frozen unless a variant says otherwise), trained on whole clips with
        `lumiere.trainer.TrainStep` (the loop `lumiere train` runs on each worker), in-process, on the same batches
        in the same order:
-         --minutes M  same compute: each gets M minutes of training step time; step budgets come from a
-                      side-by-side timing of both before training (so the LR schedule can decay to the end)
+         --minutes M  same compute: each trains until it has spent M minutes of training step time; a
+                      side-by-side timing before training estimates the step count, which sets the length of
+                      the LR schedule (so it decays to about the end)
          --steps N    same number of steps (the fixed variant then costs ~2x the compute)
        They train interleaved (whichever is behind its budget steps next), so machine load hits all alike.
     4. generate: every colour x direction, shapes in rotation, `--seeds` seeds each (EMA weights, the config's
@@ -78,15 +79,20 @@ def load_corpus(corpus: Path, frames: int):
 class Trainer:
     """One model's TrainStep, fed batches from its own generator (same seed for both: the same batches)."""
 
-    def __init__(self, name, model, cfg, kind, clips, cond, steps):
+    def __init__(self, name, model, cfg, kind, clips, cond, steps, budget_s: float | None = None):
         self.name, self.model, self.cfg, self.kind = name, model, cfg, kind
-        self.clips, self.cond, self.steps = clips, cond, steps
+        self.clips, self.cond, self.steps, self.budget_s = clips, cond, steps, budget_s
         self.step_fn = TrainStep(model, with_steps(cfg, steps), kind)
         self.gen = torch.Generator().manual_seed(cfg.train.seed)
         self.time_s, self.losses, self.log = 0.0, [], []
 
     def done(self) -> bool:
+        if self.budget_s is not None:  # same compute: until this much step time is spent, whatever the step count
+            return self.time_s >= self.budget_s
         return self.step_fn.step >= self.steps
+
+    def progress(self) -> float:
+        return self.time_s / self.budget_s if self.budget_s is not None else self.step_fn.step / self.steps
 
     def step(self) -> None:
         idx = torch.randint(0, len(self.clips), (self.cfg.train.batch_size,), generator=self.gen)
@@ -286,11 +292,15 @@ def main() -> None:
     print("step time (side by side): " + ", ".join(f"{n} {s:.3f}s" for n, s in per_step.items())
           + f"; {mode}: " + ", ".join(f"{n} {b} steps" for n, b in budgets.items()), flush=True)
 
-    trainers = {name: Trainer(name, m, c, "stunet", clips, cond, budgets[name]) for name, (m, c) in models.items()}
+    # --minutes: each trains until it has spent that much step time (the step estimate above only sets the LR
+    # schedule's length): a timing taken while the machine was busier than later cannot shrink the budget
+    budget_s = None if args.steps is not None else args.minutes * 60
+    trainers = {name: Trainer(name, m, c, "stunet", clips, cond, budgets[name], budget_s)
+                for name, (m, c) in models.items()}
     t0 = time.perf_counter()
     while not all(t.done() for t in trainers.values()):
-        # whichever is furthest behind its own budget (as a fraction) steps next: both progress together
-        t = min((t for t in trainers.values() if not t.done()), key=lambda t: t.step_fn.step / t.steps)
+        # whichever is furthest behind its own budget (as a fraction) steps next: all progress together
+        t = min((t for t in trainers.values() if not t.done()), key=Trainer.progress)
         t.step()
     train_wall = time.perf_counter() - t0
 
@@ -304,7 +314,7 @@ def main() -> None:
         videos, gen_s = generate(ema, encoder, tr.cfg, prompts, args.batch)
         rows = [score(v, p) for v, (p, _) in zip(videos, prompts, strict=True)]
         all_rows[name] = rows
-        results[name] = {**summarise(rows), "steps": tr.steps, "train_s": tr.time_s, "gen_s": gen_s,
+        results[name] = {**summarise(rows), "steps": tr.step_fn.step, "train_s": tr.time_s, "gen_s": gen_s,
                          "final_loss": tr.log[-1]["loss"] if tr.log else math.nan, **separation}
         print(f"  {name}: generated {len(videos)} videos in {gen_s:.0f}s", flush=True)
 

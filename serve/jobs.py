@@ -1,27 +1,59 @@
-"""Job metadata in SQL (SQLAlchemy): a SQLite file by default, any SQLAlchemy URL (e.g. PostgreSQL) in a cluster.
+"""Job metadata in SQL (SQLAlchemy): a SQLite file by default, PostgreSQL in a cluster (`postgresql://…`, driven by
+psycopg 3, which the `cluster` extra installs).
 
 One row per video job. The store is durable across app restarts: `fail_interrupted()` (called when the app
 starts) turns the jobs a crash left `queued`/`in_progress` into `failed` with a reason, so none stays stuck.
+
+The schema is managed by Alembic migrations (`serve/migrations/versions/`), applied when a store opens: every
+replica may open it at once, so on PostgreSQL the upgrade runs under an advisory lock. A store that cannot be
+reached or migrated raises `StoreError` with one line naming the URL (password hidden) and the cause.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import JSON, Column, Integer, MetaData, String, Table, Text, create_engine, delete, select, update
-from sqlalchemy.engine import Engine
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    delete,
+    inspect,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.engine import Engine, make_url
+
+from lumiere.errors import LumiereError
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+_MIGRATION_LOCK = 0x6C756D69  # pg_advisory_xact_lock key: one replica migrates at a time ("lumi")
+
+
+class StoreError(LumiereError):
+    """The job store cannot be used: the message is one line, naming the URL and what to do."""
 
 metadata = MetaData()
 jobs_table = Table(
     "lumiere_video_jobs",
     metadata,
     Column("id", String(64), primary_key=True),
-    Column("seq", Integer, nullable=False, index=True),  # creation order (list pagination)
+    Column("seq", BigInteger, nullable=False, index=True),  # creation order (list pagination): time_ns, 64-bit
     Column("created_at", Integer, nullable=False),
     Column("completed_at", Integer),
     Column("status", String(16), nullable=False, index=True),
@@ -81,14 +113,89 @@ def sqlite_url(path: str | Path) -> str:
     return f"sqlite:///{Path(path).expanduser().resolve()}"
 
 
+def safe_url(url: str) -> str:
+    """The URL with its password masked, for messages and logs."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - not even parseable: say so without echoing it
+        return "<unparseable URL>"
+
+
+_MIGRATE_IN_PROCESS = threading.Lock()  # alembic's `context` is a module-level proxy: one migration per process
+
+
+def migrate(engine: Engine) -> str:
+    """Bring the schema to the latest migration; returns the revision. Safe to call from many replicas at once."""
+    with _MIGRATE_IN_PROCESS, _sqlite_file_lock(engine):
+        return _migrate(engine)
+
+
+@contextlib.contextmanager
+def _sqlite_file_lock(engine: Engine):
+    """SQLite via pysqlite runs DDL outside a transaction, so a concurrent process could see the tables before the
+    version row: replicas of one SQLite file (one machine) take turns with a lock file beside it."""
+    db = engine.url.database if engine.dialect.name == "sqlite" else None
+    if not db or db == ":memory:":
+        yield
+        return
+    with open(f"{db}.migrate-lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _migrate(engine: Engine) -> str:
+    from alembic import command
+    from alembic.config import Config
+    from alembic.runtime.migration import MigrationContext
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":  # concurrent replicas: the first migrates, the others then see head
+            conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATION_LOCK})
+        cfg.attributes["connection"] = conn
+        current = MigrationContext.configure(conn).get_current_revision()
+        if current is None and inspect(conn).has_table(jobs_table.name):
+            command.stamp(cfg, "0001")  # made by create_all before migrations existed: that schema is 0001
+        command.upgrade(cfg, "head")
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def open_engine(url: str) -> Engine:
+    if url.startswith("sqlite:///"):
+        parent = Path(url[len("sqlite:///"):]).parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StoreError(f"cannot use the job store at {safe_url(url)}: cannot create its directory {parent} "
+                             f"({e.strerror}); check --db-url / LUMIERE_DB_URL") from None
+        return create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+    try:
+        return create_engine(url, pool_pre_ping=True)
+    except ModuleNotFoundError as e:  # e.g. postgresql+psycopg2:// without psycopg2
+        raise StoreError(f"job store {safe_url(url)}: the database driver is not installed ({e}); use a plain "
+                         "postgresql:// URL with `pip install '.[cluster]'` (psycopg 3)") from None
+    except Exception as e:  # noqa: BLE001 - a malformed URL or unknown dialect
+        raise StoreError(f"job store {safe_url(url)}: {type(e).__name__}: {str(e).splitlines()[0]}; "
+                         "use sqlite:///PATH or postgresql://USER:PASSWORD@HOST:PORT/DB") from None
+
+
 class JobStore:
     def __init__(self, url: str):
-        if url.startswith("sqlite:///"):
-            Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-            self.engine: Engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
-        else:
-            self.engine = create_engine(url, pool_pre_ping=True)
-        metadata.create_all(self.engine)
+        self.engine: Engine = open_engine(url)
+        try:
+            self.revision = migrate(self.engine)
+        except StoreError:
+            raise
+        except Exception as e:  # noqa: BLE001 - unreachable server, bad credentials, no permission, …
+            self.engine.dispose()
+            first = str(getattr(e, "orig", None) or e).strip().splitlines()
+            raise StoreError(f"cannot use the job store at {safe_url(url)}: {type(e).__name__}: "
+                             f"{first[0] if first else ''}; check --db-url / LUMIERE_DB_URL and that the database "
+                             "server is up") from None
 
     @staticmethod
     def _job(row) -> Job:

@@ -71,6 +71,12 @@ def run_server(config: str | Path | None, flags: dict[str, Any], host: str | Non
     http["host"] = host or LOCAL_HOST
     http["port"] = int(port or http.get("port", 8000))
     spec = ModelSpec.from_args(args)
+    # the job store every Ingress replica opens (and migrates): checked here first, so an unreachable or unusable
+    # database is one line now instead of replicas that crash-loop behind "Deploying application failed"
+    from .app import args_with_env, settings_from_args
+    from .jobs import JobStore
+
+    JobStore(settings_from_args(args_with_env(dict(args)), spec)["db_url"]).engine.dispose()
     if spec.random_init:
         echo("=" * 78)
         echo(f"WARNING: serving a {spec.describe()}")

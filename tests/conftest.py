@@ -60,3 +60,28 @@ def ray_session():
         ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A real PostgreSQL server for the session (tests/pg.py). Under CI=true a missing server is a failure."""
+    from pg import PostgresServer
+
+    try:
+        server = PostgresServer()
+        server.start()
+    except RuntimeError as e:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"PostgreSQL tests need a server: {e}")
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path):
+    """A fresh, empty job-store database: a SQLite file, or a new database on the session's PostgreSQL server."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'jobs.db'}"
+    server = request.getfixturevalue("postgres_server")
+    return server.create_database(f"t_{os.urandom(6).hex()}")

@@ -392,4 +392,10 @@ def test_cli_serve_bad_input_is_one_line_exit_2(tmp_path):
     proc = run_cli("serve", "--checkpoint", str(tmp_path), "--no-auth", timeout=60)
     assert proc.returncode == 2 and "not a checkpoint" in proc.stderr
     assert "Traceback" not in proc.stderr
+    # a job store that cannot be used is one line before anything deploys (not a replica crash loop)
+    for url, says in (("postgresql://lumiere:pw123@127.0.0.1:1/jobs", "cannot use the job store at"),
+                      ("postgresql+psycopg2://lumiere:pw123@127.0.0.1:1/jobs", "driver is not installed")):
+        proc = run_cli("serve", "--random-init", "tiny", "--no-auth", "--db-url", url, timeout=60)
+        assert proc.returncode == 2 and says in proc.stderr and "pw123" not in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 

@@ -1,5 +1,6 @@
-"""The Serve job store (SQLAlchemy; SQLite here) and artifact store (local dir and S3 via moto's server); the app's
-args from the environment (how the RayService, whose serveConfigV2 is serve/config.yaml, names its model)."""
+"""The Serve job store (SQLAlchemy, Alembic migrations) against SQLite and a real PostgreSQL server the tests start
+(tests/pg.py), and the artifact store (local dir and S3 via moto's server); the app's args from the environment (how
+the RayService, whose serveConfigV2 is serve/config.yaml, names its model)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import time
 import pytest
 
 from serve.artifacts import ArtifactStore
-from serve.jobs import JobStore, sqlite_url
+from serve.jobs import JobStore, StoreError, jobs_table, sqlite_url
 
 
 def _job(store: JobStore, owner: str, prompt: str = "p"):
@@ -18,8 +19,8 @@ def _job(store: JobStore, owner: str, prompt: str = "p"):
                         owner=owner)
 
 
-def test_job_lifecycle_list_and_interrupted_jobs(tmp_path):
-    store = JobStore(sqlite_url(tmp_path / "jobs.db"))
+def test_job_lifecycle_list_and_interrupted_jobs(db_url):
+    store = JobStore(db_url)
     store.heartbeat("a")
     jobs = [_job(store, "a", f"p{i}") for i in range(3)]
     store.set_progress(jobs[0].id, 40)
@@ -37,13 +38,114 @@ def test_job_lifecycle_list_and_interrupted_jobs(tmp_path):
     # the owner is alive: its queued job is left alone; once it stops beating, the job fails with the reason
     assert store.fail_interrupted("restarted", stale_after_s=60) == 0
     assert store.count_active() == 1
-    reopened = JobStore(sqlite_url(tmp_path / "jobs.db"))  # a restart: same database
+    reopened = JobStore(db_url)  # a restart: same database
     time.sleep(2.1)  # heartbeats are whole seconds (int(time.time())): 1.1 s left it live about half the time
     assert reopened.fail_interrupted("restarted", stale_after_s=0.5, alive="b") == 1
     failed = reopened.get(jobs[2].id)
     assert failed.status == "failed" and failed.error == {"code": "interrupted", "message": "restarted"}
     assert reopened.get(jobs[0].id).status == "completed"
     assert reopened.delete(jobs[0].id) and reopened.get(jobs[0].id) is None and not reopened.delete(jobs[0].id)
+
+
+def test_creation_order_key_is_64_bit_and_lists_in_order(db_url):
+    """`seq` is time_ns (~1.8e18): a 32-bit INTEGER column made every create fail on PostgreSQL."""
+    store = JobStore(db_url)
+    assert store.revision == "0002"
+    jobs = [_job(store, "a", f"p{i}") for i in range(5)]
+    assert all(store.get(j.id).seq == j.seq > 2**31 for j in jobs)
+    assert [j.id for j in store.list(order="asc", limit=10)[0]] == [j.id for j in jobs]
+
+
+def test_concurrent_creates_from_many_threads_lose_and_duplicate_nothing(db_url):
+    from concurrent.futures import ThreadPoolExecutor
+
+    store = JobStore(db_url)
+    with ThreadPoolExecutor(8) as pool:
+        made = list(pool.map(lambda i: _job(store, f"o{i % 3}", f"p{i}").id, range(64)))
+    listed = []
+    after = None
+    while True:  # page through everything, as a client would
+        page, more = store.list(after=after, limit=10)
+        listed += [j.id for j in page]
+        if not more:
+            break
+        after = page[-1].id
+    counts = {i: listed.count(i) for i in set(listed)}
+    assert len(listed) == 64 and set(counts.values()) == {1} and set(listed) == set(made)
+    assert store.count_active() == 64
+
+
+def _open_store_revision(url: str) -> str:
+    return JobStore(url).revision
+
+
+def test_many_replicas_opening_a_new_store_at_once_migrate_it_once(db_url):
+    """Separate processes (as replicas are) open an empty database at the same moment: each ends at head, none
+    fails on a table another one is creating (PostgreSQL: the advisory lock; SQLite: its write lock)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(3, mp_context=multiprocessing.get_context("spawn")) as pool:
+        revisions = list(pool.map(_open_store_revision, [db_url] * 3))
+    assert revisions == ["0002"] * 3
+    _job(JobStore(db_url), "a")
+
+
+def test_store_made_before_migrations_is_stamped_and_upgraded(db_url):
+    """A database the old `create_all` made (32-bit seq, no alembic_version) is adopted: stamped at 0001 and
+    upgraded, its rows kept."""
+    from sqlalchemy import Column, Integer, MetaData, Table, create_engine, inspect, text
+
+    engine = create_engine(db_url)
+    old = MetaData()
+    Table(jobs_table.name, old, *[Column(c.name, Integer if c.name == "seq" else c.type, primary_key=c.primary_key,
+                                         nullable=c.nullable) for c in jobs_table.columns])
+    Table("lumiere_ingress_owners", old, Column("owner", jobs_table.c.owner.type, primary_key=True),
+          Column("seen_at", Integer, nullable=False))
+    old.create_all(engine)
+    with engine.begin() as c:
+        c.execute(jobs_table.insert().values(id="video_old", seq=5, created_at=1, status="completed", progress=100,
+                                             model="m", prompt="kept", seconds="1", size="32x32", task="t2v",
+                                             params={}))
+    assert not inspect(engine).has_table("alembic_version")
+    engine.dispose()
+    store = JobStore(db_url)
+    assert store.revision == "0002" and store.get("video_old").prompt == "kept"
+    big = _job(store, "a")
+    assert store.get(big.id).seq > 2**31
+    with store.engine.connect() as c:
+        assert c.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0002"
+
+
+def test_postgres_store_survives_a_server_crash_and_restart(postgres_server):
+    """SIGKILL the PostgreSQL server with jobs in it, start it again: every committed job is there, and the same
+    store object works again (pool_pre_ping replaces the dead connections)."""
+    url = postgres_server.create_database(f"t_{os.urandom(6).hex()}")
+    store = JobStore(url)
+    jobs = [_job(store, "a", f"p{i}") for i in range(3)]
+    store.complete(jobs[0].id, {"seed": 1})
+    postgres_server.kill()
+    postgres_server.start()
+    reopened = JobStore(url)
+    assert [j.id for j in reopened.list(order="asc")[0]] == [j.id for j in jobs]
+    assert reopened.get(jobs[0].id).status == "completed" and reopened.count_active() == 2
+    _job(store, "a", "after the crash")  # the old engine reconnects
+    assert len(reopened.list(limit=10)[0]) == 4
+
+
+def test_unusable_store_is_one_line_naming_the_url_without_its_password(postgres_server, tmp_path):
+    dead = f"postgresql://lumiere:s3cret@127.0.0.1:{postgres_server.port + 1}/nope"  # nothing listens there
+    with pytest.raises(StoreError) as e:
+        JobStore(dead)
+    msg = str(e.value)
+    assert "\n" not in msg and "s3cret" not in msg and "127.0.0.1" in msg and "LUMIERE_DB_URL" in msg
+    with pytest.raises(StoreError, match="driver is not installed"):
+        JobStore("postgresql+psycopg2://u:p@127.0.0.1/db")  # the cluster extra installs psycopg 3, not psycopg2
+    with pytest.raises(StoreError, match="use sqlite:///PATH or postgresql://"):
+        JobStore("nosuchdb://x")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(StoreError, match="cannot use the job store"):
+        JobStore(f"sqlite:///{tmp_path / 'file' / 'jobs.db'}")  # parent is a file
 
 
 def test_artifacts_local(tmp_path):
