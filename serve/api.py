@@ -185,6 +185,7 @@ class Ingress:
         self.store = JobStore(self.s.db_url)
         self.artifacts = ArtifactStore(self.s.artifacts)
         self.owner = f"ingress-{uuid.uuid4().hex[:12]}"
+        self.started_at = int(time.time())
         self.store.heartbeat(self.owner)
         n = self.store.fail_interrupted(self.reason, self.s.stale_after_s, alive=self.owner)
         if n:
@@ -280,6 +281,9 @@ class Ingress:
                 raise _bad(f"{param} must be an uploaded image or {{\"image_url\": \"data:…\"}}", param,
                            "invalid_reference")
         data = _data_url(ref, param) if isinstance(ref, str) else ref
+        if not isinstance(data, bytes):
+            raise _bad(f"{param} must be an uploaded image, a data: URL or {{\"image_url\": \"data:…\"}}; got "
+                       f"{type(ref).__name__}", param, "invalid_reference")
         image = decode_image(data, param)
         if max(image.shape[:2]) > self.s.max_input_side:
             raise _bad(f"the {param} is {image.shape[1]}x{image.shape[0]}; at most {self.s.max_input_side} pixels "
@@ -583,11 +587,27 @@ async def healthz(request: Request) -> dict:
             "seconds": list(info["seconds"]), "auth": not ing.s.no_auth}
 
 
+def _model_object(ing: Ingress) -> dict:
+    # created: when this server loaded the model (the OpenAI field is a Unix time; a checkpoint has no better one
+    # that every model source shares)
+    return {"id": ing.s.model_name, "object": "model", "created": ing.started_at, "owned_by": "lumiere"}
+
+
 @app.get("/v1/models")
 async def models(request: Request) -> dict:
     ing = _ingress(request)
     ing.check_auth(request)
-    return {"object": "list", "data": [{"id": ing.s.model_name, "object": "model", "owned_by": "lumiere"}]}
+    return {"object": "list", "data": [_model_object(ing)]}
+
+
+@app.get("/v1/models/{model_id}")
+async def retrieve_model(model_id: str, request: Request) -> dict:
+    ing = _ingress(request)
+    ing.check_auth(request)
+    if model_id != ing.s.model_name:
+        raise ApiError(404, f"model {model_id!r} not found; this server serves {ing.s.model_name!r}", "model",
+                       "model_not_found")
+    return _model_object(ing)
 
 
 @app.post("/v1/videos")
@@ -621,7 +641,9 @@ async def remix_video(video_id: str, request: Request) -> JSONResponse:
     body = await read_body(request, ing.s.max_upload_bytes)
     if body.get("video") not in (None, ""):
         raise _bad("remix takes the video from the path; do not send video", "video", "unexpected_parameter")
-    await ing.get_job(video_id)
+    source = await ing.get_job(video_id)
+    # a remix is the source video re-imagined: its length and size unless the request says otherwise
+    body = {"seconds": source.seconds, "size": source.size, **{k: v for k, v in body.items() if v not in (None, "")}}
     job = await ing.submit(body, "remix", source_id=video_id)
     return JSONResponse(job.to_openai())
 
@@ -634,6 +656,9 @@ async def list_videos(request: Request, after: str | None = None, limit: int = 2
         raise _bad(f"limit must be in [1, 100], got {limit}", "limit")
     if order not in ("asc", "desc"):
         raise _bad(f"order must be asc or desc, got {order!r}", "order")
+    if after is not None and await asyncio.to_thread(ing.store.get, after) is None:
+        raise _bad(f"after={after!r} is not a video id of this server; pass the last_id of the previous page",
+                   "after", "invalid_cursor")
     jobs, has_more = await asyncio.to_thread(ing.store.list, after=after, limit=limit, order=order)
     data = [j.to_openai() for j in jobs]
     return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,

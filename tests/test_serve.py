@@ -123,6 +123,17 @@ def test_sdk_list_and_delete(server):
     assert ids[0] not in {v.id for v in client.videos.list(limit=100)}
 
 
+@pytest.mark.timeout(60)
+def test_sdk_models_list_and_retrieve(server):
+    import time
+
+    client = server.sdk()
+    (listed,) = client.models.list().data
+    got = client.models.retrieve(listed.id)
+    assert listed.id == got.id == "lumiere-tiny" and got.owned_by == "lumiere"
+    assert isinstance(got.created, int) and time.time() - 24 * 3600 < got.created <= time.time()
+
+
 @pytest.mark.timeout(120)
 def test_sdk_image_to_video(server):
     from lumiere.video import decode_mp4_bytes
@@ -158,7 +169,10 @@ def test_sdk_edit_extend_remix(server):
     assert server.http.post("/v1/videos/extensions", json={"prompt": "json", "seconds": "0.5",
                                                            "video": {"id": source.id}}).status_code == 200
     remixed = client.videos.remix(source.id, prompt="a blue square")
-    for job in (edited, by_id, extended, uploaded, remixed):
+    longer = client.videos.create_and_poll(prompt="a long red square", seconds="1", poll_interval_ms=100)
+    remixed_longer = client.videos.remix(longer.id, prompt="a long blue square")
+    assert (remixed_longer.seconds, remixed_longer.size) == (longer.seconds, longer.size) == ("1", "32x32")
+    for job in (edited, by_id, extended, uploaded, remixed, remixed_longer):
         done = client.videos.poll(job.id, poll_interval_ms=100)
         assert done.status == "completed", (job.model_extra.get("task"), done.error)
     assert edited.model_extra["task"] == "v2v" and extended.model_extra["task"] == "extend"
@@ -234,6 +248,12 @@ BAD = [  # (method, path, kwargs, status, param, words in the message)
     ("delete", "/v1/videos/video_unknown", {}, 404, "video_id", "no video"),
     ("get", "/v1/videos", {"params": {"limit": 1000}}, 400, "limit", "[1, 100]"),
     ("get", "/v1/videos", {"params": {"order": "sideways"}}, 400, "order", "asc or desc"),
+    ("get", "/v1/videos", {"params": {"after": "video_unknown"}}, 400, "after", "not a video id"),
+    ("get", "/v1/models/sora-2", {}, 404, "model", "lumiere-tiny"),
+    # wrong JSON types in the reference fields (a 500 before)
+    ("post", "/v1/videos", {"json": {"prompt": "x", "input_reference": 5}}, 400, "input_reference", "got int"),
+    ("post", "/v1/videos", {"json": {"prompt": "x", "input_reference": [1, 2]}}, 400, "input_reference",
+     "got list"),
     ("get", "/v1/nothing-here", {}, 404, None, "Not Found"),
 ]
 
