@@ -200,7 +200,7 @@ def _parts(app):
 
 
 def test_the_serve_config_takes_model_device_and_stores_from_the_environment(tmp_path, clean_env):
-    from lumiere import cli
+    from cli import main as cli
     from serve.app import build_app
     from serve.launch import LOCAL_HOST, read_serve_config
 
