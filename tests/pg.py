@@ -21,7 +21,7 @@ def _bin_dir() -> Path | None:
 
         if (Path(POSTGRES_BIN_PATH) / "initdb").exists():
             return Path(POSTGRES_BIN_PATH)
-    except ImportError:
+    except ImportError:  # no dev extra: fall through to the system's PostgreSQL below
         pass
     found = shutil.which("initdb") or next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))), None)
     return Path(found).parent if found else None
