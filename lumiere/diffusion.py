@@ -159,12 +159,15 @@ def sample(
     condition: torch.Tensor | None = None,
     start_step: int = 0,
     known: tuple[torch.Tensor, torch.Tensor] | None = None,
+    uncond: Conditioning | None = None,
 ) -> torch.Tensor:
     """Denoise `noise` (b c ...) with `scheduler`'s timesteps; returns x0 in about [-1, 1].
 
     With guidance_scale != 1 the model sees [cond; null] in one batch and the prediction is
-    null + g · (cond − null); the `condition` channels (image/mask/low-res video) are kept in both halves,
-    so guidance acts on the text only. With `start_step > 0`, `noise` is an already-noised sample at
+    null + g · (cond − null), where null is `uncond` when given (a negative prompt's features: guidance then
+    pushes away from it) and else the all-zero text the model was trained to treat as no prompt; the
+    `condition` channels (image/mask/low-res video) are kept in both halves, so guidance acts on the text only.
+    With `start_step > 0`, `noise` is an already-noised sample at
     timestep `scheduler.timesteps[start_step]` (SDEdit, see `noise_to_strength`) and sampling continues
     from there.
 
@@ -180,7 +183,7 @@ def sample(
     else:
         x = noise * scheduler.init_noise_sigma
     guided = guidance_scale != 1.0
-    both = cond.cat(cond.null()) if guided else cond
+    both = cond.cat(uncond if uncond is not None else cond.null()) if guided else cond
     steps = len(timesteps)
     for i, t in enumerate(timesteps):
         x_in = scheduler.scale_model_input(x, t)

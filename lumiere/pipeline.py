@@ -17,6 +17,7 @@ does not match its image, are rejected with a `LumiereError` saying which.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,12 +86,15 @@ def _check_pixels(array, what: str, ndims: tuple[int, ...]) -> np.ndarray:
 class TextToVideo:
     """Generates clips from prompts with a STUNet (a t2i checkpoint is inflated: its frames are independent)."""
 
-    def __init__(self, model: STUNet, text_encoder: TextEncoder, cfg: LumiereConfig, source: str):
+    def __init__(self, model: STUNet, text_encoder: TextEncoder, cfg: LumiereConfig, source: str,
+                 style_cache_size: int = 4):
         self.model = model.eval()
         self.text_encoder = text_encoder
         self.cfg = cfg
         self.source = source  # where the weights came from, for logs and API responses
-        self._styled: dict[tuple[str, float], STUNet] = {}
+        # each entry is a full copy of the model: least recently used first out, so memory stays bounded
+        self._styled: OrderedDict[tuple[str, float], STUNet] = OrderedDict()
+        self.style_cache_size = max(0, int(style_cache_size))
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "cpu") -> TextToVideo:
@@ -120,14 +124,21 @@ class TextToVideo:
         return Conditioning(context.to(self.device), pooled.to(self.device))
 
     def styled(self, style: str | Path, strength: float) -> STUNet:
-        """The model with its prior interpolated towards `style` (cached per style and strength)."""
+        """The model with its prior interpolated towards `style` (an LRU cache of `style_cache_size` per style and
+        strength)."""
         from .style import interpolate_prior, load_style
 
         key = (str(style), float(strength))
-        if key not in self._styled:
-            state, meta = load_style(style)
-            self._styled[key] = interpolate_prior(self.model, state, strength, meta.get("base_fingerprint")).eval()
-        return self._styled[key]
+        if key in self._styled:
+            self._styled.move_to_end(key)
+            return self._styled[key]
+        state, meta = load_style(style)
+        model = interpolate_prior(self.model, state, strength, meta.get("base_fingerprint")).eval()
+        if self.style_cache_size:
+            self._styled[key] = model
+            while len(self._styled) > self.style_cache_size:
+                self._styled.popitem(last=False)
+        return model
 
     # --- inputs -----------------------------------------------------------------------------------------
     def _image(self, image, notes: list[str]) -> np.ndarray:
@@ -190,6 +201,7 @@ class TextToVideo:
         sampler: str | None = None,
         seed: int = 0,
         callback: Callable[[int, int], None] | None = None,
+        negative_prompt: str | None = None,
     ) -> GenerationResult:
         cfg = self.cfg
         if task not in TASKS:
@@ -257,6 +269,7 @@ class TextToVideo:
                 generator=generator,
                 callback=callback,
                 condition=cm,
+                uncond=self.encode([negative_prompt] * len(prompts)) if negative_prompt else None,
                 start_step=start,
                 known=(cm[:, :3], cm[:, 3:]) if cm is not None and task in CONDITIONAL_TASKS
                 and cfg.sample.replace_known else None,

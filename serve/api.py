@@ -1,16 +1,19 @@
 """The ingress: an OpenAI-compatible Videos API (FastAPI on Ray Serve) over the model deployments.
 
-A `POST` validates its inputs (a 4xx with the OpenAI error object for anything wrong), records a `queued` job in
-the job store and returns the `video` object; the job then runs in this replica: text features from the
-TextEncoder, sampling on the Generator (progress streamed into the job), optionally the SSR Upsampler, and the
-mp4 / thumbnail / spritesheet written to the artifact store. Clients poll `GET /v1/videos/{id}`.
+A `POST` authenticates the key (its tenant owns the job), reads the body within the size limit as it streams in,
+validates every field (a 4xx with the OpenAI error object for anything wrong; uploads probed before decoding,
+decoding in a worker thread), stores the uploaded inputs in the artifact store and records a `queued` job in the
+job store, then returns the `video` object. It does not run the job itself: every ingress replica runs a job
+runner that claims queued jobs from the store (`JobStore.claim`), so a job survives the replica that took its
+request. A runner heart-beats; when one dies, another replica's sweep re-queues its jobs (or fails them once they
+used their attempts). A job runs: text features from the TextEncoder, sampling on the Generator (progress
+streamed into the job; a cancel or a timeout stops it at the next step), optionally the SSR Upsampler, then the
+mp4 / thumbnail / spritesheet go to the artifact store. Clients poll `GET /v1/videos/{id}`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import hmac
 import io
 import logging
 import math
@@ -25,17 +28,20 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .artifacts import ArtifactStore
-from .jobs import Job, JobStore
+from .inputs import ApiError, VideoLimits, bad, data_url, decode_image, decode_video, read_body
+from .jobs import IdempotencyConflict, Job, JobStore, LimitReached, request_hash
+from .tenants import DEFAULT_TENANT, parse_keys, tenant_for_token
 
 log = logging.getLogger("ray.serve")
 STATIC = Path(__file__).parent / "static"
 VARIANTS = {"video": ("video.mp4", "video/mp4"), "thumbnail": ("thumbnail.png", "image/png"),
             "spritesheet": ("spritesheet.png", "image/png")}
 EXTRA_TASKS = ("stylize",)  # t2v with a style
+INPUT_NAMES = {"image": "input-image", "video": "input-video", "mask": "input-mask"}  # artifacts of a job's inputs
+_bad = bad
 
 
 @dataclass
@@ -43,28 +49,30 @@ class Settings:
     model_name: str = "lumiere"
     db_url: str = "sqlite:///lumiere-serve/jobs.db"
     artifacts: str = "lumiere-serve/artifacts"
-    api_keys: tuple[str, ...] = ()
+    api_keys: tuple[str, ...] = ()  # entries "KEY" or "KEY TENANT" (serve/tenants.py)
     no_auth: bool = False
-    max_pending_jobs: int = 32  # queued + in_progress over all replicas; more -> 429
+    max_pending_jobs: int = 32  # queued + in_progress over all replicas and tenants; more -> 429
+    max_active_jobs_per_tenant: int = 8  # queued + in_progress of one tenant; more -> 429 for that tenant only
+    max_jobs_per_replica: int = 4  # jobs one ingress replica runs at once (the Generator queues the rest)
+    max_attempts: int = 2  # a job whose replica died is re-queued until it has been claimed this often
+    job_timeout_s: float = 1800.0  # a job running longer is stopped and failed with code `timeout`
+    claim_interval_s: float = 0.5  # how often an idle runner looks for queued jobs
     max_upload_bytes: int = 32 * 2**20
     max_prompt_chars: int = 2000
     max_input_frames: int = 512
     max_input_side: int = 2048
+    max_input_decoded_mb: int = 1024  # an uploaded video's frames x h x w x 3, checked before decoding
     max_clip_multiple: int = 2  # allowed `seconds`: 1..N model clip lengths
     max_steps: int = 250
     default_steps: int | None = None
     styles_dir: str | None = None
     poll_after_ms: int = 500
-    stale_after_s: float = 10.0  # a job whose replica stopped heart-beating this long ago is failed
+    stale_after_s: float = 10.0  # a job whose replica stopped heart-beating this long ago is re-queued or failed
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error", headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
-        self.headers = headers
+class Stopped(Exception):
+    """The job is no longer this runner's (cancelled, timed out, or handed on): stop working on it."""
 
 
 def error_response(status: int, message: str, param=None, code=None, type="invalid_request_error",
@@ -73,68 +81,13 @@ def error_response(status: int, message: str, param=None, code=None, type="inval
                         status_code=status, headers=headers)
 
 
-def _bad(message: str, param: str | None, code: str = "invalid_value") -> ApiError:
-    return ApiError(400, message, param, code)
-
-
-# --- request bodies -------------------------------------------------------------------------------------------
-async def read_body(request: Request, max_bytes: int) -> dict[str, Any]:
-    """Multipart form (what the SDK sends), urlencoded form or JSON -> {field: str | bytes | dict}. Form keys
-    like `video[id]` become nested dicts; uploaded files become bytes."""
-    length = request.headers.get("content-length")
-    if length and length.isdigit() and int(length) > max_bytes:
-        raise ApiError(413, f"the request is {int(length)} bytes; at most {max_bytes} bytes are accepted",
-                       None, "request_too_large")
-    ctype = request.headers.get("content-type", "")
-    if ctype.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
-        try:
-            form = await request.form(max_part_size=max_bytes)
-        except Exception as e:  # noqa: BLE001 - malformed multipart
-            raise _bad(f"the form body does not parse: {e}", None, "invalid_body") from None
-        out: dict[str, Any] = {}
-        for key, value in form.multi_items():
-            if isinstance(value, UploadFile):
-                value = await value.read()
-                if len(value) > max_bytes:
-                    raise ApiError(413, f"upload {key!r} exceeds {max_bytes} bytes", key, "request_too_large")
-            if "[" in key and key.endswith("]"):
-                outer, inner = key[:-1].split("[", 1)
-                if not isinstance(out.get(outer), dict):
-                    out[outer] = {}
-                out[outer][inner] = value
-            else:
-                out[key] = value
-        return out
-    raw = await request.body()
-    if len(raw) > max_bytes:
-        raise ApiError(413, f"the request exceeds {max_bytes} bytes", None, "request_too_large")
-    if not raw.strip():
-        return {}
-    import json
-
-    try:
-        body = json.loads(raw)
-    except ValueError as e:
-        raise _bad(f"the body is neither multipart/form-data nor valid JSON: {e}", None, "invalid_json") from None
-    if not isinstance(body, dict):
-        raise _bad("the JSON body must be an object", None, "invalid_json")
-    return body
-
-
-def _data_url(value: str, param: str) -> bytes:
-    if not value.startswith("data:") or ";base64," not in value:
-        raise _bad(f"{param} must be an uploaded file or a data: URL (base64); remote URLs are not fetched",
-                   param, "invalid_reference")
-    try:
-        return base64.b64decode(value.split(";base64,", 1)[1], validate=True)
-    except ValueError:
-        raise _bad(f"{param} is not valid base64", param, "invalid_reference") from None
-
-
 def _text(body: dict, key: str, default=None) -> Any:
     v = body.get(key, default)
     if isinstance(v, bytes):
         raise _bad(f"{key} must be a text field, not a file", key)
+    if isinstance(v, (dict, list)):
+        raise _bad(f"{key} must be a string or a number, not {'an object' if isinstance(v, dict) else 'a list'}",
+                   key)
     return v
 
 
@@ -143,76 +96,105 @@ def _number(body: dict, key: str, kind, lo, hi, default=None):
     if v is None or v == "":
         return default
     try:
+        if isinstance(v, bool):
+            raise ValueError
         x = kind(v)
         if kind is int and float(v) != x:
             raise ValueError
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise _bad(f"{key} must be {'an integer' if kind is int else 'a number'} in [{lo}, {hi}], got {v!r}",
                    key) from None
-    if not (lo <= x <= hi) or (isinstance(x, float) and not math.isfinite(x)):
+    if (isinstance(x, float) and not math.isfinite(x)) or not (lo <= x <= hi):
         raise _bad(f"{key} must be in [{lo}, {hi}], got {v!r}", key)
     return x
-
-
-def decode_image(data: bytes, param: str, mode: str = "RGB") -> np.ndarray:
-    from lumiere.video import read_image
-
-    try:
-        return read_image(data, what=param, mode=mode)
-    except ValueError as e:
-        raise _bad(str(e), param, "invalid_image") from None
-
-
-def decode_video(data: bytes, param: str) -> np.ndarray:
-    from lumiere.video import decode_mp4_bytes
-
-    try:
-        frames = decode_mp4_bytes(data)
-    except Exception as e:  # noqa: BLE001 - any decoder failure is the upload's fault
-        raise _bad(f"the {param} does not decode as a video (mp4/H.264): {str(e).splitlines()[0][:200]}", param,
-                   "invalid_video") from None
-    if frames.ndim != 4 or len(frames) == 0:
-        raise _bad(f"the {param} has no frames", param, "invalid_video")
-    return frames
 
 
 class Ingress:
     """Plain class; `serve/app.py` wraps it with `serve.deployment` + `serve.ingress`."""
 
+    reason = "the server restarted or crashed while this job was running, and it had used its attempts; submit it again"
+
     def __init__(self, encoder, generator, upsampler, settings: dict):
         self.s = Settings(**settings)
+        self.keys = parse_keys(self.s.api_keys)
         self.encoder, self.generator, self.upsampler = encoder, generator, upsampler
         self.store = JobStore(self.s.db_url)
         self.artifacts = ArtifactStore(self.s.artifacts)
+        self.limits = VideoLimits(self.s.max_input_frames, self.s.max_input_side, self.s.max_input_decoded_mb * 2**20)
         self.owner = f"ingress-{uuid.uuid4().hex[:12]}"
         self.started_at = int(time.time())
         self.store.heartbeat(self.owner)
-        n = self.store.fail_interrupted(self.reason, self.s.stale_after_s, alive=self.owner)
-        if n:
-            log.warning("marked %d interrupted job(s) failed", n)
-        self.tasks: dict[str, asyncio.Task] = {}
+        self._sweep()
+        self.running: dict[str, asyncio.Task] = {}
         _CURRENT["ingress"] = self
         self._info: dict | None = None
-        self._sweeper: asyncio.Task | None = None
+        self._background: list[asyncio.Task] = []
+        self._wake: asyncio.Event | None = None
         from ray.serve.metrics import Counter
 
         self.jobs_counter = Counter("lumiere_video_jobs", description="Video jobs by final status and task",
                                     tag_keys=("status", "task"))
+        try:  # Serve runs the constructor on the replica's event loop: start the runner now, not on a first request
+            self._ensure_background()
+        except RuntimeError:  # no running loop here: check_health (Serve calls it every few seconds) starts it
+            pass
 
-    reason = "the server restarted or crashed while this job was queued or running; submit it again"
+    # --- background: heartbeat + sweep, and the job runner ----------------------------------------------------
+    def _sweep(self) -> dict[str, int]:
+        counts = self.store.sweep(reason=self.reason, stale_after_s=self.s.stale_after_s,
+                                  max_attempts=self.s.max_attempts, timeout_s=self.s.job_timeout_s, alive=self.owner)
+        if any(counts.values()):
+            log.warning("job sweep: %s", counts)
+        return counts
+
+    def _ensure_background(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._wake is None:
+            self._wake = asyncio.Event()
+        if not self._background or any(t.done() for t in self._background):
+            for t in self._background:
+                t.cancel()
+            self._background = [loop.create_task(self._housekeeping()), loop.create_task(self._runner())]
+
+    async def check_health(self) -> None:
+        """Serve's health check: the background tasks run (restarted if they died) and the job store answers."""
+        self._ensure_background()
+        await asyncio.to_thread(self.store.count_active, "__health__")
 
     async def _housekeeping(self):
         while True:
             try:
                 await asyncio.to_thread(self.store.heartbeat, self.owner)
-                await asyncio.to_thread(self.store.fail_interrupted, self.reason, self.s.stale_after_s, self.owner)
+                if (await asyncio.to_thread(self._sweep))["requeued"]:
+                    self._wake.set()
             except Exception:  # noqa: BLE001 - the DB may blip; try again next round
                 log.exception("job store housekeeping failed")
-            await asyncio.sleep(max(1.0, self.s.stale_after_s / 4))
+            await asyncio.sleep(max(0.5, self.s.stale_after_s / 4))
 
-    def _ensure_sweeper(self):
-        if self._sweeper is None or self._sweeper.done():
-            self._sweeper = asyncio.get_running_loop().create_task(self._housekeeping())
+    async def _runner(self):
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                while len(self.running) < self.s.max_jobs_per_replica:
+                    job = await asyncio.to_thread(self.store.claim, self.owner)
+                    if job is None:
+                        break
+                    self.running[job.id] = loop.create_task(self._execute(job))
+            except Exception:  # noqa: BLE001 - the DB may blip; try again next round
+                log.exception("claiming jobs failed")
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=self.s.claim_interval_s)
+            except TimeoutError:
+                pass
+
+    def __del__(self):  # a replica shut down cleanly (downscale, redeploy) hands its running jobs to the others
+        try:
+            for t in self.running.values():
+                t.cancel()
+            self.store.release(self.owner)
+        except Exception:  # noqa: BLE001 - best effort: the sweep covers what this misses
+            pass
 
     async def info(self) -> dict:
         if self._info is None:
@@ -225,45 +207,38 @@ class Ingress:
             self._info = info
         return self._info
 
-    # --- auth ---------------------------------------------------------------------------------------------
-    def check_auth(self, request: Request) -> None:
+    # --- auth: a key's tenant -----------------------------------------------------------------------------
+    def tenant(self, request: Request) -> str:
         if self.s.no_auth:
-            return
+            return DEFAULT_TENANT
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise ApiError(401, "missing API key: send it as 'Authorization: Bearer <key>'", None,
                            "invalid_api_key", "invalid_request_error")
-        token_b = token.strip().encode()
-        ok = False
-        for key in self.s.api_keys:  # constant time per key, and every key compared
-            ok |= hmac.compare_digest(token_b, key.encode())
-        if not ok:
+        tenant = tenant_for_token(token.strip(), self.keys)
+        if tenant is None:
             raise ApiError(401, "incorrect API key provided", None, "invalid_api_key", "invalid_request_error")
+        return tenant
 
     # --- building a job from a request ---------------------------------------------------------------------
-    async def _source_video(self, ref: Any, param: str) -> np.ndarray:
+    async def _video_bytes(self, ref: Any, param: str, tenant: str) -> bytes:
         if isinstance(ref, bytes):
-            frames = decode_video(ref, param)
-        elif isinstance(ref, dict) and ref.get("id"):
-            frames = await self._completed_video(str(ref["id"]), param)
-        elif isinstance(ref, str) and ref.startswith("data:"):
-            frames = decode_video(_data_url(ref, param), param)
-        elif isinstance(ref, str) and ref:
-            frames = await self._completed_video(ref, param)
-        else:
-            raise _bad(f"{param} must be an uploaded mp4 or a reference {{\"id\": \"video_…\"}} to a completed "
-                       "video", param, "missing_required_parameter" if ref is None else "invalid_value")
-        if len(frames) > self.s.max_input_frames:
-            raise _bad(f"the {param} has {len(frames)} frames; at most {self.s.max_input_frames}", param,
-                       "invalid_video")
-        if max(frames.shape[1:3]) > self.s.max_input_side:
-            raise _bad(f"the {param} is {frames.shape[2]}x{frames.shape[1]}; at most {self.s.max_input_side} "
-                       "pixels a side", param, "invalid_video")
-        return frames
+            return ref
+        if isinstance(ref, dict):
+            ref = ref.get("id")
+            if not isinstance(ref, str) or not ref:
+                raise _bad(f"{param} as an object must be {{\"id\": \"video_…\"}}", param, "invalid_reference")
+        if isinstance(ref, str) and ref.startswith("data:"):
+            return data_url(ref, param)
+        if isinstance(ref, str) and ref:
+            return await self._completed_video(ref, param, tenant)
+        raise _bad(f"{param} must be an uploaded mp4 or a reference {{\"id\": \"video_…\"}} to a completed "
+                   f"video{'' if ref is None else f', not {type(ref).__name__}'}", param,
+                   "missing_required_parameter" if ref is None else "invalid_value")
 
-    async def _completed_video(self, video_id: str, param: str) -> np.ndarray:
-        job = await asyncio.to_thread(self.store.get, video_id)
+    async def _completed_video(self, video_id: str, param: str, tenant: str) -> bytes:
+        job = await asyncio.to_thread(self.store.get, video_id, tenant)
         if job is None:
             raise ApiError(404, f"no video with id {video_id!r} ({param})", param, "video_not_found")
         if job.status != "completed":
@@ -272,35 +247,47 @@ class Ingress:
         data = await asyncio.to_thread(self.artifacts.get, video_id, "video.mp4")
         if data is None:
             raise ApiError(404, f"the content of video {video_id} is gone", param, "video_not_found")
-        return decode_video(data, param)
+        return data
 
-    def _image(self, ref: Any, param: str) -> np.ndarray:
+    @staticmethod
+    def _image_bytes(ref: Any, param: str) -> bytes:
         if isinstance(ref, dict):
             ref = ref.get("image_url") or ref.get("url")
             if not isinstance(ref, str):
                 raise _bad(f"{param} must be an uploaded image or {{\"image_url\": \"data:…\"}}", param,
                            "invalid_reference")
-        data = _data_url(ref, param) if isinstance(ref, str) else ref
+        data = data_url(ref, param) if isinstance(ref, str) else ref
         if not isinstance(data, bytes):
             raise _bad(f"{param} must be an uploaded image, a data: URL or {{\"image_url\": \"data:…\"}}; got "
                        f"{type(ref).__name__}", param, "invalid_reference")
-        image = decode_image(data, param)
-        if max(image.shape[:2]) > self.s.max_input_side:
-            raise _bad(f"the {param} is {image.shape[1]}x{image.shape[0]}; at most {self.s.max_input_side} pixels "
-                       "a side", param, "invalid_image")
-        return image
+        return data
 
-    def _mask(self, ref: Any) -> np.ndarray:
-        data = _data_url(ref, "mask") if isinstance(ref, str) else ref
+    @staticmethod
+    def _mask_bytes(ref: Any) -> bytes:
+        data = data_url(ref, "mask") if isinstance(ref, str) else ref
         if not isinstance(data, bytes):
-            raise _bad("mask must be an uploaded image (white = region) or an mp4 of masks", "mask")
+            raise _bad(f"mask must be an uploaded image (white = region) or an mp4 of masks, not "
+                       f"{type(ref).__name__}", "mask")
+        return data
+
+    def decode_input(self, name: str, data: bytes) -> np.ndarray:
+        """A job input's bytes -> pixels (blocking: run in a thread). image: (h w 3); video: (t h w 3); mask: (h w)
+        or (t h w)."""
+        if name == "image":
+            image = decode_image(data, "input_reference")
+            if max(image.shape[:2]) > self.s.max_input_side:
+                raise _bad(f"the input_reference is {image.shape[1]}x{image.shape[0]}; at most "
+                           f"{self.s.max_input_side} pixels a side", "input_reference", "invalid_image")
+            return image
+        if name == "video":
+            return decode_video(data, "video", self.limits)
         if data[4:8] == b"ftyp":  # an mp4: one mask per frame
-            frames = decode_video(data, "mask")
-            return frames.mean(axis=-1).round().astype(np.uint8)
+            return decode_video(data, "mask", self.limits).mean(axis=-1).round().astype(np.uint8)
         return decode_image(data, "mask", mode="L")
 
-    async def build(self, body: dict, *, endpoint: str, source_id: str | None = None) -> tuple[dict, dict]:
-        """Validate a request -> (job columns, run arguments with decoded inputs). Raises ApiError (4xx)."""
+    async def build(self, body: dict, *, endpoint: str, tenant: str,
+                    source_id: str | None = None) -> tuple[dict, dict, dict[str, bytes]]:
+        """Validate a request -> (job columns, the run spec (JSON), input bytes by name). Raises ApiError (4xx)."""
         from lumiere.pipeline import CONDITIONAL_TASKS, NEEDS, TASKS
 
         info = await self.info()
@@ -310,15 +297,39 @@ class Ingress:
         if len(prompt) > self.s.max_prompt_chars:
             raise _bad(f"prompt is {len(prompt)} characters; at most {self.s.max_prompt_chars}", "prompt",
                        "string_above_max_length")
+        negative = _text(body, "negative_prompt")
+        if negative is not None and not isinstance(negative, str):
+            raise _bad("negative_prompt must be a string", "negative_prompt")
+        if negative and len(negative) > self.s.max_prompt_chars:
+            raise _bad(f"negative_prompt is {len(negative)} characters; at most {self.s.max_prompt_chars}",
+                       "negative_prompt", "string_above_max_length")
         model = _text(body, "model") or self.s.model_name
         if model != self.s.model_name:
             raise ApiError(400, f"unknown model {model!r}; this server serves {self.s.model_name!r}", "model",
                            "model_not_found")
-        seconds = str(_text(body, "seconds") or next(iter(info["seconds"])))
-        key = next((k for k in info["seconds"] if _same_number(k, seconds)), None)
-        if key is None:
-            raise _bad(f"seconds {seconds!r} is not supported; allowed values: {', '.join(info['seconds'])} "
-                       f"({info['frames']} frames at {info['fps']:g} fps per clip)", "seconds", "invalid_seconds")
+        # length: `seconds` (OpenAI) or `num_frames` (SGLang Diffusion / FastVideo / vLLM-Omni), the same lengths
+        allowed_frames = list(info["seconds"].values())
+        num_frames = _number(body, "num_frames", int, 1, 10**6)
+        given_seconds = _text(body, "seconds")
+        key = None
+        if num_frames is not None:
+            key = next((k for k, n in info["seconds"].items() if n == num_frames), None)
+            if key is None:
+                raise _bad(f"num_frames {num_frames} is not supported; allowed values: "
+                           f"{', '.join(map(str, allowed_frames))}", "num_frames", "invalid_num_frames")
+        if given_seconds not in (None, ""):
+            skey = next((k for k in info["seconds"] if _same_number(k, str(given_seconds))), None)
+            if skey is None:
+                raise _bad(f"seconds {str(given_seconds)!r} is not supported; allowed values: "
+                           f"{', '.join(info['seconds'])} ({info['frames']} frames at {info['fps']:g} fps per clip)",
+                           "seconds", "invalid_seconds")
+            if key is not None and skey != key:
+                raise _bad(f"seconds {given_seconds} and num_frames {num_frames} disagree ({key} s is "
+                           f"{num_frames} frames); send one of them", "num_frames", "conflicting_parameters")
+            key = skey
+        key = key or next(iter(info["seconds"]))
+        seconds = key
+        fps = _number(body, "fps", float, 1.0, 120.0)
         size = str(_text(body, "size") or info["sizes"][0])
         if size not in info["sizes"]:
             raise _bad(f"size {size!r} is not supported; allowed values: {', '.join(info['sizes'])}"
@@ -342,7 +353,7 @@ class Ingress:
             raise _bad(f"task {task} needs a conditional model; this server's model ({info['source']}) is not one",
                        "task", "unsupported_task")
         run: dict[str, Any] = {"task": lib_task}
-        # inputs
+        # inputs: their bytes are kept with the job (whichever replica runs it decodes them again)
         image_ref = body.get("input_reference", body.get("image"))
         image_ref = None if image_ref == "" else image_ref
         video_ref = body.get("video")
@@ -359,16 +370,20 @@ class Ingress:
                 raise _bad(f"task {task} does not take {param_of[k]}; tasks that do: "
                            + ", ".join(t for t in TASKS if k in NEEDS[t]), param_of[k], "unexpected_parameter")
         frames = info["seconds"][key]
+        inputs: dict[str, bytes] = {}
         if "image" in needs:
-            run["image"] = self._image(image_ref, "input_reference")
+            inputs["image"] = self._image_bytes(image_ref, "input_reference")
         if "video" in needs:
-            run["video"] = await self._source_video(video_ref, "video")
-            if lib_task != "extend" and len(run["video"]) < frames:
-                raise _bad(f"the video has {len(run['video'])} frames; {seconds} s needs at least {frames}",
-                           "video", "invalid_video")
+            inputs["video"] = await self._video_bytes(video_ref, "video", tenant)
         if "mask" in needs:
-            mask = self._mask(mask_ref)
-            like = run["image"] if "image" in needs else run["video"][0]
+            inputs["mask"] = self._mask_bytes(mask_ref)
+        decoded = {k: await asyncio.to_thread(self.decode_input, k, v) for k, v in inputs.items()}
+        if "video" in decoded and lib_task != "extend" and len(decoded["video"]) < frames:
+            raise _bad(f"the video has {len(decoded['video'])} frames; {seconds} s needs at least {frames}",
+                       "video", "invalid_video")
+        if "mask" in decoded:
+            mask = decoded["mask"]
+            like = decoded["image"] if "image" in needs else decoded["video"][0]
             if mask.shape[-2:] != like.shape[:2]:
                 raise _bad(f"the mask is {mask.shape[-1]}x{mask.shape[-2]} but its "
                            f"{'image' if 'image' in needs else 'video'} is {like.shape[1]}x{like.shape[0]}; they "
@@ -377,12 +392,13 @@ class Ingress:
                 raise _bad("a video mask is for inpaint; cinemagraph takes one mask image", "mask", "invalid_mask")
             if mask.ndim == 3 and len(mask) < frames:
                 raise _bad(f"the mask video has {len(mask)} frames; the clip has {frames}", "mask", "invalid_mask")
-            run["mask"] = mask
         # sampling options
         seed = _number(body, "seed", int, 0, 2**31 - 1)
         run["seed"] = random.randrange(2**31) if seed is None else seed
         run["steps"] = _number(body, "num_inference_steps", int, 1, self.s.max_steps, self.s.default_steps)
         run["guidance_scale"] = _number(body, "guidance_scale", float, 0.0, 50.0)
+        if negative:
+            run["negative_prompt"] = negative
         strength = _number(body, "strength", float, 0.0, 1.0)
         if strength is not None:
             if lib_task != "v2v":
@@ -396,21 +412,25 @@ class Ingress:
             raise _bad("task stylize needs style (the name of a style under the server's styles directory)",
                        "style", "missing_required_parameter")
         if style:
-            run["style"] = self._style_path(style)
+            self._style_path(style)
+            run["style"] = style
             run["style_strength"] = _number(body, "style_strength", float, 0.0, 1.0, 1.0)
+        out_fps = fps or info["fps"]
         if lib_task == "extend":
             k = max(1, info["frames"] // 4)
             new_per_round = info["frames"] - k
             run["rounds"] = math.ceil(frames / new_per_round)
-            total = len(run["video"]) + run["rounds"] * new_per_round
-            seconds_out = f"{total / info['fps']:g}"
+            total = len(decoded["video"]) + run["rounds"] * new_per_round
         else:
             run["frames"] = frames
-            seconds_out = key
+            total = frames
+        seconds_out = f"{total / out_fps:g}"
+        run["fps"] = fps
         run["upsample"] = size != info["sizes"][0]
         run["prompt"] = prompt
+        run["inputs"] = sorted(inputs)
         columns = {"model": model, "prompt": prompt, "seconds": seconds_out, "size": size, "task": task}
-        return columns, run
+        return columns, run, inputs
 
     def _style_path(self, style: str) -> str:
         root = Path(self.s.styles_dir).resolve() if self.s.styles_dir else None
@@ -421,38 +441,131 @@ class Ingress:
             raise _bad(f"unknown style {style!r}; available: {', '.join(available)}", "style", "invalid_style")
         return str(root / style)
 
-    # --- running a job ---------------------------------------------------------------------------------------
-    async def submit(self, body: dict, endpoint: str, source_id: str | None = None) -> Job:
-        self._ensure_sweeper()
-        columns, run = await self.build(body, endpoint=endpoint, source_id=source_id)
-        active = await asyncio.to_thread(self.store.count_active)
-        if active >= self.s.max_pending_jobs:
-            raise ApiError(429, f"the queue is full ({active} jobs queued or running, at most "
-                           f"{self.s.max_pending_jobs}); retry later", None, "queue_full", "rate_limit_exceeded",
-                           headers={"Retry-After": "5"})
-        params = {k: run.get(k) for k in ("seed", "steps", "guidance_scale", "strength", "style_strength")}
-        params.update(style=Path(run["style"]).name if run.get("style") else None, upsample=run["upsample"])
-        job = await asyncio.to_thread(self.store.create, params=params, owner=self.owner,
-                                      remixed_from_video_id=source_id if endpoint == "remix" else None, **columns)
-        self.tasks[job.id] = asyncio.get_running_loop().create_task(self._run(job, run))
-        return job
+    # --- accepting a job ---------------------------------------------------------------------------------------
+    async def submit(self, request: Request, endpoint: str, source_id: str | None = None,
+                     defaults: dict | None = None) -> tuple[Job, bool]:
+        """Authenticate, read, validate, store inputs, create -> (job, created). With an `Idempotency-Key` header
+        a retry of the same request returns the job the first one made (created False)."""
+        self._ensure_background()
+        tenant = self.tenant(request)
+        body, _ = await read_body(request, self.s.max_upload_bytes)
+        if endpoint == "remix":
+            if body.get("video") not in (None, ""):
+                raise _bad("remix takes the video from the path; do not send video", "video",
+                           "unexpected_parameter")
+            source = await self.get_job(source_id, tenant)
+            # a remix is the source video re-imagined: its length and size unless the request says otherwise
+            body = {"seconds": source.seconds, "size": source.size,
+                    **{k: v for k, v in body.items() if v not in (None, "")}}
+        idem = request.headers.get("idempotency-key")
+        if idem is not None and not 1 <= len(idem) <= 255:
+            raise _bad("the Idempotency-Key header must be 1-255 characters", None, "invalid_idempotency_key")
+        fingerprint = request_hash({"endpoint": endpoint, "source": source_id, **body}) if idem else None
+        if idem:  # a retry: answer before validating again (its inputs may no longer be needed)
+            earlier = await asyncio.to_thread(self.store.by_idempotency_key, tenant, idem)
+            if earlier is not None:
+                return self._retry_of(earlier, fingerprint)
+        columns, run, inputs = await self.build(body, endpoint=endpoint, tenant=tenant, source_id=source_id)
+        params = {k: run.get(k) for k in ("seed", "steps", "guidance_scale", "strength", "style_strength", "style",
+                                          "negative_prompt", "upsample")}
+        params.update(num_frames=run.get("frames"), run=run)
+        job_id = f"video_{uuid.uuid4().hex}"
+        for name, data in inputs.items():  # before the job exists: a runner never sees a job without its inputs
+            await asyncio.to_thread(self.artifacts.put, job_id, INPUT_NAMES[name], data)
+        try:
+            job, created = await asyncio.to_thread(
+                self.store.create, job_id=job_id, params=params, tenant=tenant,
+                remixed_from_video_id=source_id if endpoint == "remix" else None, idempotency_key=idem,
+                request_hash=fingerprint, max_active=self.s.max_pending_jobs,
+                max_active_per_tenant=self.s.max_active_jobs_per_tenant, **columns)
+        except LimitReached as e:
+            if inputs:
+                await asyncio.to_thread(self.artifacts.delete_job, job_id)
+            if e.scope == "tenant":
+                raise ApiError(429, f"this API key's tenant has {e.active} jobs queued or running, at most {e.limit}; "
+                               "retry when one finishes", None, "tenant_limit_reached", "rate_limit_exceeded",
+                               headers={"Retry-After": "5"}) from None
+            raise ApiError(429, f"the queue is full ({e.active} jobs queued or running, at most {e.limit}); retry "
+                           "later", None, "queue_full", "rate_limit_exceeded", headers={"Retry-After": "5"}) from None
+        except IdempotencyConflict as e:
+            raise self._conflict(e.job) from None
+        if not created and inputs:
+            await asyncio.to_thread(self.artifacts.delete_job, job_id)
+        if created:
+            self._wake.set()
+        return job, created
 
-    async def _stream(self, handle, request: dict, progress) -> dict:
+    def _retry_of(self, earlier: Job, fingerprint: str | None) -> tuple[Job, bool]:
+        if earlier.request_hash not in (None, fingerprint):
+            raise self._conflict(earlier)
+        return earlier, False
+
+    @staticmethod
+    def _conflict(job: Job) -> ApiError:
+        return ApiError(409, f"this Idempotency-Key was used for a different request (video {job.id}); use a new "
+                        "key for a new request", None, "idempotency_key_reused")
+
+    # --- running a job ---------------------------------------------------------------------------------------
+    async def _stream(self, handle, request: dict, progress, usage: dict) -> dict:
         result = None
-        async for event in handle.options(stream=True).run.remote(request):
-            if event["type"] == "progress":
-                await progress(event["step"], event["steps"])
-            elif event["type"] == "result":
-                result = event
-            elif event["type"] == "error":
-                raise ApiError(400, event["message"], None, "invalid_request")
-            else:
-                raise RuntimeError(event["message"])
+        gen = handle.options(stream=True).run.remote(request)
+        try:
+            async for event in gen:
+                if event["type"] == "progress":
+                    await progress(event["step"], event["steps"])
+                elif event["type"] == "result":
+                    result = event
+                elif event["type"] == "error":
+                    raise ApiError(400, event["message"], None, "invalid_request")
+                else:
+                    raise RuntimeError(event["message"])
+        except BaseException:
+            gen.cancel()  # the deployment stops sampling at its next step (it checks between steps)
+            raise
         if result is None:
             raise RuntimeError("the model deployment ended without a result")
+        usage["inference_time_s"] = usage.get("inference_time_s", 0.0) + float(result.get("inference_time_s", 0.0))
+        usage["peak_memory_mb"] = max(usage.get("peak_memory_mb", 0.0), float(result.get("peak_memory_mb", 0.0)))
         return result
 
-    async def _run(self, job: Job, run: dict) -> None:
+    async def _execute(self, job: Job) -> None:
+        status = "failed"
+        budget = self.s.job_timeout_s - (time.time() - (job.started_at or time.time()))
+        try:
+            await asyncio.wait_for(self._run(job), timeout=max(1.0, budget))
+            status = "completed"
+        except Stopped:
+            status = "stopped"
+        except TimeoutError:
+            await asyncio.to_thread(self.store.fail, job.id, "timeout", f"the job ran longer than "
+                                    f"{self.s.job_timeout_s:g} s and was stopped", self.owner)
+        except ApiError as e:
+            await asyncio.to_thread(self.store.fail, job.id, e.code or "invalid_request", e.message, self.owner)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the job fails with a reason, the server stays up
+            log.exception("job %s failed", job.id)
+            code = "server_busy" if type(e).__name__ == "BackPressureError" else "internal_error"
+            await asyncio.to_thread(self.store.fail, job.id, code, f"{type(e).__name__}: {str(e)[:500]}", self.owner)
+        finally:
+            self.running.pop(job.id, None)
+            if self._wake is not None:
+                self._wake.set()
+            self.jobs_counter.inc(tags={"status": status, "task": job.task})
+
+    def _load_inputs(self, job: Job) -> dict[str, np.ndarray]:
+        run = job.params["run"]
+        out = {}
+        for name in run.get("inputs", []):
+            data = self.artifacts.get(job.id, INPUT_NAMES[name])
+            if data is None:
+                raise ApiError(410, f"the {name} uploaded with this job is gone from the artifact store", None,
+                               "input_missing")
+            out[name] = self.decode_input(name, data)
+        return out
+
+    async def _run(self, job: Job) -> None:
+        run = dict(job.params["run"])
         last = [0.0, -1]
 
         async def progress(fraction: float):
@@ -460,49 +573,52 @@ class Ingress:
             now = time.monotonic()
             if pct != last[1] and (now - last[0] > 0.25 or pct >= 99):
                 last[0], last[1] = now, pct
-                await asyncio.to_thread(self.store.set_progress, job.id, pct)
+                if not await asyncio.to_thread(self.store.set_progress, job.id, pct, self.owner):
+                    raise Stopped(job.id)  # cancelled, timed out or handed to another replica
 
-        status, notes = "failed", []
-        try:
-            await asyncio.to_thread(self.store.set_progress, job.id, 0)
-            features = await self.encoder.encode.remote(run["prompt"])
-            rounds = run.pop("rounds", 1)
-            upsample = run.pop("upsample")
-            stages = rounds + (1 if upsample else 0)
-            base = {k: v for k, v in run.items() if v is not None}
-            base["features"] = features
-            video = base.get("video")
-            for r in range(rounds):
-                if video is not None:
-                    base["video"] = video
+        await progress(0.0)
+        run.update(await asyncio.to_thread(self._load_inputs, job))
+        if run.get("style"):
+            run["style"] = self._style_path(run["style"])
+        notes: list[str] = []
+        usage: dict[str, float] = {}
+        prompt, negative = run.pop("prompt"), run.pop("negative_prompt", None)
+        features = {prompt: await self.encoder.encode.remote(prompt)}
+        if negative:
+            features[negative] = await self.encoder.encode.remote(negative)
+        rounds = run.pop("rounds", 1)
+        upsample = run.pop("upsample")
+        out_fps = run.pop("fps", None)
+        run.pop("inputs", None)
+        stages = rounds + (1 if upsample else 0)
+        base = {k: v for k, v in run.items() if v is not None}
+        base.update(prompt=prompt, features=features, negative_prompt=negative)
+        video = base.get("video")
+        for r in range(rounds):
+            if video is not None:
+                base["video"] = video
 
-                def stage_progress(i, n, r=r):
-                    return progress((r + i / max(n, 1)) / stages)
+            def stage_progress(i, n, r=r):
+                return progress((r + i / max(n, 1)) / stages)
 
-                result = await self._stream(self.generator, base, stage_progress)
-                video, notes = result["video"], notes + result["notes"]
-            fps = result["fps"]
-            if upsample:
-                result = await self._stream(
-                    self.upsampler, {"video": video, "prompt": run["prompt"], "steps": run.get("steps"),
-                                     "seed": run["seed"]},
-                    lambda i, n: progress((rounds + i / max(n, 1)) / stages))
-                video, notes = result["video"], notes + result["notes"]
-            await asyncio.to_thread(self._write_outputs, job.id, video, fps)
-            params = dict(job.params, notes=notes, frames=int(len(video)), fps=fps)
-            await asyncio.to_thread(self.store.complete, job.id, params)
-            status = "completed"
-        except ApiError as e:
-            await asyncio.to_thread(self.store.fail, job.id, e.code or "invalid_request", e.message)
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:  # noqa: BLE001 - the job fails with a reason, the server stays up
-            log.exception("job %s failed", job.id)
-            code = "server_busy" if type(e).__name__ == "BackPressureError" else "internal_error"
-            await asyncio.to_thread(self.store.fail, job.id, code, f"{type(e).__name__}: {str(e)[:500]}")
-        finally:
-            self.tasks.pop(job.id, None)
-            self.jobs_counter.inc(tags={"status": status, "task": job.task})
+            result = await self._stream(self.generator, base, stage_progress, usage)
+            video, notes = result["video"], notes + result["notes"]
+        fps = result["fps"]
+        if upsample:
+            result = await self._stream(
+                self.upsampler, {"video": video, "prompt": prompt, "steps": run.get("steps"), "seed": run["seed"]},
+                lambda i, n: progress((rounds + i / max(n, 1)) / stages), usage)
+            video, notes = result["video"], notes + result["notes"]
+        fps = out_fps or fps
+        await asyncio.to_thread(self._write_outputs, job.id, video, fps)
+        params = {k: v for k, v in job.params.items() if k != "run"}
+        params.update(notes=notes, frames=int(len(video)), num_frames=int(len(video)), fps=fps,
+                      inference_time_s=round(usage.get("inference_time_s", 0.0), 3),
+                      peak_memory_mb=round(usage.get("peak_memory_mb", 0.0), 1), run=job.params["run"])
+        if not await asyncio.to_thread(self.store.complete, job.id, params, self.owner):
+            if await asyncio.to_thread(self.store.get, job.id) is None:  # deleted meanwhile: drop what we wrote
+                await asyncio.to_thread(self.artifacts.delete_job, job.id)
+            raise Stopped(job.id)  # cancelled or timed out at the last moment: it stays that way
 
     def _write_outputs(self, job_id: str, video: np.ndarray, fps: float) -> None:
         from PIL import Image
@@ -518,9 +634,9 @@ class Ingress:
         self.artifacts.put(job_id, "spritesheet.png", png(spritesheet(video)))
         self.artifacts.put(job_id, "video.mp4", encode_mp4_bytes(video, fps))  # last: its presence = complete
 
-    async def get_job(self, video_id: str) -> Job:
-        job = await asyncio.to_thread(self.store.get, video_id)
-        if job is None:
+    async def get_job(self, video_id: str, tenant: str) -> Job:
+        job = await asyncio.to_thread(self.store.get, video_id, tenant)
+        if job is None:  # another tenant's video is indistinguishable from none
             raise ApiError(404, f"no video with id {video_id!r}", "video_id", "video_not_found")
         return job
 
@@ -580,11 +696,30 @@ async def index() -> HTMLResponse:
 
 
 @app.get("/healthz")
-async def healthz(request: Request) -> dict:
+async def healthz(request: Request) -> JSONResponse:
+    """Healthy or not, and nothing else (no key needed, so it says nothing about the model or the stores)."""
+    ing = _CURRENT.get("ingress")
+    try:
+        if ing is None:
+            raise RuntimeError("starting")
+        await asyncio.to_thread(ing.store.count_active, "__health__")
+    except Exception:  # noqa: BLE001 - unhealthy: the store or the replica is not ready
+        return JSONResponse({"status": "unhealthy"}, status_code=503)
+    return JSONResponse({"status": "ok"})
+
+
+@app.get("/v1/info")
+async def server_info(request: Request) -> dict:
+    """What this server generates (for clients and the web page): model, source, sizes, seconds, frame counts,
+    fps, the caller's tenant and its active jobs against the limit."""
     ing = _ingress(request)
+    tenant = ing.tenant(request)
     info = await ing.info()
-    return {"status": "ok", "model": ing.s.model_name, "source": info["source"], "sizes": info["sizes"],
-            "seconds": list(info["seconds"]), "auth": not ing.s.no_auth}
+    active = await asyncio.to_thread(ing.store.count_active, tenant)
+    return {"model": ing.s.model_name, "source": info["source"], "sizes": info["sizes"],
+            "seconds": list(info["seconds"]), "num_frames": list(info["seconds"].values()), "fps": info["fps"],
+            "tenant": tenant, "active_jobs": active, "max_active_jobs": ing.s.max_active_jobs_per_tenant,
+            "max_steps": ing.s.max_steps, "auth": not ing.s.no_auth}
 
 
 def _model_object(ing: Ingress) -> dict:
@@ -596,70 +731,56 @@ def _model_object(ing: Ingress) -> dict:
 @app.get("/v1/models")
 async def models(request: Request) -> dict:
     ing = _ingress(request)
-    ing.check_auth(request)
+    ing.tenant(request)
     return {"object": "list", "data": [_model_object(ing)]}
 
 
 @app.get("/v1/models/{model_id}")
 async def retrieve_model(model_id: str, request: Request) -> dict:
     ing = _ingress(request)
-    ing.check_auth(request)
+    ing.tenant(request)
     if model_id != ing.s.model_name:
         raise ApiError(404, f"model {model_id!r} not found; this server serves {ing.s.model_name!r}", "model",
                        "model_not_found")
     return _model_object(ing)
 
 
+def _accepted(job: Job, created: bool) -> JSONResponse:
+    return JSONResponse(job.to_openai(), headers={} if created else {"Idempotent-Replayed": "true"})
+
+
 @app.post("/v1/videos")
 async def create_video(request: Request) -> JSONResponse:
-    ing = _ingress(request)
-    ing.check_auth(request)
-    job = await ing.submit(await read_body(request, ing.s.max_upload_bytes), "create")
-    return JSONResponse(job.to_openai())
+    return _accepted(*await _ingress(request).submit(request, "create"))
 
 
 @app.post("/v1/videos/edits")
 async def edit_video(request: Request) -> JSONResponse:
-    ing = _ingress(request)
-    ing.check_auth(request)
-    job = await ing.submit(await read_body(request, ing.s.max_upload_bytes), "edits")
-    return JSONResponse(job.to_openai())
+    return _accepted(*await _ingress(request).submit(request, "edits"))
 
 
 @app.post("/v1/videos/extensions")
 async def extend_video(request: Request) -> JSONResponse:
-    ing = _ingress(request)
-    ing.check_auth(request)
-    job = await ing.submit(await read_body(request, ing.s.max_upload_bytes), "extensions")
-    return JSONResponse(job.to_openai())
+    return _accepted(*await _ingress(request).submit(request, "extensions"))
 
 
 @app.post("/v1/videos/{video_id}/remix")
 async def remix_video(video_id: str, request: Request) -> JSONResponse:
-    ing = _ingress(request)
-    ing.check_auth(request)
-    body = await read_body(request, ing.s.max_upload_bytes)
-    if body.get("video") not in (None, ""):
-        raise _bad("remix takes the video from the path; do not send video", "video", "unexpected_parameter")
-    source = await ing.get_job(video_id)
-    # a remix is the source video re-imagined: its length and size unless the request says otherwise
-    body = {"seconds": source.seconds, "size": source.size, **{k: v for k, v in body.items() if v not in (None, "")}}
-    job = await ing.submit(body, "remix", source_id=video_id)
-    return JSONResponse(job.to_openai())
+    return _accepted(*await _ingress(request).submit(request, "remix", source_id=video_id))
 
 
 @app.get("/v1/videos")
 async def list_videos(request: Request, after: str | None = None, limit: int = 20, order: str = "desc") -> dict:
     ing = _ingress(request)
-    ing.check_auth(request)
+    tenant = ing.tenant(request)
     if not 1 <= limit <= 100:
         raise _bad(f"limit must be in [1, 100], got {limit}", "limit")
     if order not in ("asc", "desc"):
         raise _bad(f"order must be asc or desc, got {order!r}", "order")
-    if after is not None and await asyncio.to_thread(ing.store.get, after) is None:
+    if after is not None and await asyncio.to_thread(ing.store.get, after, tenant) is None:
         raise _bad(f"after={after!r} is not a video id of this server; pass the last_id of the previous page",
                    "after", "invalid_cursor")
-    jobs, has_more = await asyncio.to_thread(ing.store.list, after=after, limit=limit, order=order)
+    jobs, has_more = await asyncio.to_thread(ing.store.list, tenant=tenant, after=after, limit=limit, order=order)
     data = [j.to_openai() for j in jobs]
     return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
             "last_id": data[-1]["id"] if data else None, "has_more": has_more}
@@ -668,31 +789,43 @@ async def list_videos(request: Request, after: str | None = None, limit: int = 2
 @app.get("/v1/videos/{video_id}")
 async def retrieve_video(video_id: str, request: Request) -> JSONResponse:
     ing = _ingress(request)
-    ing.check_auth(request)
-    job = await ing.get_job(video_id)
+    job = await ing.get_job(video_id, ing.tenant(request))
     return JSONResponse(job.to_openai(), headers={"openai-poll-after-ms": str(ing.s.poll_after_ms)})
+
+
+@app.post("/v1/videos/{video_id}/cancel")
+async def cancel_video(video_id: str, request: Request) -> JSONResponse:
+    """Stop an active job: it ends `failed` with code `cancelled`, and its sampling stops at the next step
+    (whichever replica runs it). A job already finished is returned as it is."""
+    ing = _ingress(request)
+    tenant = ing.tenant(request)
+    await ing.get_job(video_id, tenant)
+    job = await asyncio.to_thread(ing.store.cancel, video_id, tenant)
+    if job is None:
+        raise ApiError(404, f"no video with id {video_id!r}", "video_id", "video_not_found")
+    return JSONResponse(job.to_openai())
 
 
 @app.delete("/v1/videos/{video_id}")
 async def delete_video(video_id: str, request: Request) -> dict:
+    """Delete a video; an active one is cancelled first (its sampling stops at the next step)."""
     ing = _ingress(request)
-    ing.check_auth(request)
-    job = await ing.get_job(video_id)
+    tenant = ing.tenant(request)
+    job = await ing.get_job(video_id, tenant)
     if job.status in ("queued", "in_progress"):
-        raise ApiError(409, f"video {video_id} is {job.status}; delete it once it is completed or failed",
-                       "video_id", "video_not_finished")
+        await asyncio.to_thread(ing.store.cancel, video_id, tenant)
+    await asyncio.to_thread(ing.store.delete, video_id, tenant)
     await asyncio.to_thread(ing.artifacts.delete_job, video_id)
-    await asyncio.to_thread(ing.store.delete, video_id)
     return {"id": video_id, "object": "video.deleted", "deleted": True}
 
 
 @app.get("/v1/videos/{video_id}/content")
 async def video_content(video_id: str, request: Request, variant: str = "video") -> Response:
     ing = _ingress(request)
-    ing.check_auth(request)
+    tenant = ing.tenant(request)
     if variant not in VARIANTS:
         raise _bad(f"variant {variant!r} is not one of {', '.join(VARIANTS)}", "variant", "invalid_variant")
-    job = await ing.get_job(video_id)
+    job = await ing.get_job(video_id, tenant)
     if job.status != "completed":
         raise ApiError(409, f"video {video_id} is {job.status}; content is available once it is completed",
                        "video_id", "video_not_ready")

@@ -9,10 +9,16 @@ and the KubeRay RayService use. `args` (the YAML's `args:`; the CLI fills them f
                                      (env LUMIERE_SSR_CHECKPOINT or LUMIERE_SSR_MODEL_URI)
     device: cpu | cuda               (env LUMIERE_DEVICE; default cpu) cuda: num_gpus on the model deployments
     num_gpus: 1                      (env LUMIERE_NUM_GPUS) GPUs per Generator/Upsampler replica with cuda
+    encoder_num_gpus: 0.25           (env LUMIERE_ENCODER_NUM_GPUS) GPUs per TextEncoder replica with cuda (it
+                                     shares a GPU: a fraction)
+    max_model_replicas: 2            (env LUMIERE_MAX_MODEL_REPLICAS) autoscaling ceiling of the Generator and
+                                     Upsampler: the GPU pool's size (the gpu overlay sets 8, its 8 GPU pods)
+    max_ingress_replicas: 2          (env LUMIERE_MAX_INGRESS_REPLICAS) the Ingress and TextEncoder ceiling
     data_dir: lumiere-serve          db_url / artifacts default to <data_dir>/jobs.db and <data_dir>/artifacts
     db_url: sqlite:///… | postgresql://…   (env LUMIERE_DB_URL)
     artifacts: a directory | s3://bucket/prefix   (env LUMIERE_ARTIFACTS)
-    api_keys: [..] (default: env LUMIERE_API_KEYS, comma-separated, or the file in LUMIERE_API_KEYS_FILE)
+    api_keys: ["KEY" | "KEY TENANT", ..] (default: env LUMIERE_API_KEYS, comma-separated, or the file in
+                                     LUMIERE_API_KEYS_FILE, one per line): a key without a tenant is its own tenant
     no_auth: false                   true serves without keys (say so explicitly)
     model_name (env LUMIERE_MODEL_NAME), styles_dir (env LUMIERE_STYLES_DIR)
     max_pending_jobs, max_upload_bytes, max_prompt_chars, max_steps, default_steps, …
@@ -40,6 +46,7 @@ from .api import Ingress, Settings, app
 from .deployments import GeneratorDeployment, TextEncoderDeployment, UpsamplerDeployment
 from .jobs import sqlite_url
 from .models import ModelSpec
+from .tenants import parse_keys
 
 APP_NAME = "lumiere"
 CONFIG_YAML = Path(__file__).with_name("config.yaml")
@@ -49,7 +56,9 @@ CONFIG_YAML = Path(__file__).with_name("config.yaml")
 MODEL_ENV = {"checkpoint": "LUMIERE_CHECKPOINT", "model_uri": "LUMIERE_MODEL_URI"}
 SSR_ENV = {"ssr_checkpoint": "LUMIERE_SSR_CHECKPOINT", "ssr_model_uri": "LUMIERE_SSR_MODEL_URI"}
 SETTING_ENV = {"device": "LUMIERE_DEVICE", "num_gpus": "LUMIERE_NUM_GPUS", "model_name": "LUMIERE_MODEL_NAME",
-               "styles_dir": "LUMIERE_STYLES_DIR"}
+               "styles_dir": "LUMIERE_STYLES_DIR", "encoder_num_gpus": "LUMIERE_ENCODER_NUM_GPUS",
+               "max_model_replicas": "LUMIERE_MAX_MODEL_REPLICAS",
+               "max_ingress_replicas": "LUMIERE_MAX_INGRESS_REPLICAS"}
 # (db_url, artifacts and api_keys read LUMIERE_DB_URL, LUMIERE_ARTIFACTS, LUMIERE_API_KEYS[_FILE] in settings_from_args)
 
 
@@ -73,6 +82,18 @@ def args_with_env(args: dict, environ: Mapping[str, str] | None = None) -> dict:
     for arg, var in SETTING_ENV.items():
         if out.get(arg) in (None, "") and env.get(var, "").strip():
             out[arg] = env[var].strip()
+    for arg in ("max_model_replicas", "max_ingress_replicas"):
+        raw = out.get(arg)
+        if raw in (None, ""):
+            out[arg] = 2
+            continue
+        try:
+            out[arg] = int(raw)
+            if not 1 <= out[arg] <= 1024:
+                raise ValueError
+        except (TypeError, ValueError):
+            raise LumiereError(f"{arg} {raw!r} (args.{arg} or {SETTING_ENV[arg]}): expected a whole number of "
+                               "replicas, 1 to 1024") from None
     device = str(out.get("device") or "cpu")
     if not re.fullmatch(r"cpu|cuda(:\d+)?|mps", device):
         raise LumiereError(f"device {device!r} (args.device, --device or LUMIERE_DEVICE): expected cpu or cuda")
@@ -87,6 +108,15 @@ def args_with_env(args: dict, environ: Mapping[str, str] | None = None) -> dict:
             raise LumiereError(f"num_gpus {raw!r} (args.num_gpus or LUMIERE_NUM_GPUS): expected a "
                                "positive number of GPUs per model replica, e.g. 1 or 0.5")
         out["num_gpus"] = int(num_gpus) if num_gpus.is_integer() else num_gpus
+        raw = out.get("encoder_num_gpus")
+        try:
+            enc = 0.25 if raw in (None, "") else float(raw)
+        except (TypeError, ValueError):
+            enc = -1.0
+        if not 0 < enc <= 64:
+            raise LumiereError(f"encoder_num_gpus {raw!r} (args.encoder_num_gpus or LUMIERE_ENCODER_NUM_GPUS): "
+                               "expected a positive number of GPUs per TextEncoder replica, e.g. 0.25")
+        out["encoder_num_gpus"] = int(enc) if enc.is_integer() else enc
     return out
 
 
@@ -109,6 +139,7 @@ def settings_from_args(args: dict, spec: ModelSpec) -> dict:
     artifacts = s.get("artifacts") or os.environ.get("LUMIERE_ARTIFACTS") or str(data_dir / "artifacts")
     s["artifacts"] = artifacts if artifacts.startswith("s3://") else str(Path(artifacts).expanduser().resolve())
     s["api_keys"] = tuple(s.get("api_keys") or read_api_keys())
+    parse_keys(s["api_keys"], "api_keys (LUMIERE_API_KEYS / LUMIERE_API_KEYS_FILE)")  # malformed: one line, now
     s["no_auth"] = bool(s.get("no_auth", False))
     if not s["no_auth"] and not s["api_keys"]:
         raise LumiereError("no API keys: set LUMIERE_API_KEYS (comma-separated) or LUMIERE_API_KEYS_FILE, or "
@@ -132,20 +163,34 @@ def build_app(args: dict | None = None) -> Application:
     overrides = args.get("deployments") or {}
     gpu = args["device"].startswith("cuda")
 
-    def configured(dep, name: str, model_deployment: bool = True):
-        opts = {k: v for k, v in (overrides.get(name) or {}).items() if k != "name"}
-        if gpu and model_deployment:
+    def configured(dep, name: str, num_gpus: float | None, max_replicas: int):
+        """The deployment with the app's options: GPUs reserved for every deployment that puts a model on CUDA,
+        the autoscaling ceiling from the args; then what `deployments:` (lumiere serve) says over them."""
+        base = dep._deployment_config.autoscaling_config  # the decorator's
+        opts: dict = {"autoscaling_config": {"min_replicas": min(base.min_replicas, max_replicas),
+                                             "target_ongoing_requests": base.target_ongoing_requests,
+                                             "max_replicas": max_replicas}}
+        extra = {k: v for k, v in (overrides.get(name) or {}).items() if k != "name"}
+        if gpu and num_gpus:
             actor = dict(dep.ray_actor_options or {})
-            actor.setdefault("num_gpus", args["num_gpus"])
-            opts["ray_actor_options"] = {**actor, **opts.get("ray_actor_options", {})}
-        return dep.options(**opts) if opts else dep
+            actor.setdefault("num_gpus", num_gpus)
+            opts["ray_actor_options"] = {**actor, **extra.get("ray_actor_options", {})}
+        if "autoscaling_config" in extra:
+            opts["autoscaling_config"] = {**opts["autoscaling_config"], **extra["autoscaling_config"]}
+        return dep.options(**{**extra, **opts})
 
     model = vars(spec)
-    encoder = configured(TextEncoderDeployment, "TextEncoder", model_deployment=False).bind(model)
-    generator = configured(GeneratorDeployment, "Generator").bind(model)
-    upsampler = configured(UpsamplerDeployment, "Upsampler").bind(vars(ssr)) if ssr else None
+    models_max, front_max = args["max_model_replicas"], args["max_ingress_replicas"]
+    encoder = configured(TextEncoderDeployment, "TextEncoder", args.get("encoder_num_gpus"), front_max).bind(model)
+    generator = configured(GeneratorDeployment, "Generator", args.get("num_gpus"), models_max).bind(model)
+    upsampler = (configured(UpsamplerDeployment, "Upsampler", args.get("num_gpus"), models_max).bind(vars(ssr))
+                 if ssr else None)
+    # max_queued_requests=-1: the proxy never answers its own plain-text 503 for the Ingress; admission control is
+    # the app's (429 with the OpenAI error object and Retry-After), and an Ingress request is short (it queues a
+    # job, it does not run it)
     ingress_cls = serve.deployment(
-        name="Ingress", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64, max_queued_requests=256,
-        autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 32},
+        name="Ingress", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64, max_queued_requests=-1,
+        health_check_period_s=5, autoscaling_config={"min_replicas": 1, "max_replicas": 2,
+                                                    "target_ongoing_requests": 32},
     )(serve.ingress(app)(Ingress))
-    return configured(ingress_cls, "Ingress", model_deployment=False).bind(encoder, generator, upsampler, settings)
+    return configured(ingress_cls, "Ingress", None, front_max).bind(encoder, generator, upsampler, settings)

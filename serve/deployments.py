@@ -9,9 +9,11 @@ Model-side input errors (`LumiereError`) come back as an `error` event with the 
 
 from __future__ import annotations
 
-import queue
+import asyncio
+import resource
 import threading
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import numpy as np
@@ -22,24 +24,67 @@ from lumiere.errors import LumiereError
 from .models import ModelSpec, load_generator, load_text_encoder, load_upsampler
 
 
-def _stream(work: Callable[[Callable[[int, int], None]], dict]) -> Iterator[dict]:
+class _Cancelled(Exception):
+    """Raised inside the sampler's step callback once the caller has gone: sampling stops at that step."""
+
+
+async def _stream(work: Callable[[Callable[[int, int], None]], dict]) -> AsyncIterator[dict]:
     """Run `work(callback)` in a thread; yield {"type": "progress", "step", "steps"} events, then its result
-    ({"type": "result", …}) or {"type": "error", "message"} for a LumiereError."""
-    events: queue.Queue = queue.Queue()
+    ({"type": "result", …, "inference_time_s", "peak_memory_mb"}) or {"type": "error", "message"} for a
+    LumiereError. When the caller cancels the stream (a cancelled job, a timeout, a dead ingress), Serve cancels
+    this generator: the thread's next step callback raises and sampling stops there."""
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+    stop = threading.Event()
     done = object()
+
+    def put(event) -> None:
+        loop.call_soon_threadsafe(events.put_nowait, event)
+
+    def callback(i: int, n: int) -> None:
+        if stop.is_set():
+            raise _Cancelled(f"stopped at step {i} of {n}: the request was cancelled")
+        put({"type": "progress", "step": int(i), "steps": int(n)})
 
     def run():
         try:
-            events.put(work(lambda i, n: events.put({"type": "progress", "step": int(i), "steps": int(n)})))
+            t0, peak0 = time.perf_counter(), _reset_peak_memory()
+            result = work(callback)
+            result.update(inference_time_s=time.perf_counter() - t0, peak_memory_mb=_peak_memory_mb(peak0))
+            put(result)
+        except _Cancelled:
+            pass
         except LumiereError as e:
-            events.put({"type": "error", "message": str(e)})
+            put({"type": "error", "message": str(e)})
         except BaseException as e:  # noqa: BLE001 - reported to the job, the replica stays up
-            events.put({"type": "crash", "message": f"{type(e).__name__}: {e}"})
-        events.put(done)
+            put({"type": "crash", "message": f"{type(e).__name__}: {e}"})
+        put(done)
 
-    threading.Thread(target=run, daemon=True).start()
-    while (event := events.get()) is not done:
-        yield event
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        while (event := await events.get()) is not done:
+            yield event
+    finally:
+        stop.set()
+
+
+def _reset_peak_memory() -> float:
+    """Start a peak-memory measurement: on CUDA the allocator's peak is reset; on CPU the process's peak RSS
+    so far is returned (a CPU job reports the replica's peak RSS, which only grows)."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _peak_memory_mb(rss0: float) -> float:
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return max(rss0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
 @serve.deployment(name="TextEncoder", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=32,
@@ -55,22 +100,29 @@ class TextEncoderDeployment:
 
 
 class _Precomputed:
-    """Give `TextToVideo.generate` the text features the TextEncoder deployment computed (for this call)."""
+    """Give `TextToVideo.generate` the text features the TextEncoder deployment computed for this call's prompts
+    (the prompt, and the negative prompt when there is one): {prompt: (context, pooled)}."""
 
-    def __init__(self, gen, features: tuple[np.ndarray, np.ndarray] | None):
+    def __init__(self, gen, features: dict[str, tuple[np.ndarray, np.ndarray]] | None):
         self.gen, self.features = gen, features
 
     def __enter__(self):
-        if self.features is not None:
+        if self.features:
             import torch
 
             from lumiere.diffusion import Conditioning
 
-            context, pooled = (torch.from_numpy(np.array(a)) for a in self.features)
             device = self.gen.device
-            self.gen.encode = lambda prompts: Conditioning(
-                context[None].expand(len(prompts), *context.shape).to(device),
-                pooled[None].expand(len(prompts), *pooled.shape).to(device))
+            table = {p: tuple(torch.from_numpy(np.array(a)) for a in f) for p, f in self.features.items()}
+            fallback = self.gen.encode
+
+            def encode(prompts: list[str]):
+                if any(p not in table for p in prompts):
+                    return fallback(prompts)
+                return Conditioning(torch.stack([table[p][0] for p in prompts]).to(device),
+                                    torch.stack([table[p][1] for p in prompts]).to(device))
+
+            self.gen.encode = encode
 
     def __exit__(self, *exc):
         self.gen.__dict__.pop("encode", None)
@@ -89,7 +141,13 @@ class GeneratorDeployment:
                 "conditional": g.conditional, "temporal_factor": int(g.model.temporal_factor),
                 "steps": g.cfg.sample.steps, "source": g.source}
 
-    def run(self, request: dict[str, Any]) -> Iterator[dict]:
+    async def check_health(self) -> None:
+        if self.gen.device.type == "cuda":  # a GPU that fell off the bus or hit an ECC error fails here
+            import torch
+
+            torch.cuda.synchronize(self.gen.device)
+
+    async def run(self, request: dict[str, Any]) -> AsyncIterator[dict]:
         """request: `generate` keyword arguments plus `prompt` and `features` (from the TextEncoder)."""
         request = dict(request)
         prompt, features = request.pop("prompt"), request.pop("features", None)
@@ -100,7 +158,8 @@ class GeneratorDeployment:
             return {"type": "result", "video": result.videos[0], "fps": result.fps, "seed": result.seed,
                     "notes": list(result.notes)}
 
-        yield from _stream(work)
+        async for event in _stream(work):
+            yield event
 
 
 @serve.deployment(name="Upsampler", ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=1,
@@ -114,7 +173,7 @@ class UpsamplerDeployment:
         s = self.up.cfg
         return {"size": s.video.size * s.ssr.scale, "input_size": s.video.size, "source": self.up.source}
 
-    def run(self, request: dict[str, Any]) -> Iterator[dict]:
+    async def run(self, request: dict[str, Any]) -> AsyncIterator[dict]:
         video, prompt = request["video"], request["prompt"]
 
         def work(callback):
@@ -122,4 +181,5 @@ class UpsamplerDeployment:
                                       callback=callback)
             return {"type": "result", "video": result.videos[0], "fps": result.fps, "notes": list(result.notes)}
 
-        yield from _stream(work)
+        async for event in _stream(work):
+            yield event

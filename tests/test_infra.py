@@ -765,3 +765,35 @@ def test_render_cli_prints_yaml_with_overrides():
     assert [o["kind"] for o in yaml.safe_load_all(r.stdout)] == ["RayService"]
     r = lumiere("render", "--overlay", "staging")
     assert_one_line_error(r, "unknown overlay 'staging'")
+
+
+def test_gpu_overlay_serve_reserves_gpus_and_can_use_the_whole_gpu_pool(rendered, monkeypatch):
+    """The app built with the gpu overlay's serve environment (as Serve builds it from serveConfigV2): every
+    deployment that puts a model on CUDA reserves GPUs, and the model deployments may scale to every GPU of the
+    serve worker group (a GPU cannot run here: the config is rendered, not deployed)."""
+    from serve.app import build_app
+
+    service = one(rendered["gpu"], "RayService", "lumiere-api")
+    workers = k8s.cluster_spec(service)["workerGroupSpecs"][0]
+    c = workers["template"]["spec"]["containers"][0]
+    for var in list(os.environ):
+        if var.startswith("LUMIERE_"):
+            monkeypatch.delenv(var)
+    for e in c["env"]:
+        if e.get("value") is not None:
+            monkeypatch.setenv(e["name"], e["value"])
+    monkeypatch.setenv("LUMIERE_API_KEYS", "k")  # from the Secret in the cluster
+    config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    app = build_app(config["applications"][0]["args"])
+    encoder, generator, _, _ = app._bound_deployment.init_args
+    gpus_per_pod = int(c["resources"]["limits"]["nvidia.com/gpu"])
+    pool = workers["maxReplicas"] * gpus_per_pod
+    gen = generator._bound_deployment
+    assert gen.ray_actor_options["num_gpus"] == 1
+    assert gen._deployment_config.autoscaling_config.max_replicas == pool == 8
+    assert 0 < encoder._bound_deployment.ray_actor_options["num_gpus"] < 1  # the encoder shares a GPU
+    assert "num_gpus" not in app._bound_deployment.ray_actor_options  # the Ingress runs no model
+    # and the YAML names no ceiling or actor options that would replace the app's whole
+    for d in config["applications"][0]["deployments"]:
+        assert "autoscaling_config" not in d, d["name"]
+        assert d["name"] == "Ingress" or "ray_actor_options" not in d, d["name"]
