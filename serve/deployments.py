@@ -28,7 +28,18 @@ class _Cancelled(Exception):
     """Raised inside the sampler's step callback once the caller has gone: sampling stops at that step."""
 
 
-async def _stream(work: Callable[[Callable[[int, int], None]], dict]) -> AsyncIterator[dict]:
+class RunStats:
+    """What a model replica has done (for operators, and for tests that must see a cancel stop the sampler):
+    requests started, finished, cancelled, and sampling steps run."""
+
+    def __init__(self):
+        self.counts = {"started": 0, "finished": 0, "cancelled": 0, "steps": 0}
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.counts)
+
+
+async def _stream(work: Callable[[Callable[[int, int], None]], dict], stats: RunStats) -> AsyncIterator[dict]:
     """Run `work(callback)` in a thread; yield {"type": "progress", "step", "steps"} events, then its result
     ({"type": "result", …, "inference_time_s", "peak_memory_mb"}) or {"type": "error", "message"} for a
     LumiereError. When the caller cancels the stream (a cancelled job, a timeout, a dead ingress), Serve cancels
@@ -44,6 +55,7 @@ async def _stream(work: Callable[[Callable[[int, int], None]], dict]) -> AsyncIt
     def callback(i: int, n: int) -> None:
         if stop.is_set():
             raise _Cancelled(f"stopped at step {i} of {n}: the request was cancelled")
+        stats.counts["steps"] += 1
         put({"type": "progress", "step": int(i), "steps": int(n)})
 
     def run():
@@ -51,15 +63,17 @@ async def _stream(work: Callable[[Callable[[int, int], None]], dict]) -> AsyncIt
             t0, peak0 = time.perf_counter(), _reset_peak_memory()
             result = work(callback)
             result.update(inference_time_s=time.perf_counter() - t0, peak_memory_mb=_peak_memory_mb(peak0))
+            stats.counts["finished"] += 1
             put(result)
         except _Cancelled:
-            pass
+            stats.counts["cancelled"] += 1
         except LumiereError as e:
             put({"type": "error", "message": str(e)})
         except BaseException as e:  # noqa: BLE001 - reported to the job, the replica stays up
             put({"type": "crash", "message": f"{type(e).__name__}: {e}"})
         put(done)
 
+    stats.counts["started"] += 1
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     try:
@@ -134,6 +148,10 @@ class _Precomputed:
 class GeneratorDeployment:
     def __init__(self, model: dict):
         self.gen = load_generator(ModelSpec(**model))
+        self.stats = RunStats()
+
+    def run_stats(self) -> dict[str, int]:
+        return self.stats.as_dict()
 
     def info(self) -> dict[str, Any]:
         g = self.gen
@@ -158,7 +176,7 @@ class GeneratorDeployment:
             return {"type": "result", "video": result.videos[0], "fps": result.fps, "seed": result.seed,
                     "notes": list(result.notes)}
 
-        async for event in _stream(work):
+        async for event in _stream(work, self.stats):
             yield event
 
 
@@ -168,6 +186,10 @@ class GeneratorDeployment:
 class UpsamplerDeployment:
     def __init__(self, model: dict):
         self.up = load_upsampler(ModelSpec(**model))
+        self.stats = RunStats()
+
+    def run_stats(self) -> dict[str, int]:
+        return self.stats.as_dict()
 
     def info(self) -> dict[str, Any]:
         s = self.up.cfg
@@ -181,5 +203,5 @@ class UpsamplerDeployment:
                                       callback=callback)
             return {"type": "result", "video": result.videos[0], "fps": result.fps, "notes": list(result.notes)}
 
-        async for event in _stream(work):
+        async for event in _stream(work, self.stats):
             yield event

@@ -57,6 +57,8 @@ async def read_body(request: Request, max_bytes: int, max_fields: int = 64) -> t
     Form keys like `video[id]` become nested dicts; uploaded files become bytes."""
     raw = await read_raw(request, max_bytes)
     ctype = request.headers.get("content-type", "")
+    if ctype.startswith("multipart/form-data"):
+        _check_multipart_complete(raw, ctype)
     if ctype.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
         async def replay():
             return {"type": "http.request", "body": raw, "more_body": False}
@@ -88,6 +90,18 @@ async def read_body(request: Request, max_bytes: int, max_fields: int = 64) -> t
     if not isinstance(body, dict):
         raise bad("the JSON body must be an object", None, "invalid_json")
     return body, raw
+
+
+def _check_multipart_complete(raw: bytes, ctype: str) -> None:
+    """A multipart body cut short (a dropped connection, a client bug) still parses as far as it goes, so a
+    truncated upload would silently lose its file: refuse a body that does not end with its closing boundary."""
+    boundary = next((p.split("=", 1)[1].strip().strip('"') for p in ctype.split(";")[1:]
+                     if p.strip().lower().startswith("boundary=")), None)
+    if not boundary:
+        raise bad("the multipart/form-data body has no boundary in its Content-Type", None, "invalid_body")
+    if not raw.rstrip(b"\r\n").endswith(b"--" + boundary.encode() + b"--"):
+        raise bad("the multipart/form-data body is truncated: it does not end with its closing boundary; send the "
+                  "whole request again", None, "invalid_body")
 
 
 def data_url(value: str, param: str) -> bytes:
