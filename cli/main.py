@@ -105,6 +105,10 @@ def ingest(
 
     cfg = load_ingest_config(config, set_)
     report = run_ingest(input, output, captions, cfg, address=address)
+    small = report.get("rejected_files_by_reason", {}).get("too_small", 0)
+    if small:
+        typer.echo(f"{small} file(s) rejected as too_small (shorter side below min_side={cfg.min_side}); for small "
+                   "sources such as `lumiere data shapes` (64x64): --set min_side=64 --set size=64 --set hr_size=null")
     if report["clips"] == 0:
         _echo("warning: no clip passed the filters; see rejects.parquet and report.json for the reasons")
 

@@ -34,6 +34,7 @@ from .artifacts import ArtifactStore
 from .inputs import ApiError, VideoLimits, bad, data_url, decode_image, decode_video, read_body
 from .jobs import IdempotencyConflict, Job, JobStore, LimitReached, request_hash
 from .tenants import DEFAULT_TENANT, parse_keys, tenant_for_token
+from .webhooks import check_url, deliver, parse_secrets
 
 log = logging.getLogger("ray.serve")
 STATIC = Path(__file__).parent / "static"
@@ -67,6 +68,9 @@ class Settings:
     default_steps: int | None = None
     styles_dir: str | None = None
     poll_after_ms: int = 500
+    webhook_secrets: tuple[str, ...] = ()  # entries "TENANT SECRET": that tenant's requests may name a webhook_url
+    webhook_allowed_hosts: tuple[str, ...] = ()  # hosts a webhook may target although they resolve to a private IP
+    webhook_attempts: int = 3
     stale_after_s: float = 10.0  # a job whose replica stopped heart-beating this long ago is re-queued or failed
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -117,6 +121,7 @@ class Ingress:
     def __init__(self, encoder, generator, upsampler, settings: dict):
         self.s = Settings(**settings)
         self.keys = parse_keys(self.s.api_keys)
+        self.webhook_secrets = parse_secrets(self.s.webhook_secrets)
         self.encoder, self.generator, self.upsampler = encoder, generator, upsampler
         self.store = JobStore(self.s.db_url)
         self.artifacts = ArtifactStore(self.s.artifacts)
@@ -425,6 +430,18 @@ class Ingress:
             run["frames"] = frames
             total = frames
         seconds_out = f"{total / out_fps:g}"
+        webhook = _text(body, "webhook_url")
+        if webhook not in (None, ""):
+            if not isinstance(webhook, str):
+                raise _bad("webhook_url must be a URL string", "webhook_url")
+            if tenant not in self.webhook_secrets:
+                raise _bad("webhooks are not configured for this API key's tenant (the server needs a signing "
+                           "secret for it: webhook_secrets / LUMIERE_WEBHOOK_SECRETS)", "webhook_url",
+                           "webhooks_not_configured")
+            problem = await asyncio.to_thread(check_url, webhook, tuple(self.s.webhook_allowed_hosts))
+            if problem:
+                raise _bad(f"webhook_url {problem}", "webhook_url", "invalid_webhook_url")
+            run["webhook_url"] = webhook
         run["fps"] = fps
         run["upsample"] = size != info["sizes"][0]
         run["prompt"] = prompt
@@ -467,7 +484,7 @@ class Ingress:
                 return self._retry_of(earlier, fingerprint)
         columns, run, inputs = await self.build(body, endpoint=endpoint, tenant=tenant, source_id=source_id)
         params = {k: run.get(k) for k in ("seed", "steps", "guidance_scale", "strength", "style_strength", "style",
-                                          "negative_prompt", "upsample")}
+                                          "negative_prompt", "upsample", "webhook_url")}
         params.update(num_frames=run.get("frames"), run=run)
         job_id = f"video_{uuid.uuid4().hex}"
         for name, data in inputs.items():  # before the job exists: a runner never sees a job without its inputs
@@ -552,6 +569,21 @@ class Ingress:
             if self._wake is not None:
                 self._wake.set()
             self.jobs_counter.inc(tags={"status": status, "task": job.task})
+            if job.params.get("webhook_url"):
+                asyncio.get_running_loop().create_task(self._notify(job.id))
+
+    async def _notify(self, job_id: str) -> None:
+        """The job's webhook, once it has ended (completed, failed, cancelled, timed out); the outcome is recorded
+        on the job. A job handed to another replica is that replica's to report."""
+        try:
+            job = await asyncio.to_thread(self.store.get, job_id)
+            if job is None or job.status not in ("completed", "failed") or job.params.get("webhook"):
+                return
+            outcome = await asyncio.to_thread(deliver, job.params["webhook_url"], self.webhook_secrets[job.tenant],
+                                              job.to_openai(), attempts=self.s.webhook_attempts)
+            await asyncio.to_thread(self.store.update, job_id, params={**job.params, "webhook": outcome})
+        except Exception:  # noqa: BLE001 - a webhook never takes the runner down
+            log.exception("webhook for job %s failed", job_id)
 
     def _load_inputs(self, job: Job) -> dict[str, np.ndarray]:
         run = job.params["run"]
@@ -590,6 +622,7 @@ class Ingress:
         upsample = run.pop("upsample")
         out_fps = run.pop("fps", None)
         run.pop("inputs", None)
+        run.pop("webhook_url", None)
         stages = rounds + (1 if upsample else 0)
         base = {k: v for k, v in run.items() if v is not None}
         base.update(prompt=prompt, features=features, negative_prompt=negative)

@@ -20,6 +20,8 @@ and the KubeRay RayService use. `args` (the YAML's `args:`; the CLI fills them f
     api_keys: ["KEY" | "KEY TENANT", ..] (default: env LUMIERE_API_KEYS, comma-separated, or the file in
                                      LUMIERE_API_KEYS_FILE, one per line): a key without a tenant is its own tenant
     no_auth: false                   true serves without keys (say so explicitly)
+    webhook_secrets: ["TENANT SECRET", ..] (default: env LUMIERE_WEBHOOK_SECRETS or the file in
+                                     LUMIERE_WEBHOOK_SECRETS_FILE): tenants that may ask for signed webhooks
     model_name (env LUMIERE_MODEL_NAME), styles_dir (env LUMIERE_STYLES_DIR)
     max_pending_jobs, max_upload_bytes, max_prompt_chars, max_steps, default_steps, …
     deployments: {Name: {deployment options}}   only for `lumiere serve` (Serve applies the YAML's itself)
@@ -47,6 +49,7 @@ from .deployments import GeneratorDeployment, TextEncoderDeployment, UpsamplerDe
 from .jobs import sqlite_url
 from .models import ModelSpec
 from .tenants import parse_keys
+from .webhooks import parse_secrets as parse_webhook_secrets
 
 APP_NAME = "lumiere"
 CONFIG_YAML = Path(__file__).with_name("config.yaml")
@@ -120,15 +123,20 @@ def args_with_env(args: dict, environ: Mapping[str, str] | None = None) -> dict:
     return out
 
 
-def read_api_keys() -> tuple[str, ...]:
-    keys = [k.strip() for k in os.environ.get("LUMIERE_API_KEYS", "").split(",")]
-    path = os.environ.get("LUMIERE_API_KEYS_FILE")
+def _entries(var: str) -> tuple[str, ...]:
+    """Entries from `var` (comma-separated) and the file in `var`_FILE (one per line, # comments)."""
+    keys = [k.strip() for k in os.environ.get(var, "").split(",")]
+    path = os.environ.get(f"{var}_FILE")
     if path:
         try:
             keys += [line.strip() for line in Path(path).read_text().splitlines()]
         except OSError as e:
-            raise LumiereError(f"cannot read LUMIERE_API_KEYS_FILE {path}: {e.strerror}") from None
+            raise LumiereError(f"cannot read {var}_FILE {path}: {e.strerror}") from None
     return tuple(k for k in keys if k and not k.startswith("#"))
+
+
+def read_api_keys() -> tuple[str, ...]:
+    return _entries("LUMIERE_API_KEYS")
 
 
 def settings_from_args(args: dict, spec: ModelSpec) -> dict:
@@ -140,6 +148,9 @@ def settings_from_args(args: dict, spec: ModelSpec) -> dict:
     s["artifacts"] = artifacts if artifacts.startswith("s3://") else str(Path(artifacts).expanduser().resolve())
     s["api_keys"] = tuple(s.get("api_keys") or read_api_keys())
     parse_keys(s["api_keys"], "api_keys (LUMIERE_API_KEYS / LUMIERE_API_KEYS_FILE)")  # malformed: one line, now
+    s["webhook_secrets"] = tuple(s.get("webhook_secrets") or _entries("LUMIERE_WEBHOOK_SECRETS"))
+    parse_webhook_secrets(s["webhook_secrets"], "webhook_secrets (LUMIERE_WEBHOOK_SECRETS / _FILE)")
+    s["webhook_allowed_hosts"] = tuple(s.get("webhook_allowed_hosts") or ())
     s["no_auth"] = bool(s.get("no_auth", False))
     if not s["no_auth"] and not s["api_keys"]:
         raise LumiereError("no API keys: set LUMIERE_API_KEYS (comma-separated) or LUMIERE_API_KEYS_FILE, or "

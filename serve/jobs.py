@@ -160,8 +160,8 @@ class Job:
             "prompt": self.prompt, "seconds": self.seconds, "size": self.size,
             "remixed_from_video_id": self.remixed_from_video_id, "error": self.error, "task": self.task,
             "seed": self.params.get("seed"), "notes": self.params.get("notes", []),
-            **{k: self.params[k] for k in ("num_frames", "fps", "inference_time_s", "peak_memory_mb")
-               if self.params.get(k) is not None},
+            **{k: self.params[k] for k in ("num_frames", "fps", "inference_time_s", "peak_memory_mb", "webhook_url",
+                                           "webhook") if self.params.get(k) is not None},
         }
 
 
@@ -345,6 +345,11 @@ class JobStore:
         with self.engine.connect() as c:
             rows = [self._job(r) for r in c.execute(q)]
         return rows[:limit], len(rows) > limit
+
+    def update(self, job_id: str, **values) -> None:
+        """Set columns of a job (operators, and a finished job's webhook outcome)."""
+        with self.engine.begin() as c:
+            c.execute(update(jobs_table).where(jobs_table.c.id == job_id).values(**values))
 
     def count_active(self, tenant: str | None = None) -> int:
         q = select(func.count()).where(jobs_table.c.status.in_(ACTIVE))

@@ -123,9 +123,10 @@ def test_rerun_is_a_no_op(built, ingested, ray_session):
     assert sorted(p.name for p in (out / "shards").iterdir()) == before
 
 
-def _fingerprint(out: Path) -> dict[str, str]:
+def _fingerprint(out: Path) -> list[tuple[str, str]]:
+    """(clip id, frames hash) per clip row, sorted: a clip written twice appears twice (a dict would hide it)."""
     rows, _ = _clips(out)
-    return {r["clip_id"]: hashlib.sha1(r["frames"]).hexdigest() for r in rows}
+    return sorted((r["clip_id"], hashlib.sha1(r["frames"]).hexdigest()) for r in rows)
 
 
 @pytest.mark.slow
@@ -141,9 +142,10 @@ def test_sigkill_mid_run_then_rerun_gives_the_clean_clip_set(built, ingested, ra
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        if (out / "shards").exists() and any((out / "shards").iterdir()):
+        if (out / "shards").exists() and any((out / "shards").glob("part-*.parquet")):  # a committed part, not a temp
             break
         time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed mid-run"
     os.killpg(proc.pid, signal.SIGKILL)  # the driver dies mid-run, between shard commits
     proc.wait()
     assert not (out / "manifest.json").exists()
@@ -152,7 +154,13 @@ def test_sigkill_mid_run_then_rerun_gives_the_clean_clip_set(built, ingested, ra
     (out / "shards" / ".tmp-torn-write").write_bytes(b"half a parquet file")  # a write cut short
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert _fingerprint(out) == clean  # same clips, same frames: nothing lost, nothing duplicated
+    after = _fingerprint(out)
+    ids = [i for i, _ in after]
+    assert all(ids.count(i) == 1 for i in ids), [i for i in set(ids) if ids.count(i) > 1]  # nothing duplicated
+    assert after == clean  # same clips, same frames: nothing lost
+    manifest = json.loads((out / "manifest.json").read_text())
+    clean_manifest = json.loads((ingested[0] / "manifest.json").read_text())
+    assert sum(s["clips"] for s in manifest["shards"]) == sum(s["clips"] for s in clean_manifest["shards"]) == len(ids)
     assert not (out / "shards" / ".tmp-torn-write").exists()
 
 
@@ -211,6 +219,36 @@ def test_sidecar_captions_match_with_a_relative_input_path(tmp_path, monkeypatch
     for root in ("data/shapes", "data/shapes/", str(tmp_path / "data" / "shapes")):
         files, _ = list_inputs(root, "data/shapes/captions.jsonl", cfg, StorageOptions())
         assert [f["caption"] for f in files] == ["a red square moving right"], root
+
+
+def test_a_bad_caption_file_or_an_oversized_file_is_that_files_reject_not_the_runs_failure(tmp_path):
+    """A non-UTF-8 .txt or a malformed .json beside one video used to abort the whole run on the driver; a file over
+    max_file_bytes was reported as "unreadable"."""
+    from lumiere.storage import StorageOptions
+    from pipelines.ingest.stage1_list import list_inputs
+    from pipelines.ingest.stage2_decode import _candidates
+
+    for name in ("latin1", "badjson", "notobject", "good", "big"):
+        (tmp_path / f"{name}.mp4").write_bytes(b"x" * (64 if name != "big" else 4096))
+    (tmp_path / "latin1.txt").write_bytes("une vid\xe9o".encode("latin-1"))
+    (tmp_path / "badjson.json").write_text('{"caption": "unterminated')
+    (tmp_path / "notobject.json").write_text('["a list"]')
+    (tmp_path / "good.txt").write_text("a red square moving right\n")
+    (tmp_path / "big.txt").write_text("a big file")
+    cfg = load_ingest_config(None, ["max_file_bytes=1024"])
+    files, skipped = list_inputs(str(tmp_path), None, cfg, StorageOptions())
+    assert skipped == 5 and len(files) == 5
+    by_name = {Path(f["source"]).stem: f for f in files}
+    assert by_name["good"]["caption"] == "a red square moving right" and not by_name["good"]["caption_error"]
+    assert "not UTF-8" in by_name["latin1"]["caption_error"]
+    assert "not valid JSON" in by_name["badjson"]["caption_error"]
+    assert "JSON object" in by_name["notobject"]["caption_error"]
+    for name, reason in (("latin1", "bad_caption"), ("badjson", "bad_caption"), ("notobject", "bad_caption"),
+                         ("big", "too_large")):
+        (row,) = _candidates(by_name[name], cfg, StorageOptions())
+        assert row["reason"] == reason, (name, row)
+    (big,) = _candidates(by_name["big"], cfg, StorageOptions())
+    assert "max_file_bytes=1024" in big["detail"]
 
 
 def test_relative_paths_give_the_same_dataset(ingested, built, tmp_path, monkeypatch):

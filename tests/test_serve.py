@@ -4,11 +4,13 @@ durability. One app for the module; the durability test redeploys it last."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -85,6 +87,7 @@ def server(ray_session):
             "data_dir": data, "api_keys": [f"{KEY} acme", f"{KEY2} acme", OTHER],
             "default_steps": 2, "max_pending_jobs": 12, "max_active_jobs_per_tenant": 8, "stale_after_s": 3.0,
             "poll_after_ms": 100, "max_upload_bytes": 4 * 2**20, "claim_interval_s": 0.2,
+            "webhook_secrets": ["acme whsec-test"], "webhook_allowed_hosts": ["127.0.0.1"],
             "deployments": {"Generator": {"autoscaling_config": {"min_replicas": 1, "max_replicas": 1}}}}
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     _deploy(args)
@@ -464,6 +467,66 @@ def test_top_level_generation_fields_of_other_video_servers(server):
         assert r.status_code == 400 and r.json()["error"]["param"] == param, (body, r.text)
 
 
+@pytest.mark.timeout(180)
+def test_webhooks_are_signed_per_tenant_on_completion_and_failure(server):
+    import base64
+    import hashlib
+    import hmac
+    import json
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    received = []
+
+    class Receiver(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers["content-length"]))
+            received.append((dict(self.headers), body))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *a):
+            pass
+
+    hook = HTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=hook.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{hook.server_address[1]}/hook"
+    try:
+        ok = server.http.post("/v1/videos", json={"prompt": "notify me", "webhook_url": url}).json()
+        slow = server.http.post("/v1/videos", json={"prompt": "cancel me", "webhook_url": url,
+                                                     "num_inference_steps": 200}).json()
+        assert server.wait(ok["id"])["status"] == "completed"
+        server.http.post(f"/v1/videos/{slow['id']}/cancel")
+        deadline = time.time() + 60
+        while len(received) < 2:
+            assert time.time() < deadline, received
+            time.sleep(0.2)
+    finally:
+        hook.shutdown()
+    events = {}
+    for headers, body in received:
+        headers = {k.lower(): v for k, v in headers.items()}
+        signed = f"{headers['webhook-id']}.{headers['webhook-timestamp']}.".encode() + body
+        expected = "v1," + base64.b64encode(hmac.new(b"whsec-test", signed, hashlib.sha256).digest()).decode()
+        assert hmac.compare_digest(headers["webhook-signature"], expected)  # signed with acme's secret
+        event = json.loads(body)
+        events[event["data"]["id"]] = event
+    assert events[ok["id"]]["type"] == "video.completed" and events[ok["id"]]["data"]["status"] == "completed"
+    assert events[slow["id"]]["type"] == "video.failed"
+    assert events[slow["id"]]["data"]["error"]["code"] == "cancelled"
+    deadline = time.time() + 30
+    while not server.http.get(f"/v1/videos/{ok['id']}").json().get("webhook"):
+        assert time.time() < deadline
+        time.sleep(0.2)
+    assert server.http.get(f"/v1/videos/{ok['id']}").json()["webhook"]["delivered"] is True
+    # a tenant without a secret cannot ask for (unsigned) webhooks; a private address is not a target
+    r = server.client(OTHER).post("/v1/videos", json={"prompt": "x", "webhook_url": url})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "webhooks_not_configured"
+    r = server.http.post("/v1/videos", json={"prompt": "x", "webhook_url": "http://10.1.2.3/hook"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_webhook_url"
+    r = server.http.post("/v1/videos", json={"prompt": "x", "webhook_url": "file:///etc/passwd"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_webhook_url"
+
+
 # --- bounded input and fuzzing -------------------------------------------------------------------------------------
 def _chunks(total: int, chunk: int = 256 * 1024):
     sent = 0
@@ -498,7 +561,7 @@ def test_bodies_are_bounded_while_streaming_and_fuzzed_fields_are_4xx(server):
     # wrong types and odd values in every field, as JSON and as form fields: 4xx with the error object, never 5xx
     fields = ["prompt", "model", "seconds", "size", "task", "seed", "num_inference_steps", "guidance_scale",
               "strength", "style", "style_strength", "num_frames", "fps", "negative_prompt", "input_reference",
-              "video", "mask", "image"]
+              "video", "mask", "image", "webhook_url"]
     values = [5, -1, 1.5, True, None, [1, 2], {"a": 1}, "", "\x00", "1e400", "nan", "x" * 5000, 2**70]
     tried = 0
     for endpoint in ("/v1/videos", "/v1/videos/edits"):
@@ -519,15 +582,21 @@ def test_bodies_are_bounded_while_streaming_and_fuzzed_fields_are_4xx(server):
                 if r.status_code == 200:
                     server.client(OTHER).post(f"/v1/videos/{r.json()['id']}/cancel")
     # odd files in every file field
-    odd = {"empty": b"", "one byte": b"\x00", "png as video": _png(np.zeros((8, 8, 3), np.uint8)),
-           "truncated mp4": encode_mp4_bytes(np.zeros((8, 32, 32, 3), np.uint8), 16)[:300]}
-    for what, data in odd.items():
-        for endpoint, field_name in (("/v1/videos", "input_reference"), ("/v1/videos/edits", "video"),
-                                     ("/v1/videos/edits", "mask")):
-            r = server.client(OTHER).post(endpoint, data={"prompt": "x", "task": "inpaint"} if field_name == "mask"
-                                          else {"prompt": "x"}, files={field_name: ("f", data)})
-            tried += 1
-            assert 400 <= r.status_code < 500, (what, endpoint, field_name, r.status_code, r.text[:300])
+    mp4 = encode_mp4_bytes(np.zeros((8, 32, 32, 3), np.uint8), 16)
+    png = _png(np.zeros((32, 32, 3), np.uint8))
+    targets = (("/v1/videos", "input_reference"), ("/v1/videos/edits", "video"), ("/v1/videos/edits", "mask"))
+    odd = [(what, data, target) for what, data in (("empty", b""), ("one byte", b"\x00"), ("truncated mp4", mp4[:300]))
+           for target in targets]
+    odd += [("png as video", png, targets[1]), ("mp4 as image", mp4, targets[0])]
+    for what, data, (endpoint, field_name) in odd:
+        form = {"prompt": "x", "task": "inpaint"} if field_name == "mask" else {"prompt": "x"}
+        files = {field_name: ("f", data)}
+        if field_name == "mask":
+            files["video"] = ("v.mp4", mp4)
+        r = server.client(OTHER).post(endpoint, data=form, files=files)
+        tried += 1
+        assert 400 <= r.status_code < 500, (what, endpoint, field_name, r.status_code, r.text[:300])
+        assert r.json()["error"]["param"] == field_name, (what, field_name, r.json())
     assert tried > 500
 
 
@@ -588,19 +657,26 @@ def test_concurrent_load_refusals_are_429_with_retry_after_and_limits_hold(serve
     assert all(ids.count(i) == 1 for i in results["accepted"])
 
 
-def _replica_pids(cls: str) -> list[int]:
-    from ray.util.state import list_actors
+def _replicas(cls: str) -> list[str]:
+    """The live replica actors of a deployment of the app (their names are new for every replica started)."""
+    import ray
 
-    return [a.pid for a in list_actors(filters=[("class_name", "=", f"ServeReplica:lumiere:{cls}"),
-                                                ("state", "=", "ALIVE")])]
+    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["name"].startswith(f"SERVE_REPLICA::lumiere#{cls}#")]
+
+
+def _kill_replica(name: str) -> None:
+    """Force-kill the replica's worker process (ray.kill: no graceful shutdown, no __del__), as a crash or an
+    OOM kill would."""
+    import ray
+
+    ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
 
 
 @pytest.mark.timeout(300)
-def test_sigkilled_ingress_replica_its_job_is_taken_over_and_completes_once(server):
-    """SIGKILL the Ingress replica while it runs a job: Serve starts a new replica, whose sweep sees the dead
+def test_killed_ingress_replica_its_job_is_taken_over_and_completes_once(server):
+    """Kill the Ingress replica while it runs a job: Serve starts a new replica, whose sweep sees the dead
     owner's heartbeat stop and re-queues the job; it then runs again and completes, once."""
-    import signal
-
     from lumiere.video import decode_mp4_bytes
 
     job = server.http.post("/v1/videos", data={"prompt": "survive", "num_inference_steps": "120"}).json()
@@ -608,18 +684,12 @@ def test_sigkilled_ingress_replica_its_job_is_taken_over_and_completes_once(serv
     while (v := server.http.get(f"/v1/videos/{job['id']}").json())["progress"] < 2:
         assert time.time() < deadline, v
         time.sleep(0.1)
-    (pid,) = _replica_pids("Ingress")
+    (replica,) = _replicas("Ingress")
     owner = server.store().get(job["id"]).owner
-    os.kill(pid, signal.SIGKILL)
+    _kill_replica(replica)
     deadline = time.time() + 120
-    while True:  # the replica really died and another one took its place
-        try:
-            pids = _replica_pids("Ingress")
-        except Exception:  # noqa: BLE001 - the state API may blip while the actor restarts
-            pids = []
-        if pids and pid not in pids:
-            break
-        assert time.time() < deadline, pids
+    while not ((now := _replicas("Ingress")) and replica not in now):  # it died and another one took its place
+        assert time.time() < deadline, now
         time.sleep(0.5)
     done = server.wait(job["id"], timeout=150)
     assert done["status"] == "completed", done
@@ -667,10 +737,8 @@ def test_a_job_whose_attempts_are_used_up_fails_cleanly_with_a_reason(server):
     while server.http.get(f"/v1/videos/{running['id']}").json()["status"] != "in_progress":
         assert time.time() < deadline
         time.sleep(0.2)
-    (pid,) = _replica_pids("Ingress")
-    import signal
-
-    os.kill(pid, signal.SIGKILL)
+    (replica,) = _replicas("Ingress")
+    _kill_replica(replica)
     failed = server.wait(running["id"], timeout=120)
     assert failed["status"] == "failed" and failed["error"]["code"] == "interrupted", failed
     assert "restarted or crashed" in failed["error"]["message"]
@@ -694,3 +762,82 @@ def test_cli_serve_bad_input_is_one_line_exit_2(tmp_path):
         assert proc.returncode == 2 and says in proc.stderr and "pw123" not in proc.stderr, proc.stderr
         assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
+
+
+def _start_lumiere_serve(port: int, db_url: str, data: str, log) -> subprocess.Popen:
+    env = dict(os.environ, LUMIERE_API_KEYS=f"{KEY} acme", RAY_ADDRESS="local",  # a Ray of its own, not the suite's
+               PYTHONPATH=os.getcwd())
+    return subprocess.Popen(
+        [sys.executable, "-m", "cli.main", "serve", "--random-init", "tiny", "--set", "stunet.conditional=true",
+         "--port", str(port), "--db-url", db_url, "--artifacts", os.path.join(data, "artifacts"),
+         "--data-dir", data], stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def _wait_up(base: str, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, "lumiere serve exited"
+        try:
+            if httpx.get(base + "/healthz", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise AssertionError("lumiere serve did not come up")
+
+
+def _kill_session(proc: subprocess.Popen) -> None:
+    """SIGKILL the process and everything in its session (its Ray): what a lost pod or node looks like."""
+    import signal
+
+    sid = proc.pid
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(sid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    out = subprocess.run(["ps", "-eo", "pid=,sid="], capture_output=True, text=True).stdout.split("\n")
+    for line in out:  # Ray daemons that left the process group but stayed in the session
+        parts = line.split()
+        if len(parts) == 2 and int(parts[1]) == sid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(parts[0]), signal.SIGKILL)
+
+
+@pytest.mark.timeout(900)
+def test_sigkilled_lumiere_serve_restarted_on_the_same_postgres_resumes_its_job(postgres_server, tmp_path):
+    """`lumiere serve` on PostgreSQL, SIGKILLed (with its Ray) mid-job and started again on the same database: the
+    completed video is still served, and the interrupted job is re-queued by the new server and completes."""
+    url = postgres_server.create_database(f"serve_{os.urandom(4).hex()}")
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    http = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    with open(tmp_path / "serve-1.log", "wb") as log:
+        proc = _start_lumiere_serve(port, url, str(tmp_path), log)
+        try:
+            _wait_up(base, proc)
+            done = http.post("/v1/videos", data={"prompt": "kept", "num_inference_steps": "2"}).json()
+            deadline = time.time() + 120
+            while http.get(f"/v1/videos/{done['id']}").json()["status"] != "completed":
+                assert time.time() < deadline
+                time.sleep(0.3)
+            running = http.post("/v1/videos", data={"prompt": "interrupted", "num_inference_steps": "200"}).json()
+            while http.get(f"/v1/videos/{running['id']}").json()["progress"] < 2:
+                assert time.time() < deadline
+                time.sleep(0.2)
+        finally:
+            _kill_session(proc)
+    assert proc.returncode == -9  # it was really killed, not shut down
+    from serve.jobs import JobStore
+
+    assert JobStore(url).get(running["id"]).status == "in_progress"  # left behind by the dead server
+    with open(tmp_path / "serve-2.log", "wb") as log:
+        proc = _start_lumiere_serve(port, url, str(tmp_path), log)
+        try:
+            _wait_up(base, proc)
+            assert http.get(f"/v1/videos/{done['id']}/content").status_code == 200
+            deadline = time.time() + 300
+            while (v := http.get(f"/v1/videos/{running['id']}").json())["status"] != "completed":
+                assert v["status"] in ("queued", "in_progress") and time.time() < deadline, v
+                time.sleep(0.5)
+            assert JobStore(url).get(running["id"]).attempts == 2
+        finally:
+            _kill_session(proc)

@@ -39,7 +39,7 @@ class IngestConfig(BaseModel):
     min_clip_score: float | None = None  # low_clip_score: CLIP text–keyframe cosine below; null disables
     missing_caption: Literal["reject", "keep"] = "reject"
     decode_timeout_s: float = Field(120.0, ge=0)  # per file; 0 decodes in-process without a timeout
-    max_file_bytes: int = Field(8 * 2**30, ge=1)  # larger inputs are rejected as unreadable (too large)
+    max_file_bytes: int = Field(8 * 2**30, ge=1)  # larger inputs are rejected as too_large
     extensions: tuple[str, ...] = VIDEO_EXTENSIONS
     # text/image encoder: must be the one the models train with (its fingerprint goes into the manifest)
     encoder_from: str | None = "small"  # take `text` from this Lumiere config (tiny/small/base/…)

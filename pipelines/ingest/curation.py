@@ -33,6 +33,8 @@ REASONS = {
     "too_small": "shorter side below min_side pixels",
     "too_short": "shot shorter than one clip (clip_frames at fps)",
     "no_caption": "no caption found (missing_caption: reject)",
+    "bad_caption": "the caption file beside the video is not UTF-8 text / a JSON object with a caption",
+    "too_large": "file bigger than max_file_bytes",
     "static": "motion score below static_threshold",
     "black": "most frames are black",
     "blank": "most frames are a single flat colour",

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import PurePosixPath
 
 import pyarrow.parquet as pq
@@ -35,14 +36,32 @@ def _read_sidecar(uri: str, options: StorageOptions) -> dict[str, str]:
         raise ValueError(f"captions file {uri} needs columns 'path' and 'caption' (missing {e})") from None
 
 
-def _caption_beside(video_uri: str, files: set[str], options: StorageOptions) -> str | None:
+def _caption_beside(video_uri: str, files: set[str], options: StorageOptions) -> tuple[str | None, str | None]:
+    """(caption, None), or (None, why the caption file beside the video cannot be used): a bad sidecar is that
+    one video's reject (`bad_caption`), never the whole run's failure."""
     stem = video_uri.rsplit(".", 1)[0]
-    if stem + ".txt" in files:
-        return storage.read_bytes(stem + ".txt", options).decode("utf-8").strip()
-    if stem + ".json" in files:
-        doc = json.loads(storage.read_bytes(stem + ".json", options))
-        return str(doc.get("caption", "")).strip() if isinstance(doc, dict) else None
-    return None
+    for ext in (".txt", ".json"):
+        if stem + ext not in files:
+            continue
+        name = PurePosixPath(stem + ext).name
+        try:
+            data = storage.read_bytes(stem + ext, options)
+        except OSError as e:
+            return None, f"cannot read {name}: {e}"
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            return None, f"{name} is not UTF-8 text (byte {e.start}); re-save it as UTF-8"
+        if ext == ".txt":
+            return text.strip(), None
+        try:
+            doc = json.loads(text)
+        except ValueError as e:
+            return None, f"{name} is not valid JSON ({e}); it must be an object with a \"caption\" string"
+        if not isinstance(doc, dict) or not isinstance(doc.get("caption", ""), str):
+            return None, f"{name} must be a JSON object with a \"caption\" string"
+        return doc.get("caption", "").strip(), None
+    return None, None
 
 
 def list_inputs(input_uri: str, captions_uri: str | None, cfg: IngestConfig,
@@ -55,15 +74,24 @@ def list_inputs(input_uri: str, captions_uri: str | None, cfg: IngestConfig,
     # with the raw argument, a relative --input matched no sidecar path and every file was "no_caption"
     resolved = storage.resolve(input_uri, options)[1]
     root = ("s3://" + resolved if storage.is_s3(input_uri) else resolved).rstrip("/")
-    files, skipped = [], 0
-    for uri, size in listing:
-        if not uri.lower().endswith(tuple(e.lower() for e in cfg.extensions)):
-            skipped += 1
-            continue
+    videos = [(u, s) for u, s in listing if u.lower().endswith(tuple(e.lower() for e in cfg.extensions))]
+    skipped = len(listing) - len(videos)
+    captions = []
+    for uri, _ in videos:
         rel = uri[len(root) + 1:] if uri.startswith(root + "/") else PurePosixPath(uri).name
-        caption = sidecar.get(rel, sidecar.get(uri, sidecar.get(PurePosixPath(uri).name)))
-        if caption is None:
-            caption = _caption_beside(uri, names, options)
-        files.append({"source": uri, "size": int(size), "caption": caption or "",
-                      "has_caption": bool(caption)})
+        captions.append(sidecar.get(rel, sidecar.get(uri, sidecar.get(PurePosixPath(uri).name))))
+    # the captions beside the videos: one GET each, so many in flight (a serial loop was minutes per 10k on S3)
+    need = [i for i, c in enumerate(captions) if c is None]
+    errors: dict[int, str] = {}
+    with ThreadPoolExecutor(max_workers=32) as pool:
+        found = pool.map(lambda i: _caption_beside(videos[i][0], names, options), need)
+        for i, (caption, error) in zip(need, found, strict=True):
+            captions[i] = caption
+            if error:
+                errors[i] = error
+    files = []
+    for i, ((uri, size), caption) in enumerate(zip(videos, captions, strict=True)):
+        row = {"source": uri, "size": int(size), "caption": caption or "", "has_caption": bool(caption),
+               "caption_error": errors.get(i, "")}
+        files.append(row)
     return files, skipped

@@ -73,8 +73,11 @@ def _candidates(row: dict, cfg: IngestConfig, options: StorageOptions) -> list[d
     fid = file_id(source)
     whole_file = f"{fid}-file"
     if row["size"] > cfg.max_file_bytes:
-        return [_reject_row(source, whole_file, "unreadable",
-                            f"file is {row['size']} bytes, over max_file_bytes={cfg.max_file_bytes}")]
+        return [_reject_row(source, whole_file, "too_large",
+                            f"file is {row['size']} bytes, over max_file_bytes={cfg.max_file_bytes} (raise it with "
+                            "--set max_file_bytes=N)")]
+    if row.get("caption_error"):
+        return [_reject_row(source, whole_file, "bad_caption", row["caption_error"])]
     if not row["has_caption"] and cfg.missing_caption == "reject":
         return [_reject_row(source, whole_file, "no_caption",
                             "no caption in the sidecar nor a .txt/.json beside the video")]
@@ -86,7 +89,10 @@ def _candidates(row: dict, cfg: IngestConfig, options: StorageOptions) -> list[d
         try:
             meta = probe(path)
             if min(meta.width, meta.height) < cfg.min_side:
-                raise Reject("too_small", f"{meta.width}x{meta.height} is below min_side={cfg.min_side}")
+                short = min(meta.width, meta.height)
+                raise Reject("too_small", f"{meta.width}x{meta.height} is below min_side={cfg.min_side}; to keep "
+                             f"sources this small: --set min_side={short} --set size={min(short, cfg.size)} "
+                             "--set hr_size=null")
             short_side = max(cfg.size, cfg.hr_size or 0)
             frames, src_fps, _ = decode_with_timeout(path, cfg.fps, short_side, cfg.decode_timeout_s,
                                                    cfg.codec_threads, (meta.width, meta.height))
