@@ -74,6 +74,43 @@ def test_guidance_combines_conditional_and_null_predictions():
     assert torch.equal(seen[0], torch.tensor([0.5, 0.0]))  # one batch: [cond; null]
 
 
+def test_a_negative_prompt_replaces_the_null_condition_in_guidance(tiny_cfg):
+    """The negative prompt's features are the guidance's other half ([cond; negative]); guiding a prompt away from
+    itself leaves the conditional prediction, so the result equals unguided sampling."""
+    seen = []
+
+    def model(x, t, context, pooled):
+        seen.append(pooled[:, 0].clone())
+        return pooled[:, :1, None, None].expand_as(x)
+
+    sched = sampling_scheduler(tiny_cfg.diffusion, "ddim", 1)
+    cond = Conditioning(torch.ones(1, 2, 32), torch.full((1, 32), 0.5))
+    sample(model, torch.zeros(1, 3, 4, 4), sched, cond, guidance_scale=3.0,
+           uncond=Conditioning(torch.ones(1, 2, 32), torch.full((1, 32), -0.25)))
+    assert torch.equal(seen[0], torch.tensor([0.5, -0.25]))
+    gen = TextToVideo.random_init(tiny_cfg)
+    perturb_(gen.model.prior, std=0.02)
+    p = "a red square moving right"
+    plain = gen.generate([p], seed=3, steps=3, guidance_scale=1.0).videos
+    self_negative = gen.generate([p], seed=3, steps=3, guidance_scale=4.0, negative_prompt=p).videos
+    other_negative = gen.generate([p], seed=3, steps=3, guidance_scale=4.0, negative_prompt="blurry").videos
+    assert np.abs(plain.astype(int) - self_negative.astype(int)).max() <= 1  # g * (c - c) = 0 (rounding aside)
+    assert not np.array_equal(self_negative, other_negative)
+
+
+def test_the_style_cache_keeps_at_most_its_size(tiny_cfg, tmp_path, monkeypatch):
+    """Each cached style is a whole model copy: least recently used first out."""
+    import lumiere.style
+
+    gen = TextToVideo.random_init(tiny_cfg)
+    gen.style_cache_size = 2
+    monkeypatch.setattr(lumiere.style, "load_style", lambda path: ({}, {}))
+    monkeypatch.setattr(lumiere.style, "interpolate_prior", lambda model, state, strength, fp: torch.nn.Identity())
+    for name in ("a", "b", "a", "c"):
+        gen.styled(tmp_path / name, 1.0)
+    assert [k[0] for k in gen._styled] == [str(tmp_path / "a"), str(tmp_path / "c")]  # b was least recent
+
+
 @pytest.mark.parametrize("sampler", ["ddim", "dpmsolver++", "ddpm"])
 def test_sampling_is_bit_identical_for_a_seed(tiny_cfg, sampler):
     gen = TextToVideo.random_init(tiny_cfg)
