@@ -123,6 +123,28 @@ def test_rerun_is_a_no_op(built, ingested, ray_session):
     assert sorted(p.name for p in (out / "shards").iterdir()) == before
 
 
+def test_resume_with_a_different_config_is_refused_naming_the_keys(built, ingested):
+    """A re-run with other settings used to skip the done files and write its config into the manifest over the old
+    shards (so training's encoder check passed on mismatched embeddings)."""
+    from lumiere.errors import LumiereError
+
+    root, _ = built
+    out, _, _ = ingested
+    manifest = (out / "manifest.json").read_bytes()
+    with pytest.raises(LumiereError) as e:
+        run_ingest(str(root / "videos"), str(out), str(root / "captions.jsonl"),
+                   load_ingest_config(None, [*OVERRIDES, "fps=8", "cut_threshold=0.3"]))
+    msg = str(e.value)
+    assert "fps: 16.0 -> 8.0" in msg and "cut_threshold: 0.5 -> 0.3" in msg and "new --output" in msg, msg
+    assert "\n" not in msg and (out / "manifest.json").read_bytes() == manifest  # nothing was touched
+    with pytest.raises(LumiereError, match="--captions"):
+        run_ingest(str(root / "videos"), str(out), None, load_ingest_config(None, OVERRIDES))
+    # how the work is spread is not part of it: a resume may change it
+    report = run_ingest(str(root / "videos"), str(out), str(root / "captions.jsonl"),
+                        load_ingest_config(None, [*OVERRIDES, "embed_batch_size=8", "decode_files_per_task=1"]))
+    assert report["this_run"]["clips_written"] == 0
+
+
 def _fingerprint(out: Path) -> list[tuple[str, str]]:
     """(clip id, frames hash) per clip row, sorted: a clip written twice appears twice (a dict would hide it)."""
     rows, _ = _clips(out)

@@ -85,6 +85,41 @@ def _clean_temp_files(output_uri: str, options: StorageOptions) -> None:
                     os.unlink(os.path.join(root, name))
 
 
+# how the work is spread, not what it produces: a resume may change these freely
+_PERFORMANCE_KEYS = {"shard_clips", "embed_batch_size", "embed_actors", "embed_num_gpus", "decode_num_cpus",
+                     "codec_threads", "decode_files_per_task"}
+RUN_CONFIG = "ingest-config.json"
+
+
+def _output_config(cfg: IngestConfig) -> dict:
+    return {k: v for k, v in cfg.model_dump(mode="json").items() if k not in _PERFORMANCE_KEYS}
+
+
+def check_resume_config(output_uri: str, cfg: IngestConfig, options: StorageOptions, captions_uri: str | None) -> None:
+    """The output's clips were made with one config: record it before the first part is written, and refuse a
+    resume whose config differs in anything that changes the clips (a one-line error naming the keys), so new
+    shards never mix with old ones under a manifest that describes only the new config."""
+    want = {"config": _output_config(cfg), "captions": captions_uri}
+    record_uri = storage.join(output_uri, RUN_CONFIG)
+    have = None
+    if storage.exists(record_uri, options):
+        have = json.loads(storage.read_bytes(record_uri, options))
+    elif storage.exists(storage.join(output_uri, "manifest.json"), options):  # made before the record existed
+        old = json.loads(storage.read_bytes(storage.join(output_uri, "manifest.json"), options))
+        have = {"config": {k: v for k, v in (old.get("config") or {}).items() if k not in _PERFORMANCE_KEYS},
+                "captions": old.get("captions")}
+    if have is None:
+        storage.write_bytes(record_uri, json.dumps(want, indent=2).encode(), options)
+        return
+    old, new = have["config"], want["config"]
+    diff = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    if have.get("captions") != want["captions"]:
+        diff.append(f"--captions: {have.get('captions')!r} -> {want['captions']!r}")
+    if diff:
+        raise LumiereError(f"{output_uri} holds clips made with a different ingest config ({'; '.join(diff)}); "
+                           "resume with the same settings, or write to a new --output")
+
+
 def _init_ray(address: str | None):
     import logging
 
@@ -149,6 +184,7 @@ def run_ingest(input_uri: str, output_uri: str, captions_uri: str | None = None,
         raise LumiereError(str(e)) from None
     if not files:
         raise LumiereError(f"no video files ({', '.join(cfg.extensions)}) under {input_uri}")
+    check_resume_config(output_uri, cfg, options, captions_uri)
     _clean_temp_files(output_uri, options)
     committed = scan_committed(output_uri, options)
     todo = []
