@@ -123,6 +123,25 @@ def test_rerun_is_a_no_op(built, ingested, ray_session):
     assert sorted(p.name for p in (out / "shards").iterdir()) == before
 
 
+def test_a_retried_write_task_overwrites_its_part_instead_of_duplicating_it(tmp_path):
+    """Ray retries a write task whose worker died after the write: the same batch gets the same part name."""
+    from lumiere.storage import StorageOptions
+    from pipelines.ingest.stage4_write import write_shard
+
+    def batch(ids):
+        n = len(ids)
+        return {"status": np.array(["reject"] * n), "clip_id": np.array(ids), "source": np.array(["s.mp4"] * n),
+                "file_id": np.array(["f"] * n), "file_candidates": np.array([n] * n),
+                "reason": np.array(["static"] * n), "detail": np.array(["d"] * n), "num_frames": np.array([0] * n)}
+
+    for _ in range(3):  # the first attempt and two retries
+        write_shard(batch(["c2", "c1"]), str(tmp_path), StorageOptions())
+    write_shard(batch(["c3"]), str(tmp_path), StorageOptions())  # other clips: a part of their own
+    parts = sorted((tmp_path / "rejects").glob("part-*.parquet"))
+    ids = [i for p in parts for i in pq.read_table(p)["clip_id"].to_pylist()]
+    assert len(parts) == 2 and sorted(ids) == ["c1", "c2", "c3"], (parts, ids)
+
+
 def test_resume_with_a_different_config_is_refused_naming_the_keys(built, ingested):
     """A re-run with other settings used to skip the done files and write its config into the manifest over the old
     shards (so training's encoder check passed on mismatched embeddings)."""

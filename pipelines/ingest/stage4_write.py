@@ -5,9 +5,9 @@ reads it with `pipelines.train.shards`, which checks `SCHEMA_VERSION` through th
 
 from __future__ import annotations
 
+import hashlib
 import io
 import time
-import uuid
 
 import numpy as np
 import pyarrow as pa
@@ -86,7 +86,10 @@ def write_shard(batch: dict[str, np.ndarray], output_uri: str, options: StorageO
     """Write the batch's accepted clips as one shard and its rejects as one part; each file atomically.
     Returns one summary row per written file (what the driver counts for progress)."""
     statuses = np.asarray(batch["status"])
-    name = f"part-{uuid.uuid4().hex[:16]}.parquet"
+    # named by its content: a task Ray retries writes the same batch under the same name, so it overwrites its own
+    # earlier (possibly committed) part instead of adding a second copy of every clip
+    ids = sorted(str(c) for c in np.asarray(batch["clip_id"]).tolist())
+    name = f"part-{hashlib.sha256(chr(0).join(ids).encode()).hexdigest()[:20]}.parquet"
     summary = {"kind": [], "path": [], "rows": [], "frames": [], "sources": []}
     for kind, schema, mask in (("shard", CLIP_SCHEMA, statuses == "ok"),
                                ("rejects", REJECT_SCHEMA, statuses != "ok")):
