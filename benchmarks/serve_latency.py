@@ -7,6 +7,8 @@ For each `--config` (default tiny and small, CPU):
                  mp4 + thumbnail + spritesheet encode and write, polling granularity)
   serve xC    `--clients` clients submitting back to back for `--duration` s: throughput (completed jobs/s),
               latency p50/p95, refused (429/503) count
+  each Serve measurement once per `--max-batch-size` (default 1 and 4): 1 runs every job in its own sampler call,
+  4 lets up to 4 queued compatible jobs share one (the ingress batches what waits in the job store)
 Everything for one config runs in one Ray/Serve instance started here, so the numbers sit side by side.
 
     python benchmarks/serve_latency.py                                   # tiny + small, 20 steps, CPU
@@ -72,7 +74,8 @@ def one_job(http, steps: int, i: int) -> tuple[float, str]:
         time.sleep(0.05)
 
 
-def serve_runs(config: str, steps: int, repeats: int, clients: int, duration: float, device: str) -> dict:
+def serve_runs(config: str, steps: int, repeats: int, clients: int, duration: float, device: str,
+               max_batch_size: int = 4) -> dict:
     import httpx
     import ray
     from ray import serve
@@ -85,7 +88,8 @@ def serve_runs(config: str, steps: int, repeats: int, clients: int, duration: fl
         ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"random_init": config, "data_dir": data, "no_auth": True, "device": device,
-                         "max_pending_jobs": 4 * clients, "max_steps": 1000,
+                         "max_pending_jobs": 4 * clients, "max_active_jobs_per_tenant": 4 * clients,
+                         "max_steps": 1000, "max_batch_size": max_batch_size,
                          "deployments": {"Generator": {"autoscaling_config": {"min_replicas": 1,
                                                                               "max_replicas": 1}}}}),
               name="lumiere", route_prefix="/")
@@ -131,6 +135,7 @@ def main() -> None:
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--duration", type=float, default=30.0)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--max-batch-size", type=int, action="append", help="repeatable; default 1 and 4")
     a = p.parse_args()
     os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")
     print(f"# serve_latency: {' '.join(sys.argv[1:]) or '(defaults)'}; {platform.node()} "
@@ -138,18 +143,19 @@ def main() -> None:
     rows = []
     for config in a.config or ["tiny", "small"]:
         d = direct(config, a.steps, a.repeats, a.device)
-        s = serve_runs(config, a.steps, a.repeats, a.clients, a.duration, a.device)
-        rows.append((config, d, s))
-        print(f"{config}: direct p50 {pct(d, .5):.3f}s | serve x1 p50 {pct(s['single'], .5):.3f}s "
-              f"p95 {pct(s['single'], .95):.3f}s | load x{a.clients}: {s['completed']} completed in "
-              f"{s['wall']:.1f}s, refused {s['refused']}, failed {s['failed']}", flush=True)
+        for mb in a.max_batch_size or [1, 4]:
+            s = serve_runs(config, a.steps, a.repeats, a.clients, a.duration, a.device, mb)
+            rows.append((config, mb, d, s))
+            print(f"{config} batch<={mb}: direct p50 {pct(d, .5):.3f}s | serve x1 p50 {pct(s['single'], .5):.3f}s "
+                  f"p95 {pct(s['single'], .95):.3f}s | load x{a.clients}: {s['completed']} completed in "
+                  f"{s['wall']:.1f}s, refused {s['refused']}, failed {s['failed']}", flush=True)
     print()
-    print(f"| config | direct p50 / p95 (s) | Serve, 1 client p50 / p95 (s) | Serve overhead p50 | "
+    print(f"| config | max batch | direct p50 / p95 (s) | Serve, 1 client p50 / p95 (s) | Serve overhead p50 | "
           f"{a.clients} clients: jobs/s | {a.clients} clients p50 / p95 (s) | refused / failed |")
-    print("|---|---|---|---|---|---|---|")
-    for config, d, s in rows:
+    print("|---|---|---|---|---|---|---|---|")
+    for config, mb, d, s in rows:
         overhead = pct(s["single"], .5) - pct(d, .5)
-        print(f"| {config} | {pct(d, .5):.3f} / {pct(d, .95):.3f} | {pct(s['single'], .5):.3f} / "
+        print(f"| {config} | {mb} | {pct(d, .5):.3f} / {pct(d, .95):.3f} | {pct(s['single'], .5):.3f} / "
               f"{pct(s['single'], .95):.3f} | +{overhead:.3f} s ({pct(s['single'], .5) / pct(d, .5):.2f}×) | "
               f"{s['completed'] / s['wall']:.2f} | {pct(s['load'], .5):.2f} / {pct(s['load'], .95):.2f} | "
               f"{s['refused']} / {s['failed']} |")

@@ -57,7 +57,7 @@ DEFAULT_STRENGTH = 0.6
 class GenerationResult:
     videos: np.ndarray  # b t h w c uint8
     fps: float
-    seed: int
+    seed: int | list[int]
     notes: list[str] = field(default_factory=list)  # how inputs were adapted (resized, trimmed)
 
 
@@ -199,10 +199,13 @@ class TextToVideo:
         steps: int | None = None,
         guidance_scale: float | None = None,
         sampler: str | None = None,
-        seed: int = 0,
+        seed: int | list[int] = 0,
         callback: Callable[[int, int], None] | None = None,
         negative_prompt: str | None = None,
     ) -> GenerationResult:
+        """`seed`: one for the batch, or one per prompt (each sample's starting noise drawn from its own seed, so a
+        prompt batched with others starts from the same noise as alone; with a deterministic sampler (ddim,
+        dpmsolver++) its video is then the same up to float rounding)."""
         cfg = self.cfg
         if task not in TASKS:
             raise LumiereError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
@@ -225,8 +228,15 @@ class TextToVideo:
         self.model.check_frames(frames)
         b, size, notes = len(prompts), cfg.video.size, []
         scheduler = sampling_scheduler(cfg.diffusion, sampler or cfg.sample.sampler, steps or cfg.sample.steps)
-        generator = torch.Generator().manual_seed(seed)
-        noise = torch.randn((b, 3, frames, size, size), generator=generator)
+        seeds = [int(seed)] if isinstance(seed, (int, np.integer)) else [int(x) for x in seed]
+        if len(seeds) not in (1, b):
+            raise LumiereError(f"give one seed, or one per prompt ({b}); got {len(seeds)}")
+        generator = torch.Generator().manual_seed(seeds[0])
+        if len(seeds) == 1:
+            noise = torch.randn((b, 3, frames, size, size), generator=generator)
+        else:
+            noise = torch.cat([torch.randn((1, 3, frames, size, size), generator=torch.Generator().manual_seed(x))
+                               for x in seeds])
         cm, start, prefix, k = None, 0, None, 0
         if task == "t2v" and self.conditional:
             cm = t2v_condition(1, frames, size, size)

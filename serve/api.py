@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import logging
 import math
 import random
@@ -54,7 +55,8 @@ class Settings:
     no_auth: bool = False
     max_pending_jobs: int = 32  # queued + in_progress over all replicas and tenants; more -> 429
     max_active_jobs_per_tenant: int = 8  # queued + in_progress of one tenant; more -> 429 for that tenant only
-    max_jobs_per_replica: int = 4  # jobs one ingress replica runs at once (the Generator queues the rest)
+    max_jobs_per_replica: int = 4  # sampler calls one ingress replica runs at once (the Generator queues the rest)
+    max_batch_size: int = 4  # queued t2v jobs with the same settings share one sampler call (1: never batch)
     max_attempts: int = 2  # a job whose replica died is re-queued until it has been claimed this often
     job_timeout_s: float = 1800.0  # a job running longer is stopped and failed with code `timeout`
     claim_interval_s: float = 0.5  # how often an idle runner looks for queued jobs
@@ -181,10 +183,12 @@ class Ingress:
         while True:
             try:
                 while len(self.running) < self.s.max_jobs_per_replica:
-                    job = await asyncio.to_thread(self.store.claim, self.owner)
-                    if job is None:
+                    jobs = await asyncio.to_thread(self.store.claim_batch, self.owner, max(1, self.s.max_batch_size))
+                    if not jobs:
                         break
-                    self.running[job.id] = loop.create_task(self._execute(job))
+                    task = loop.create_task(self._execute(jobs))
+                    for job in jobs:
+                        self.running[job.id] = task
             except Exception:  # noqa: BLE001 - the DB may blip; try again next round
                 log.exception("claiming jobs failed")
             self._wake.clear()
@@ -491,7 +495,7 @@ class Ingress:
             await asyncio.to_thread(self.artifacts.put, job_id, INPUT_NAMES[name], data)
         try:
             job, created = await asyncio.to_thread(
-                self.store.create, job_id=job_id, params=params, tenant=tenant,
+                self.store.create, job_id=job_id, params=params, tenant=tenant, batch_key=self._batch_key(run),
                 remixed_from_video_id=source_id if endpoint == "remix" else None, idempotency_key=idem,
                 request_hash=fingerprint, max_active=self.s.max_pending_jobs,
                 max_active_per_tenant=self.s.max_active_jobs_per_tenant, **columns)
@@ -511,6 +515,16 @@ class Ingress:
         if created:
             self._wake.set()
         return job, created
+
+    def _batch_key(self, run: dict) -> str | None:
+        """Jobs with equal keys can share one sampler call: text-to-video with the same length, steps, guidance and
+        output fps, no inputs, style, negative prompt or upsampling, and a deterministic sampler (so a job's video
+        does not depend on what it was batched with)."""
+        if self.s.max_batch_size <= 1 or run["task"] != "t2v" or run.get("inputs") or run.get("style") \
+                or run.get("negative_prompt") or run.get("upsample") or (self._info or {}).get("sampler") == "ddpm":
+            return None
+        return json.dumps({k: run.get(k) for k in ("task", "frames", "steps", "guidance_scale", "fps")},
+                          sort_keys=True)
 
     def _retry_of(self, earlier: Job, fingerprint: str | None) -> tuple[Job, bool]:
         if earlier.request_hash not in (None, fingerprint):
@@ -545,32 +559,39 @@ class Ingress:
         usage["peak_memory_mb"] = max(usage.get("peak_memory_mb", 0.0), float(result.get("peak_memory_mb", 0.0)))
         return result
 
-    async def _execute(self, job: Job) -> None:
-        status = "failed"
-        budget = self.s.job_timeout_s - (time.time() - (job.started_at or time.time()))
+    async def _execute(self, jobs: list[Job]) -> None:
+        """Run one job, or a batch of compatible ones in one sampler call; each ends completed or failed on its own
+        (a batch member that is cancelled meanwhile stays cancelled while the others finish)."""
+        statuses = {job.id: "failed" for job in jobs}
+        started = min(job.started_at or time.time() for job in jobs)
+        budget = self.s.job_timeout_s - (time.time() - started)
+
+        async def fail_all(code: str, message: str):
+            for job in jobs:
+                await asyncio.to_thread(self.store.fail, job.id, code, message, self.owner)
+
         try:
-            await asyncio.wait_for(self._run(job), timeout=max(1.0, budget))
-            status = "completed"
+            statuses = await asyncio.wait_for(self._run(jobs), timeout=max(1.0, budget))
         except Stopped:
-            status = "stopped"
+            statuses = dict.fromkeys(statuses, "stopped")
         except TimeoutError:
-            await asyncio.to_thread(self.store.fail, job.id, "timeout", f"the job ran longer than "
-                                    f"{self.s.job_timeout_s:g} s and was stopped", self.owner)
+            await fail_all("timeout", f"the job ran longer than {self.s.job_timeout_s:g} s and was stopped")
         except ApiError as e:
-            await asyncio.to_thread(self.store.fail, job.id, e.code or "invalid_request", e.message, self.owner)
+            await fail_all(e.code or "invalid_request", e.message)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001 - the job fails with a reason, the server stays up
-            log.exception("job %s failed", job.id)
+            log.exception("job(s) %s failed", [j.id for j in jobs])
             code = "server_busy" if type(e).__name__ == "BackPressureError" else "internal_error"
-            await asyncio.to_thread(self.store.fail, job.id, code, f"{type(e).__name__}: {str(e)[:500]}", self.owner)
+            await fail_all(code, f"{type(e).__name__}: {str(e)[:500]}")
         finally:
-            self.running.pop(job.id, None)
+            for job in jobs:
+                self.running.pop(job.id, None)
+                self.jobs_counter.inc(tags={"status": statuses.get(job.id, "failed"), "task": job.task})
+                if job.params.get("webhook_url"):
+                    asyncio.get_running_loop().create_task(self._notify(job.id))
             if self._wake is not None:
                 self._wake.set()
-            self.jobs_counter.inc(tags={"status": status, "task": job.task})
-            if job.params.get("webhook_url"):
-                asyncio.get_running_loop().create_task(self._notify(job.id))
 
     async def _notify(self, job_id: str) -> None:
         """The job's webhook, once it has ended (completed, failed, cancelled, timed out); the outcome is recorded
@@ -596,8 +617,12 @@ class Ingress:
             out[name] = self.decode_input(name, data)
         return out
 
-    async def _run(self, job: Job) -> None:
+    async def _run(self, jobs: list[Job]) -> dict[str, str]:
+        """-> {job id: "completed" | "stopped"}. One job, or a batch (same batch key: t2v with the same settings,
+        no inputs), which the Generator samples in one call with each job's own seed and prompt."""
+        job = jobs[0]
         run = dict(job.params["run"])
+        live = {j.id for j in jobs}  # the jobs this runner still holds
         last = [0.0, -1]
 
         async def progress(fraction: float):
@@ -605,8 +630,11 @@ class Ingress:
             now = time.monotonic()
             if pct != last[1] and (now - last[0] > 0.25 or pct >= 99):
                 last[0], last[1] = now, pct
-                if not await asyncio.to_thread(self.store.set_progress, job.id, pct, self.owner):
-                    raise Stopped(job.id)  # cancelled, timed out or handed to another replica
+                for j in list(live):
+                    if not await asyncio.to_thread(self.store.set_progress, j, pct, self.owner):
+                        live.discard(j)  # cancelled, timed out or handed to another replica
+                if not live:
+                    raise Stopped(job.id)  # nobody wants the result: stop sampling
 
         await progress(0.0)
         run.update(await asyncio.to_thread(self._load_inputs, job))
@@ -614,10 +642,12 @@ class Ingress:
             run["style"] = self._style_path(run["style"])
         notes: list[str] = []
         usage: dict[str, float] = {}
-        prompt, negative = run.pop("prompt"), run.pop("negative_prompt", None)
-        features = {prompt: await self.encoder.encode.remote(prompt)}
-        if negative:
-            features[negative] = await self.encoder.encode.remote(negative)
+        prompts = [j.params["run"]["prompt"] for j in jobs]
+        run.pop("prompt")
+        negative = run.pop("negative_prompt", None)
+        features = {}
+        for text in dict.fromkeys(prompts + ([negative] if negative else [])):
+            features[text] = await self.encoder.encode.remote(text)
         rounds = run.pop("rounds", 1)
         upsample = run.pop("upsample")
         out_fps = run.pop("fps", None)
@@ -625,33 +655,47 @@ class Ingress:
         run.pop("webhook_url", None)
         stages = rounds + (1 if upsample else 0)
         base = {k: v for k, v in run.items() if v is not None}
-        base.update(prompt=prompt, features=features, negative_prompt=negative)
-        video = base.get("video")
+        base.update(features=features, negative_prompt=negative)
+        if len(jobs) > 1:
+            base.update(prompts=prompts, seed=[j.params["run"]["seed"] for j in jobs])
+        else:
+            base["prompt"] = prompts[0]
+        videos = [base.get("video")]
         for r in range(rounds):
-            if video is not None:
-                base["video"] = video
+            if videos[0] is not None:
+                base["video"] = videos[0]
 
             def stage_progress(i, n, r=r):
                 return progress((r + i / max(n, 1)) / stages)
 
             result = await self._stream(self.generator, base, stage_progress, usage)
-            video, notes = result["video"], notes + result["notes"]
+            videos, notes = result["videos"] if len(jobs) > 1 else [result["video"]], notes + result["notes"]
         fps = result["fps"]
-        if upsample:
+        if upsample:  # never batched (batch keys exclude it)
             result = await self._stream(
-                self.upsampler, {"video": video, "prompt": prompt, "steps": run.get("steps"), "seed": run["seed"]},
+                self.upsampler, {"video": videos[0], "prompt": prompts[0], "steps": run.get("steps"),
+                                 "seed": run["seed"]},
                 lambda i, n: progress((rounds + i / max(n, 1)) / stages), usage)
-            video, notes = result["video"], notes + result["notes"]
+            videos, notes = [result["video"]], notes + result["notes"]
         fps = out_fps or fps
-        await asyncio.to_thread(self._write_outputs, job.id, video, fps)
-        params = {k: v for k, v in job.params.items() if k != "run"}
-        params.update(notes=notes, frames=int(len(video)), num_frames=int(len(video)), fps=fps,
-                      inference_time_s=round(usage.get("inference_time_s", 0.0), 3),
-                      peak_memory_mb=round(usage.get("peak_memory_mb", 0.0), 1), run=job.params["run"])
-        if not await asyncio.to_thread(self.store.complete, job.id, params, self.owner):
-            if await asyncio.to_thread(self.store.get, job.id) is None:  # deleted meanwhile: drop what we wrote
-                await asyncio.to_thread(self.artifacts.delete_job, job.id)
-            raise Stopped(job.id)  # cancelled or timed out at the last moment: it stays that way
+        statuses = {}
+        for j, video in zip(jobs, videos, strict=True):
+            if j.id not in live:
+                statuses[j.id] = "stopped"
+                continue
+            await asyncio.to_thread(self._write_outputs, j.id, video, fps)
+            params = {k: v for k, v in j.params.items() if k != "run"}
+            params.update(notes=notes, frames=int(len(video)), num_frames=int(len(video)), fps=fps,
+                          inference_time_s=round(usage.get("inference_time_s", 0.0), 3),
+                          peak_memory_mb=round(usage.get("peak_memory_mb", 0.0), 1), run=j.params["run"],
+                          batch_size=len(jobs))
+            if await asyncio.to_thread(self.store.complete, j.id, params, self.owner):
+                statuses[j.id] = "completed"
+            else:  # cancelled or timed out at the last moment: it stays that way
+                statuses[j.id] = "stopped"
+                if await asyncio.to_thread(self.store.get, j.id) is None:  # deleted meanwhile: drop what we wrote
+                    await asyncio.to_thread(self.artifacts.delete_job, j.id)
+        return statuses
 
     def _write_outputs(self, job_id: str, video: np.ndarray, fps: float) -> None:
         from PIL import Image

@@ -157,7 +157,7 @@ class GeneratorDeployment:
         g = self.gen
         return {"name": g.cfg.name, "frames": g.cfg.video.frames, "size": g.cfg.video.size, "fps": g.cfg.video.fps,
                 "conditional": g.conditional, "temporal_factor": int(g.model.temporal_factor),
-                "steps": g.cfg.sample.steps, "source": g.source}
+                "steps": g.cfg.sample.steps, "sampler": g.cfg.sample.sampler, "source": g.source}
 
     async def check_health(self) -> None:
         if self.gen.device.type == "cuda":  # a GPU that fell off the bus or hit an ECC error fails here
@@ -166,15 +166,23 @@ class GeneratorDeployment:
             torch.cuda.synchronize(self.gen.device)
 
     async def run(self, request: dict[str, Any]) -> AsyncIterator[dict]:
-        """request: `generate` keyword arguments plus `prompt` and `features` (from the TextEncoder)."""
+        """request: `generate` keyword arguments plus `prompt` (or `prompts` and one `seed` per prompt: a batch of
+        compatible jobs in one call) and `features` (from the TextEncoder, by prompt)."""
         request = dict(request)
-        prompt, features = request.pop("prompt"), request.pop("features", None)
+        prompts = request.pop("prompts", None)
+        batch = prompts is not None
+        prompts = prompts if batch else [request.pop("prompt")]
+        features = request.pop("features", None)
 
         def work(callback):
             with _Precomputed(self.gen, features):
-                result = self.gen.generate([prompt], callback=callback, **request)
-            return {"type": "result", "video": result.videos[0], "fps": result.fps, "seed": result.seed,
-                    "notes": list(result.notes)}
+                result = self.gen.generate(prompts, callback=callback, **request)
+            out = {"type": "result", "fps": result.fps, "seed": result.seed, "notes": list(result.notes)}
+            if batch:
+                out["videos"] = list(result.videos)
+            else:
+                out["video"] = result.videos[0]
+            return out
 
         async for event in _stream(work, self.stats):
             yield event

@@ -86,6 +86,7 @@ jobs_table = Table(
     Column("started_at", Integer),  # when the current attempt was claimed (the job timeout counts from here)
     Column("idempotency_key", String(255)),
     Column("request_hash", String(64)),  # of the request that made it: the same key with another body is refused
+    Column("batch_key", String(255)),  # jobs with the same key can share one sampler call (None: never batched)
     Index("ix_lumiere_video_jobs_tenant_seq", "tenant", "seq"),
     Index("ux_lumiere_video_jobs_idempotency", "tenant", "idempotency_key", unique=True),
 )
@@ -151,6 +152,7 @@ class Job:
     started_at: int | None = None
     idempotency_key: str | None = None
     request_hash: str | None = None
+    batch_key: str | None = None
 
     def to_openai(self) -> dict[str, Any]:
         """The OpenAI `video` object (plus a few Lumiere fields the SDK ignores)."""
@@ -278,7 +280,8 @@ class JobStore:
                params: dict[str, Any], tenant: str = "default", owner: str | None = None,
                remixed_from_video_id: str | None = None, idempotency_key: str | None = None,
                request_hash: str | None = None, max_active: int | None = None,
-               max_active_per_tenant: int | None = None, job_id: str | None = None) -> tuple[Job, bool]:
+               max_active_per_tenant: int | None = None, job_id: str | None = None,
+               batch_key: str | None = None) -> tuple[Job, bool]:
         """A new queued job -> (job, True); with an `idempotency_key` this tenant used before for the same request,
         (that job, False). Raises `LimitReached` when the tenant or the server is at its active-job ceiling (checked
         and inserted under one lock, so concurrent creates on many replicas cannot overshoot), and
@@ -291,7 +294,7 @@ class JobStore:
         job = Job(id=job_id or f"video_{uuid.uuid4().hex}", seq=time.time_ns(), created_at=int(now), status="queued",
                   progress=0, model=model, prompt=prompt, seconds=seconds, size=size, task=task, params=params,
                   remixed_from_video_id=remixed_from_video_id, owner=owner, tenant=tenant,
-                  idempotency_key=idempotency_key, request_hash=request_hash)
+                  idempotency_key=idempotency_key, request_hash=request_hash, batch_key=batch_key)
         try:
             with self._admission() as c:
                 active = jobs_table.c.status.in_(ACTIVE)
@@ -359,12 +362,15 @@ class JobStore:
             return int(c.execute(q).scalar_one())
 
     # --- execution ----------------------------------------------------------------------------------------------
-    def claim(self, owner: str) -> Job | None:
-        """The oldest queued job, now `in_progress` and held by `owner`; None when nothing is queued."""
+    def claim(self, owner: str, batch_key: str | None = None) -> Job | None:
+        """The oldest queued job (with `batch_key`: the oldest with that key), now `in_progress` and held by
+        `owner`; None when there is none."""
         for _ in range(8):  # SQLite: another replica may take the candidate between the read and the write
             with self.engine.begin() as c:
-                q = (select(jobs_table.c.id).where(jobs_table.c.status == "queued")
-                     .order_by(jobs_table.c.seq.asc()).limit(1))
+                q = select(jobs_table.c.id).where(jobs_table.c.status == "queued")
+                if batch_key is not None:
+                    q = q.where(jobs_table.c.batch_key == batch_key)
+                q = q.order_by(jobs_table.c.seq.asc()).limit(1)
                 if c.dialect.name == "postgresql":
                     q = q.with_for_update(skip_locked=True)
                 job_id = c.execute(q).scalar()
@@ -376,6 +382,20 @@ class JobStore:
             if got:
                 return self.get(job_id)
         return None
+
+    def claim_batch(self, owner: str, max_jobs: int) -> list[Job]:
+        """The oldest queued job and up to `max_jobs - 1` more queued jobs with its batch key (one sampler call can
+        run them together), all now held by `owner`; [] when nothing is queued."""
+        first = self.claim(owner)
+        if first is None:
+            return []
+        batch = [first]
+        while first.batch_key is not None and len(batch) < max_jobs:
+            more = self.claim(owner, first.batch_key)
+            if more is None:
+                break
+            batch.append(more)
+        return batch
 
     def _held(self, job_id: str, owner: str | None):
         cond = [jobs_table.c.id == job_id, jobs_table.c.status.in_(ACTIVE)]

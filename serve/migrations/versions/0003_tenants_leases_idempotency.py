@@ -1,6 +1,7 @@
 """Tenants, leases and idempotency: every job belongs to a tenant; a job is claimed by the replica that runs it
 (`owner`, with `attempts` and `started_at` for retries and the job timeout); an `Idempotency-Key` is unique per
-tenant, and `request_hash` tells a retry of the same request from a different one under the same key.
+tenant, and `request_hash` tells a retry of the same request from a different one under the same key;
+`batch_key` groups queued jobs that one sampler call can run together.
 
 Jobs made before tenants existed belong to the tenant named `default` (the tenant of a server without keys, and
 of any key the keys file names `default`).
@@ -24,6 +25,7 @@ def upgrade() -> None:
         batch.add_column(sa.Column("started_at", sa.Integer))
         batch.add_column(sa.Column("idempotency_key", sa.String(255)))
         batch.add_column(sa.Column("request_hash", sa.String(64)))
+        batch.add_column(sa.Column("batch_key", sa.String(255)))
     op.create_index("ix_lumiere_video_jobs_tenant_seq", "lumiere_video_jobs", ["tenant", "seq"])
     op.create_index("ux_lumiere_video_jobs_idempotency", "lumiere_video_jobs", ["tenant", "idempotency_key"],
                     unique=True)  # NULL keys never collide (SQL NULLs are distinct)
@@ -33,5 +35,5 @@ def downgrade() -> None:
     op.drop_index("ux_lumiere_video_jobs_idempotency", "lumiere_video_jobs")
     op.drop_index("ix_lumiere_video_jobs_tenant_seq", "lumiere_video_jobs")
     with op.batch_alter_table("lumiere_video_jobs") as batch:
-        for name in ("request_hash", "idempotency_key", "started_at", "attempts", "tenant"):
+        for name in ("batch_key", "request_hash", "idempotency_key", "started_at", "attempts", "tenant"):
             batch.drop_column(name)
