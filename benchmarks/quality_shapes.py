@@ -61,6 +61,38 @@ from lumiere.trainer import TrainStep, clips_to_model  # noqa: E402
 from lumiere.video import read_video  # noqa: E402
 
 
+class OracleDirectionEncoder(torch.nn.Module):
+    """A diagnostic, not a model: the config's text encoder, with the prompt's direction written into its features
+    as a one-hot code (added to the pooled embedding and to every token, at the features' own scale). Direction is
+    then as distinct to the model as a feature can be, so a model that still does not follow it is limited by its
+    motion layers or its budget, not by the text encoder (`--oracle-direction`)."""
+
+    def __init__(self, encoder: TextEncoder):
+        super().__init__()
+        self.encoder = encoder
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.encoder, name)
+
+    def encode_text(self, prompts: list[str]):
+        context, pooled = self.encoder.encode_text(prompts)
+        code = torch.zeros(len(prompts), len(DIRECTIONS))
+        for i, p in enumerate(prompts):
+            try:
+                code[i, list(DIRECTIONS).index(parse_caption(p)[0].direction)] = 1.0
+            except (ValueError, IndexError):
+                pass  # the null prompt and anything outside the vocabulary: no code
+        scale_p, scale_c = pooled.norm(dim=-1, keepdim=True).mean(), context.norm(dim=-1, keepdim=True).mean()
+        pooled = pooled.clone()
+        pooled[:, :len(DIRECTIONS)] += code * scale_p
+        context = context.clone()
+        context[:, :, :len(DIRECTIONS)] += code[:, None, :] * scale_c
+        return context, pooled
+
+
 def with_steps(cfg, steps: int):
     # the LR schedule decays over this run's steps, not the config's default max_steps
     return cfg.model_copy(update={"train": replace(cfg.train, max_steps=steps)})
@@ -236,6 +268,8 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="write every score here")
     ap.add_argument("--quick", action="store_true", help="smoke test: tiny config, 12 clips, 20 t2i steps, 1 seed")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="override for every model")
+    ap.add_argument("--oracle-direction", action="store_true",
+                    help="diagnostic: write each prompt's direction into the text features as a one-hot code")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=KEY=VALUE[,KEY=VALUE...]",
                     help="a temporal model to train, with its own overrides on top of --set (repeatable; "
                          "default: 'STUNet=' and 'fixed-temporal=stunet.temporal_resampling=false')")
@@ -261,6 +295,9 @@ def main() -> None:
                     seed=cfg.train.seed)
     clips, captions = load_corpus(corpus, cfg.video.frames)
     encoder = TextEncoder(cfg.text)
+    if args.oracle_direction:
+        encoder = OracleDirectionEncoder(encoder)
+        print("oracle: the prompts' direction is written into the text features (a diagnostic)", flush=True)
     cond = Conditioning(*encoder.encode_text(captions))
 
     t0 = time.perf_counter()
