@@ -102,25 +102,22 @@ def args_with_env(args: dict, environ: Mapping[str, str] | None = None) -> dict:
         raise LumiereError(f"device {device!r} (args.device, --device or LUMIERE_DEVICE): expected cpu or cuda")
     out["device"] = device
     if device.startswith("cuda"):
-        raw = out.get("num_gpus")
-        try:
-            num_gpus = 1.0 if raw in (None, "") else float(raw)
-        except (TypeError, ValueError):
-            num_gpus = -1.0
-        if not 0 < num_gpus <= 64:
-            raise LumiereError(f"num_gpus {raw!r} (args.num_gpus or LUMIERE_NUM_GPUS): expected a "
-                               "positive number of GPUs per model replica, e.g. 1 or 0.5")
-        out["num_gpus"] = int(num_gpus) if num_gpus.is_integer() else num_gpus
-        raw = out.get("encoder_num_gpus")
-        try:
-            enc = 0.25 if raw in (None, "") else float(raw)
-        except (TypeError, ValueError):
-            enc = -1.0
-        if not 0 < enc <= 64:
-            raise LumiereError(f"encoder_num_gpus {raw!r} (args.encoder_num_gpus or LUMIERE_ENCODER_NUM_GPUS): "
-                               "expected a positive number of GPUs per TextEncoder replica, e.g. 0.25")
-        out["encoder_num_gpus"] = int(enc) if enc.is_integer() else enc
+        out["num_gpus"] = _gpus(out, "num_gpus", 1.0, "model replica, e.g. 1 or 0.5")
+        out["encoder_num_gpus"] = _gpus(out, "encoder_num_gpus", 0.25, "TextEncoder replica, e.g. 0.25")
     return out
+
+
+def _gpus(args: dict, arg: str, default: float, per: str) -> float | int:
+    """A GPU count per replica from args/env: positive, at most 64; a whole number comes back as an int."""
+    raw = args.get(arg)
+    try:
+        n = default if raw in (None, "") else float(raw)
+    except (TypeError, ValueError):
+        n = -1.0
+    if not 0 < n <= 64:
+        raise LumiereError(f"{arg} {raw!r} (args.{arg} or {SETTING_ENV[arg]}): expected a positive number of GPUs "
+                           f"per {per}")
+    return int(n) if n.is_integer() else n
 
 
 def _entries(var: str) -> tuple[str, ...]:
