@@ -195,7 +195,7 @@ class Ingress:
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=self.s.claim_interval_s)
             except TimeoutError:
-                pass
+                pass  # nothing woke it: look for queued jobs again (another replica may have queued some)
 
     def __del__(self):  # a replica shut down cleanly (downscale, redeploy) hands its running jobs to the others
         try:

@@ -485,7 +485,7 @@ def test_webhooks_are_signed_per_tenant_on_completion_and_failure(server):
             self.end_headers()
 
         def log_message(self, *a):
-            pass
+            pass  # keep the receiver quiet in the test output
 
     hook = HTTPServer(("127.0.0.1", 0), Receiver)
     threading.Thread(target=hook.serve_forever, daemon=True).start()
@@ -808,7 +808,7 @@ def _wait_up(base: str, proc: subprocess.Popen, timeout: float = 240) -> None:
             if httpx.get(base + "/healthz", timeout=5).status_code == 200:
                 return
         except httpx.HTTPError:
-            pass
+            pass  # not listening yet: poll again
         time.sleep(1)
     raise AssertionError("lumiere serve did not come up")
 
