@@ -273,6 +273,9 @@ def main() -> None:
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=KEY=VALUE[,KEY=VALUE...]",
                     help="a temporal model to train, with its own overrides on top of --set (repeatable; "
                          "default: 'STUNet=' and 'fixed-temporal=stunet.temporal_resampling=false')")
+    ap.add_argument("--eval-at", default="", metavar="STEP,STEP,...",
+                    help="also score each model's EMA at these step counts on the way (a learning curve; each "
+                         "point costs one generation pass)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (default 1: on a shared 2-core machine, 2 OpenMP threads competing with "
                          "other processes ran 20-40x slower per step)")
@@ -334,26 +337,38 @@ def main() -> None:
     budget_s = None if args.steps is not None else args.minutes * 60
     trainers = {name: Trainer(name, m, c, "stunet", clips, cond, budgets[name], budget_s)
                 for name, (m, c) in models.items()}
+    prompts = eval_prompts(args.seeds)
+    results, all_rows = {}, {}
+    real = [score(v.numpy(), c) for v, c in zip(clips, captions, strict=True) if " and " not in c]
+    results["real corpus clips"] = {**summarise(real), "steps": None, "train_s": None, "gen_s": None}
+    eval_at = {int(s) for s in args.eval_at.split(",") if s.strip()}
+    eval_s = 0.0
+
+    def evaluate(label: str, tr: Trainer) -> None:
+        ema = tr.ema_model()
+        separation = text_separation(ema, encoder)
+        videos, gen_s = generate(ema, encoder, tr.cfg, prompts, args.batch)
+        rows = [score(v, p) for v, (p, _) in zip(videos, prompts, strict=True)]
+        all_rows[label] = rows
+        results[label] = {**summarise(rows), "steps": tr.step_fn.step, "train_s": tr.time_s, "gen_s": gen_s,
+                          "final_loss": tr.log[-1]["loss"] if tr.log else math.nan, **separation}
+        r = results[label]
+        print(f"  {label}: {len(videos)} videos in {gen_s:.0f}s: colour {r['color']:.0%} direction "
+              f"{r['direction']:.0%} on-track {r['on_track']:.0%}", flush=True)
+
     t0 = time.perf_counter()
     while not all(t.done() for t in trainers.values()):
         # whichever is furthest behind its own budget (as a fraction) steps next: all progress together
         t = min((t for t in trainers.values() if not t.done()), key=Trainer.progress)
         t.step()
-    train_wall = time.perf_counter() - t0
+        if t.step_fn.step in eval_at and not t.done():
+            e0 = time.perf_counter()
+            evaluate(f"{t.name} @ {t.step_fn.step}", t)
+            eval_s += time.perf_counter() - e0
+    train_wall = time.perf_counter() - t0 - eval_s
 
-    prompts = eval_prompts(args.seeds)
-    results, all_rows = {}, {}
-    real = [score(v.numpy(), c) for v, c in zip(clips, captions, strict=True) if " and " not in c]
-    results["real corpus clips"] = {**summarise(real), "steps": None, "train_s": None, "gen_s": None}
     for name, tr in trainers.items():
-        ema = tr.ema_model()
-        separation = text_separation(ema, encoder)
-        videos, gen_s = generate(ema, encoder, tr.cfg, prompts, args.batch)
-        rows = [score(v, p) for v, (p, _) in zip(videos, prompts, strict=True)]
-        all_rows[name] = rows
-        results[name] = {**summarise(rows), "steps": tr.step_fn.step, "train_s": tr.time_s, "gen_s": gen_s,
-                         "final_loss": tr.log[-1]["loss"] if tr.log else math.nan, **separation}
-        print(f"  {name}: generated {len(videos)} videos in {gen_s:.0f}s", flush=True)
+        evaluate(name, tr)
 
     print(f"\nt2i prior: {args.t2i_steps} steps in {t2i_s / 60:.1f} min; temporal models trained interleaved in "
           f"{train_wall / 60:.1f} min wall; total {(time.perf_counter() - t_start) / 60:.1f} min")
