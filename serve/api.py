@@ -131,6 +131,7 @@ class Ingress:
         self.owner = f"ingress-{uuid.uuid4().hex[:12]}"
         self.started_at = int(time.time())
         self.store.heartbeat(self.owner)
+        self._ended_by_sweep: list[str] = []
         self._sweep()
         self.running: dict[str, asyncio.Task] = {}
         _CURRENT["ingress"] = self
@@ -147,11 +148,13 @@ class Ingress:
             pass
 
     # --- background: heartbeat + sweep, and the job runner ----------------------------------------------------
-    def _sweep(self) -> dict[str, int]:
+    def _sweep(self) -> dict:
         counts = self.store.sweep(reason=self.reason, stale_after_s=self.s.stale_after_s,
                                   max_attempts=self.s.max_attempts, timeout_s=self.s.job_timeout_s, alive=self.owner)
         if any(counts.values()):
-            log.warning("job sweep: %s", counts)
+            log.warning("job sweep: %s", {k: v for k, v in counts.items() if k != "ended"})
+        # the jobs this sweep failed are this replica's to report (their webhooks): housekeeping sends them
+        self._ended_by_sweep.extend(counts["ended"])
         return counts
 
     def _ensure_background(self) -> None:
@@ -174,6 +177,8 @@ class Ingress:
                 await asyncio.to_thread(self.store.heartbeat, self.owner)
                 if (await asyncio.to_thread(self._sweep))["requeued"]:
                     self._wake.set()
+                while self._ended_by_sweep:
+                    asyncio.get_running_loop().create_task(self._notify(self._ended_by_sweep.pop()))
             except Exception:  # noqa: BLE001 - the DB may blip; try again next round
                 log.exception("job store housekeeping failed")
             await asyncio.sleep(max(0.5, self.s.stale_after_s / 4))

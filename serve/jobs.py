@@ -458,7 +458,8 @@ class JobStore:
         """Housekeeping any replica may run at any time: in-progress jobs whose owner stopped heart-beating for
         `stale_after_s` go back to the queue while they have attempts left (`attempts < max_attempts`), else fail
         with code `interrupted` and `reason`; jobs running past `timeout_s` fail with code `timeout`. `alive` (the
-        caller) is never stale. Returns the counts {"requeued", "interrupted", "timed_out"}."""
+        caller) is never stale. Returns the counts {"requeued", "interrupted", "timed_out"} and, as "ended", the ids
+        this call failed (exactly one sweep fails a job, so the caller may send its webhook)."""
         now = int(time.time())
         cutoff = int(now - stale_after_s)
         with self.engine.begin() as c:
@@ -470,13 +471,15 @@ class JobStore:
             requeued = c.execute(update(jobs_table).where(*orphan, jobs_table.c.attempts < max_attempts)
                                  .values(status="queued", owner=None, progress=0)).rowcount
             interrupted = c.execute(update(jobs_table).where(*orphan).values(
-                status="failed", completed_at=now, error={"code": "interrupted", "message": reason})).rowcount
-            timed_out = 0
+                status="failed", completed_at=now, error={"code": "interrupted", "message": reason})
+                .returning(jobs_table.c.id)).scalars().all()
+            timed_out = []
             if timeout_s is not None:
                 timed_out = c.execute(update(jobs_table).where(
                     jobs_table.c.status == "in_progress", jobs_table.c.started_at < now - timeout_s).values(
                     status="failed", completed_at=now,
                     error={"code": "timeout", "message": f"the job ran longer than {timeout_s:g} s and was stopped"})
-                ).rowcount
+                    .returning(jobs_table.c.id)).scalars().all()
             c.execute(delete(owners_table).where(owners_table.c.seen_at < cutoff - 3600))
-        return {"requeued": requeued, "interrupted": interrupted, "timed_out": timed_out}
+        return {"requeued": requeued, "interrupted": len(interrupted), "timed_out": len(timed_out),
+                "ended": [*interrupted, *timed_out]}

@@ -467,41 +467,62 @@ def test_top_level_generation_fields_of_other_video_servers(server):
         assert r.status_code == 400 and r.json()["error"]["param"] == param, (body, r.text)
 
 
+class _WebhookReceiver:
+    """A local HTTP endpoint that records every webhook delivery (headers, body) in order."""
+
+    def __init__(self):
+        from http.server import BaseHTTPRequestHandler, HTTPServer
+
+        self.received: list[tuple[dict, bytes]] = []
+        received = self.received
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["content-length"]))
+                received.append((dict(self.headers), body))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *a):
+                pass  # keep the receiver quiet in the test output
+
+        self.http = HTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.http.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.http.server_address[1]}/hook"
+
+    def wait_for(self, n: int, timeout: float = 60) -> None:
+        deadline = time.time() + timeout
+        while len(self.received) < n:
+            assert time.time() < deadline, self.received
+            time.sleep(0.2)
+
+    def events(self) -> list[dict]:
+        import json
+
+        return [json.loads(body) for _, body in self.received]
+
+    def close(self):
+        self.http.shutdown()
+
+
 @pytest.mark.timeout(180)
 def test_webhooks_are_signed_per_tenant_on_completion_and_failure(server):
     import base64
     import hashlib
     import hmac
     import json
-    from http.server import BaseHTTPRequestHandler, HTTPServer
 
-    received = []
-
-    class Receiver(BaseHTTPRequestHandler):
-        def do_POST(self):
-            body = self.rfile.read(int(self.headers["content-length"]))
-            received.append((dict(self.headers), body))
-            self.send_response(204)
-            self.end_headers()
-
-        def log_message(self, *a):
-            pass  # keep the receiver quiet in the test output
-
-    hook = HTTPServer(("127.0.0.1", 0), Receiver)
-    threading.Thread(target=hook.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{hook.server_address[1]}/hook"
+    hook = _WebhookReceiver()
+    url, received = hook.url, hook.received
     try:
         ok = server.http.post("/v1/videos", json={"prompt": "notify me", "webhook_url": url}).json()
         slow = server.http.post("/v1/videos", json={"prompt": "cancel me", "webhook_url": url,
                                                      "num_inference_steps": 200}).json()
         assert server.wait(ok["id"])["status"] == "completed"
         server.http.post(f"/v1/videos/{slow['id']}/cancel")
-        deadline = time.time() + 60
-        while len(received) < 2:
-            assert time.time() < deadline, received
-            time.sleep(0.2)
+        hook.wait_for(2)
     finally:
-        hook.shutdown()
+        hook.close()
     events = {}
     for headers, body in received:
         headers = {k.lower(): v for k, v in headers.items()}
@@ -759,16 +780,28 @@ def test_a_job_whose_attempts_are_used_up_fails_cleanly_with_a_reason(server):
     args = dict(server.args, max_attempts=1)
     serve.delete("lumiere")
     _deploy(args)
-    running = server.http.post("/v1/videos", data={"prompt": "interrupted", "num_inference_steps": "120"}).json()
-    deadline = time.time() + 60
-    while server.http.get(f"/v1/videos/{running['id']}").json()["status"] != "in_progress":
-        assert time.time() < deadline
-        time.sleep(0.2)
-    (replica,) = _replicas("Ingress")
-    _kill_replica(replica)
-    failed = server.wait(running["id"], timeout=120)
-    assert failed["status"] == "failed" and failed["error"]["code"] == "interrupted", failed
-    assert "restarted or crashed" in failed["error"]["message"]
+    hook = _WebhookReceiver()
+    try:
+        running = server.http.post("/v1/videos", data={"prompt": "interrupted", "num_inference_steps": "120",
+                                                       "webhook_url": hook.url}).json()
+        deadline = time.time() + 60
+        while server.http.get(f"/v1/videos/{running['id']}").json()["status"] != "in_progress":
+            assert time.time() < deadline
+            time.sleep(0.2)
+        (replica,) = _replicas("Ingress")
+        _kill_replica(replica)
+        failed = server.wait(running["id"], timeout=120)
+        assert failed["status"] == "failed" and failed["error"]["code"] == "interrupted", failed
+        assert "restarted or crashed" in failed["error"]["message"]
+        # the replica whose sweep failed the job sends its webhook (the one that ran it is dead), exactly once
+        hook.wait_for(1)
+        time.sleep(2 * server.args.get("stale_after_s", 2) + 1)  # a few more sweeps: none may send it again
+        ids = [e["data"]["id"] for e in hook.events()]
+        assert ids.count(running["id"]) == 1, ids
+        (event,) = hook.events()
+        assert event["type"] == "video.failed" and event["data"]["error"]["code"] == "interrupted"
+    finally:
+        hook.close()
     serve.delete("lumiere")
     _deploy(server.args)
 

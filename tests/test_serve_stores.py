@@ -52,7 +52,7 @@ def test_a_dead_replicas_job_is_requeued_once_then_failed_and_a_long_job_times_o
     store.heartbeat("a")
     assert store.claim("a").id == job.id
     counts = store.sweep(reason="restarted", stale_after_s=60, max_attempts=2)
-    assert counts == {"requeued": 0, "interrupted": 0, "timed_out": 0}  # its owner is alive
+    assert counts == {"requeued": 0, "interrupted": 0, "timed_out": 0, "ended": []}  # its owner is alive
     time.sleep(2.1)  # heartbeats are whole seconds (int(time.time())): 1.1 s left it live about half the time
     assert store.sweep(reason="restarted", stale_after_s=0.5, max_attempts=2, alive="b")["requeued"] == 1
     again = store.get(job.id)
@@ -61,7 +61,9 @@ def test_a_dead_replicas_job_is_requeued_once_then_failed_and_a_long_job_times_o
     store.heartbeat("b")
     assert store.claim("b").attempts == 2
     time.sleep(2.1)  # b dies too: its attempts are used up
-    assert store.sweep(reason="restarted", stale_after_s=0.5, max_attempts=2, alive="c")["interrupted"] == 1
+    counts = store.sweep(reason="restarted", stale_after_s=0.5, max_attempts=2, alive="c")
+    assert counts["interrupted"] == 1 and counts["ended"] == [job.id]  # the sweeper is told, to send its webhook
+    assert store.sweep(reason="restarted", stale_after_s=0.5, max_attempts=2, alive="d")["ended"] == []  # once
     failed = store.get(job.id)
     assert failed.status == "failed" and failed.error == {"code": "interrupted", "message": "restarted"}
     # the job timeout counts from the claim, whoever holds the job
@@ -69,7 +71,8 @@ def test_a_dead_replicas_job_is_requeued_once_then_failed_and_a_long_job_times_o
     store.heartbeat("c")
     store.claim("c")
     time.sleep(1.1)
-    assert store.sweep(reason="x", stale_after_s=60, timeout_s=0.5)["timed_out"] == 1
+    counts = store.sweep(reason="x", stale_after_s=60, timeout_s=0.5)
+    assert counts["timed_out"] == 1 and counts["ended"] == [slow.id]
     assert store.get(slow.id).error["code"] == "timeout" and not store.complete(slow.id, {}, "c")
     # a replica that shuts down cleanly hands its running job back at once
     third = _job(store, prompt="handed back")
