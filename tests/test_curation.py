@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -34,6 +35,14 @@ CFG = load_ingest_config(None, ["encoder_from=tiny"])
 def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("corpus")
     return root, corpus.build(root)
+
+
+def _cands(row, cfg, options=None) -> list[dict]:
+    """decode_and_cut's candidates (clips and rejects), without the file's done record (checked on its own)."""
+    rows = list(decode_and_cut(row, cfg, options or StorageOptions()))
+    done = [r for r in rows if r["status"] == "done"]
+    assert len(done) == 1 and rows[-1] is done[0] and done[0]["file_candidates"] == len(rows)
+    return rows[:-1]
 
 
 def _file(root, name, caption="a caption"):
@@ -78,7 +87,7 @@ def test_decode_timeout_is_a_reject(built):
     with pytest.raises(Reject) as info:
         decode_with_timeout(str(root / "videos" / "fps60_hd.mp4"), 16, 128, timeout_s=0.001)
     assert info.value.reason == "decode_timeout"
-    rows = decode_and_cut(_file(root, "fps60_hd.mp4"), CFG.model_copy(update={"decode_timeout_s": 0.001}),
+    rows = _cands(_file(root, "fps60_hd.mp4"), CFG.model_copy(update={"decode_timeout_s": 0.001}),
                           StorageOptions())
     assert [r["reason"] for r in rows] == ["decode_timeout"]
 
@@ -146,7 +155,7 @@ def test_codec_threads_change_the_cost_not_the_frames(built):
     assert np.abs(decode_mp4_bytes(single).astype(int) - clip).mean() < 3
 
     assert CFG.codec_threads == 1
-    rows = [r for r in decode_and_cut(_file(root, "fps60_hd.mp4"), CFG, StorageOptions()) if r["status"] == "ok"]
+    rows = [r for r in _cands(_file(root, "fps60_hd.mp4"), CFG, StorageOptions()) if r["status"] == "ok"]
     assert rows and all(_x264_threads(r["frames"]) == 1 for r in rows)
 
 
@@ -171,9 +180,9 @@ def test_fast_x264_analysis_reaches_the_encoder_and_keeps_the_frames(built):
     reports no 8x8 inter partitions and the diamond search, and the clip decodes as close to its frames as
     the preset alone does. Off, the preset's own analysis is used."""
     root, _ = built
-    fast = [r for r in decode_and_cut(_file(root, "fps60_hd.mp4"), CFG, StorageOptions()) if r["status"] == "ok"]
+    fast = [r for r in _cands(_file(root, "fps60_hd.mp4"), CFG, StorageOptions()) if r["status"] == "ok"]
     plain_cfg = CFG.model_copy(update={"mp4_fast_analysis": False})
-    plain = [r for r in decode_and_cut(_file(root, "fps60_hd.mp4"), plain_cfg, StorageOptions())
+    plain = [r for r in _cands(_file(root, "fps60_hd.mp4"), plain_cfg, StorageOptions())
              if r["status"] == "ok"]
     assert CFG.mp4_fast_analysis and fast and len(fast) == len(plain)
     for f, p in zip(fast, plain, strict=True):
@@ -189,19 +198,22 @@ def test_fast_x264_analysis_reaches_the_encoder_and_keeps_the_frames(built):
 def test_missing_caption_can_be_kept(built):
     root, _ = built
     keep = CFG.model_copy(update={"missing_caption": "keep"})
-    rows = decode_and_cut(_file(root, "no_caption.mp4", caption=""), keep, StorageOptions())
+    rows = _cands(_file(root, "no_caption.mp4", caption=""), keep, StorageOptions())
     assert [r["status"] for r in rows] == ["ok"] and rows[0]["caption"] == ""
-    rows = decode_and_cut(_file(root, "no_caption.mp4", caption=""), CFG, StorageOptions())
+    rows = _cands(_file(root, "no_caption.mp4", caption=""), CFG, StorageOptions())
     assert [r["reason"] for r in rows] == ["no_caption"]
 
 
 def test_candidates_share_keys_and_skip_committed_ids(built):
     root, _ = built
-    rows = decode_and_cut(_file(root, "cut.mp4"), CFG, StorageOptions())
-    assert len(rows) == 2 and len({tuple(sorted(r)) for r in rows}) == 1
-    assert all(r["file_candidates"] == 2 for r in rows)
-    again = decode_and_cut({**_file(root, "cut.mp4"), "skip_ids": [rows[0]["clip_id"]]}, CFG, StorageOptions())
-    assert [r["clip_id"] for r in again] == [rows[1]["clip_id"]]
+    rows = list(decode_and_cut(_file(root, "cut.mp4"), CFG, StorageOptions()))
+    assert [r["status"] for r in rows][-1] == "done" and len(rows) == 3 and len({tuple(sorted(r)) for r in rows}) == 1
+    # the count is on the done record only: a row committed without it never makes the file look done
+    assert [r["file_candidates"] for r in rows] == [0, 0, 3]
+    again = list(decode_and_cut({**_file(root, "cut.mp4"), "skip_ids": [rows[0]["clip_id"]]}, CFG, StorageOptions()))
+    assert [r["clip_id"] for r in again] == [rows[1]["clip_id"], rows[2]["clip_id"]]
+    skip_all = {**_file(root, "cut.mp4"), "skip_ids": [r["clip_id"] for r in rows]}
+    assert list(decode_and_cut(skip_all, CFG, StorageOptions())) == []
 
 
 @pytest.mark.parametrize("fmt", ["csv", "parquet", "jsonl"])
@@ -224,10 +236,100 @@ def test_caption_sidecars(built, tmp_path, fmt):
 
 def test_embedder_scores_and_low_clip_score_filter(built):
     root, _ = built
-    rows = decode_and_cut(_file(root, "fps25.mp4"), CFG, StorageOptions())
+    rows = _cands(_file(root, "fps25.mp4"), CFG, StorageOptions())
     batch = {k: np.array([r[k] for r in rows], dtype=object) for k in rows[0]}
     out = CaptionEmbedder(CFG)(dict(batch))
     assert out["status"][0] == "ok" and -1 <= out["clip_score"][0] <= 1
     strict = CaptionEmbedder(CFG.model_copy(update={"min_clip_score": 1.5}))
     out = strict({k: v.copy() for k, v in batch.items()})
     assert out["status"][0] == "reject" and out["reason"][0] == "low_clip_score"
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 40, 64])
+def test_shot_stream_cuts_and_clips_exactly_as_the_whole_video_does(chunk):
+    """Streaming in chunks of any size (a cut landing on a chunk's first frame included, chunk 40) gives the same
+    shots, clips (frames and ids) and too-short rejects as shot_boundaries over the whole array."""
+    from pipelines.ingest.curation import ShotStream
+
+    shots = [corpus.moving(40, 64, 64, seed=0, background=30),
+             corpus.moving(10, 64, 64, seed=1, spec=("circle", "blue", "up"), background=200),
+             corpus.moving(37, 64, 64, seed=2, spec=("triangle", "green", "left"), background=90)]
+    video = np.concatenate(shots)
+    clip_frames = 16
+    want_clips, want_short = [], []
+    for shot, (a, b) in enumerate(shot_boundaries(video, 0.5)):
+        if (b - a) // clip_frames == 0:
+            want_short.append((shot, a, b - a))
+        want_clips += [(shot, k, a + k * clip_frames) for k in range((b - a) // clip_frames)]
+    assert want_short == [(1, 40, 10)] and len(want_clips) == 4  # the corpus has what the test is about
+    stream = ShotStream(clip_frames, 0.5)
+    events = []
+    for i in range(0, len(video), chunk):
+        events += stream.push(video[i:i + chunk])
+    events += stream.finish()
+    clips = [e for e in events if e[0] == "clip"]
+    assert [(s, k, start) for _, s, k, start, _, _ in clips] == want_clips
+    assert [e[1:] for e in events if e[0] == "short"] == want_short
+    for _, _, _, start, frames, _ in clips:
+        assert np.array_equal(frames, video[start:start + clip_frames])
+
+
+def _write_long_video(path, seconds: int, fps: int = 16, size=(320, 240)) -> None:
+    """A moving-square video encoded frame by frame (the test process never holds the whole video either)."""
+    import av
+
+    w, h = size
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        stream.options = {"preset": "ultrafast", "crf": "28"}
+        frame = np.zeros((h, w, 3), np.uint8)
+        for i in range(seconds * fps):
+            frame[:] = 40
+            x = (i * 3) % (w - 40)
+            frame[100:140, x:x + 40] = (220, 60, 60)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+
+
+_PEAK_MEMORY = """
+import json, resource, sys, tracemalloc
+from lumiere.storage import StorageOptions
+from pipelines.ingest.config import load_ingest_config
+from pipelines.ingest.stage2_decode import decode_and_cut
+cfg = load_ingest_config(None, ["encoder_from=tiny", "clip_frames=32"])
+row = {"source": sys.argv[1], "size": 1, "caption": "a red square moving right", "has_caption": True}
+tracemalloc.start()
+rows = [{k: r[k] for k in ("status", "reason", "num_frames")} for r in decode_and_cut(row, cfg, StorageOptions())]
+print(json.dumps({"peak_mb": tracemalloc.get_traced_memory()[1] / 2**20, "rows": rows,
+                  "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+@pytest.mark.timeout(300)
+def test_decode_memory_does_not_grow_with_video_length(tmp_path):
+    """Peak memory of decode_and_cut (one fresh process each) on a 20 s and a 160 s 320x240 video, as the peak of
+    the arrays Python holds (tracemalloc sees every numpy frame buffer: decoded chunks, clips, crops). The whole
+    160 s video at the decode size is 2,560 frames x 230 KB = 590 MB, so a whole-file decode peaks there; the
+    streamed decode holds a few chunks and one clip, whatever the length. (Process RSS is not asserted: the
+    decoder's and torch's native buffers move it by a few hundred MB from run to run, at any length.)"""
+    import subprocess
+    import sys
+
+    peaks, counts = {}, {}
+    for seconds in (20, 160):
+        path = tmp_path / f"long-{seconds}s.mp4"
+        _write_long_video(path, seconds)
+        proc = subprocess.run([sys.executable, "-c", _PEAK_MEMORY, str(path)], capture_output=True, text=True,
+                              timeout=240, cwd=str(Path(__file__).resolve().parents[1]))
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        out = json.loads(proc.stdout.strip().splitlines()[-1])
+        peaks[seconds] = out["peak_mb"]
+        ok = [r for r in out["rows"] if r["status"] == "ok"]
+        counts[seconds] = len(ok)
+        assert out["rows"][-1]["status"] == "done" and all(r["num_frames"] == 32 for r in ok)
+    assert counts == {20: 20 * 16 // 32, 160: 160 * 16 // 32}, counts  # every clip of both videos was made
+    # measured: 86 MB at both lengths; the whole-file decode it replaced: 156 MB at 20 s, 1,125 MB at 160 s
+    assert peaks[160] < 200 and peaks[160] < 1.25 * peaks[20] + 5, peaks

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import multiprocessing as mp
 import os
+import queue
 import tempfile
 import threading
 import traceback
@@ -39,6 +40,7 @@ REASONS = {
     "black": "most frames are black",
     "blank": "most frames are a single flat colour",
     "low_clip_score": "CLIP text-frame similarity below min_clip_score",
+    "processing_failed": "an unexpected error while cutting or encoding the file's clips (the detail names it)",
 }
 
 
@@ -87,6 +89,56 @@ class _Cancelled(Exception):
 _CHUNK = 64  # frames per decord get_batch call; a cancelled decode stops at the next chunk
 
 
+def _open_resampled(path: str, fps: float, short_side: int, threads: int = 0,
+                    src_size: tuple[int, int] | None = None):
+    """(decord reader, source frame indices of the output frames at `fps`, src_fps, n_src): see decode_resampled."""
+    import decord
+
+    if src_size is None or min(src_size) <= 0:  # no (usable) size from the caller's probe
+        probe_reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=threads)
+        h, w = probe_reader[0].shape[:2]
+        del probe_reader
+    else:
+        w, h = src_size
+    scale = short_side / min(h, w)
+    if scale < 1:
+        # even sizes, aspect preserved; decord resizes while decoding
+        new_w, new_h = 2 * round(w * scale / 2), 2 * round(h * scale / 2)
+        reader = decord.VideoReader(path, ctx=decord.cpu(0), width=new_w, height=new_h, num_threads=threads)
+    else:
+        reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=threads)
+    n, src_fps = len(reader), float(reader.get_avg_fps())
+    if n == 0 or not src_fps > 0:
+        raise Reject("unreadable", f"no frames or no frame rate (frames={n}, fps={src_fps})")
+    return reader, resample_indices(n, src_fps, fps), src_fps, n
+
+
+def _decode_error(e: Exception) -> Reject:
+    # decord raises DECORDError / RuntimeError / IndexError on broken streams
+    return Reject("unreadable", f"decode failed ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})")
+
+
+def iter_resampled(path: str, fps: float, short_side: int, cancel: threading.Event | None = None,
+                   threads: int = 0, src_size: tuple[int, int] | None = None):
+    """decode_resampled as a stream: yields (src_fps, n_src) first, then the frames in chunks of _CHUNK
+    (t h w c uint8), so a caller holds one chunk at a time whatever the video's length."""
+    try:
+        reader, idx, src_fps, n = _open_resampled(path, fps, short_side, threads, src_size)
+    except Reject:
+        raise
+    except Exception as e:
+        raise _decode_error(e) from None
+    yield src_fps, n
+    for i in range(0, len(idx), _CHUNK):
+        if cancel is not None and cancel.is_set():
+            raise _Cancelled
+        try:
+            chunk = reader.get_batch(idx[i:i + _CHUNK].tolist()).asnumpy()
+        except Exception as e:
+            raise _decode_error(e) from None
+        yield chunk
+
+
 def decode_resampled(path: str, fps: float, short_side: int, cancel: threading.Event | None = None,
                      threads: int = 0, src_size: tuple[int, int] | None = None) -> tuple[np.ndarray, float, int]:
     """Decode with decord at `fps` (nearest source frame) and, if larger, scaled so the shorter side is
@@ -94,37 +146,11 @@ def decode_resampled(path: str, fps: float, short_side: int, cancel: threading.E
     With `cancel`, the decode stops (raising _Cancelled) at the next chunk of frames once it is set.
     `threads`: decoder threads, 0 = decord's default (one per core; IngestConfig.codec_threads).
     `src_size`: the source's (width, height) when the caller has probed it (`probe`); otherwise decord is
-    opened once more to read it from the first frame, which costs ~24 ms of CPU on a 640×360 file."""
-    import decord
-
-    try:
-        if src_size is None or min(src_size) <= 0:  # no (usable) size from the caller's probe
-            probe_reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=threads)
-            h, w = probe_reader[0].shape[:2]
-            del probe_reader
-        else:
-            w, h = src_size
-        scale = short_side / min(h, w)
-        if scale < 1:
-            # even sizes, aspect preserved; decord resizes while decoding
-            new_w, new_h = 2 * round(w * scale / 2), 2 * round(h * scale / 2)
-            reader = decord.VideoReader(path, ctx=decord.cpu(0), width=new_w, height=new_h, num_threads=threads)
-        else:
-            reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=threads)
-        n, src_fps = len(reader), float(reader.get_avg_fps())
-        if n == 0 or not src_fps > 0:
-            raise Reject("unreadable", f"no frames or no frame rate (frames={n}, fps={src_fps})")
-        idx = resample_indices(n, src_fps, fps)
-        chunks = []
-        for i in range(0, len(idx), _CHUNK):
-            if cancel is not None and cancel.is_set():
-                raise _Cancelled
-            chunks.append(reader.get_batch(idx[i:i + _CHUNK].tolist()).asnumpy())
-    except (Reject, _Cancelled):
-        raise
-    except Exception as e:  # decord raises DECORDError / RuntimeError / IndexError on broken streams
-        raise Reject("unreadable", f"decode failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-    return np.ascontiguousarray(np.concatenate(chunks)), src_fps, n
+    opened once more to read it from the first frame, which costs ~24 ms of CPU on a 640×360 file.
+    The whole video in one array: ingestion streams it instead (`stream_resampled`)."""
+    stream = iter_resampled(path, fps, short_side, cancel, threads, src_size)
+    src_fps, n = next(stream)
+    return np.ascontiguousarray(np.concatenate(list(stream))), src_fps, n
 
 
 def _child(conn, path, fps, short_side, tmpdir, threads, src_size):
@@ -221,6 +247,138 @@ def decode_with_timeout(path: str, fps: float, short_side: int, timeout_s: float
             raise value
         raise Reject("unreadable", f"decode failed ({type(value).__name__}: {value})")
     return value
+
+
+def stream_resampled(path: str, fps: float, short_side: int, timeout_s: float, threads: int = 0,
+                     src_size: tuple[int, int] | None = None):
+    """The frames of `decode_resampled` as a stream, decoded ahead on a helper thread (at most two chunks
+    ahead, so memory is bounded by a few chunks whatever the video's length). Yields (src_fps, n_src), then
+    chunks (t h w c uint8). `timeout_s` bounds the wait for each next chunk, not the whole file: a long film
+    decodes for as long as it makes progress, while a hung or pathologically slow decoder gives
+    Reject('decode_timeout') (the caller keeps what it got before). timeout_s <= 0: in-process, unbounded.
+
+    Like decode_with_timeout, a decoder stuck inside one native call is left behind on its thread and later
+    decodes in this process run in a forked child (`decode_in_child`; that isolated path returns the whole
+    video at once, so only then does memory grow with length)."""
+    if timeout_s <= 0:
+        yield from iter_resampled(path, fps, short_side, threads=threads, src_size=src_size)
+        return
+    if _stuck_decoders():
+        frames, src_fps, n = decode_in_child(path, fps, short_side, timeout_s, threads, src_size)
+        yield src_fps, n
+        for i in range(0, len(frames), _CHUNK):
+            yield frames[i:i + _CHUNK]
+        return
+    cancel = threading.Event()
+    items: queue.Queue = queue.Queue(maxsize=2)
+    end = object()
+
+    def put(item) -> bool:
+        while not cancel.is_set():
+            try:
+                items.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work():
+        try:
+            for item in iter_resampled(path, fps, short_side, cancel, threads, src_size):
+                if not put(("ok", item)):
+                    return
+            put(("ok", end))
+        except _Cancelled:
+            pass
+        except BaseException as e:  # Reject or anything else: re-raised in the caller
+            put(("error", e))
+
+    thread = threading.Thread(target=work, name=f"lumiere-decode-{os.path.basename(path)}", daemon=True)
+    thread.start()
+    try:
+        while True:
+            try:
+                status, value = items.get(timeout=timeout_s)
+            except queue.Empty:
+                cancel.set()
+                thread.join(0.05)  # usually stops within a chunk; otherwise it is stuck in the decoder
+                if thread.is_alive():
+                    with _STUCK_LOCK:
+                        _STUCK.append(thread)
+                raise Reject("decode_timeout", f"the decoder made no progress for {timeout_s:g}s") from None
+            if status == "error":
+                if isinstance(value, Reject):
+                    raise value
+                raise Reject("unreadable", f"decode failed ({type(value).__name__}: {value})")
+            if value is end:
+                return
+            yield value
+    finally:
+        cancel.set()  # the caller stopped early (or is done): the decode thread ends at its next chunk
+
+
+class ShotStream:
+    """Shot cuts and fixed-length clips over a stream of frame chunks, as they complete: the same cuts, clips
+    and ids as `shot_boundaries` over the whole video (cuts where the colour-histogram distance between
+    consecutive frames exceeds `threshold`; each shot cut into `clip_frames`-frame clips, the remainder
+    dropped), holding at most one clip plus one chunk of frames.
+
+    `push(chunk)` and `finish()` return events: ("clip", shot, k, start, frames, thumbs64) for the k-th clip of
+    a shot starting at frame `start`, and ("short", shot, start, length) for a shot with no whole clip."""
+
+    def __init__(self, clip_frames: int, threshold: float):
+        self.clip_frames, self.threshold = clip_frames, threshold
+        self.n = 0  # frames seen
+        self.shot, self.shot_start, self.clips_in_shot = 0, 0, 0
+        self.prev_hist: torch.Tensor | None = None
+        self.frames: list[np.ndarray] = []  # frames of the shot since its last clip (fewer than clip_frames)
+        self.thumbs: list[torch.Tensor] = []
+        self.held = 0
+
+    def _close_shot(self, end: int, events: list) -> None:
+        if self.clips_in_shot == 0 and end > self.shot_start:
+            events.append(("short", self.shot, self.shot_start, end - self.shot_start))
+        self.shot, self.shot_start, self.clips_in_shot = self.shot + 1, end, 0
+        self.frames, self.thumbs, self.held = [], [], 0
+
+    def _append(self, frames: np.ndarray, thumbs: torch.Tensor, events: list) -> None:
+        self.frames.append(frames)
+        self.thumbs.append(thumbs)
+        self.held += len(frames)
+        while self.held >= self.clip_frames:
+            allf, allt = np.concatenate(self.frames), torch.cat(self.thumbs)
+            start = self.shot_start + self.clips_in_shot * self.clip_frames
+            events.append(("clip", self.shot, self.clips_in_shot, start, allf[:self.clip_frames],
+                           allt[:self.clip_frames]))
+            self.clips_in_shot += 1
+            rest = allf[self.clip_frames:]
+            self.frames, self.thumbs = ([rest], [allt[self.clip_frames:]]) if len(rest) else ([], [])
+            self.held = len(rest)
+
+    def push(self, chunk: np.ndarray) -> list:
+        events: list = []
+        if len(chunk) == 0:
+            return events
+        thumbs = multi_thumbnails(chunk, (32, 64))
+        hist = color_histograms(thumbs[32])
+        prev = hist[:-1] if self.prev_hist is None else torch.cat([self.prev_hist[None], hist[:-1]])
+        dist = 0.5 * (hist[1 if self.prev_hist is None else 0:] - prev).abs().sum(dim=1)
+        offset = 1 if self.prev_hist is None else 0  # the video's first frame is no cut
+        cuts = (torch.nonzero(dist > self.threshold).flatten() + offset).tolist()
+        self.prev_hist = hist[-1]
+        edges = [0, *cuts, len(chunk)]
+        for i, (a, b) in enumerate(zip(edges[:-1], edges[1:], strict=True)):
+            if i > 0:
+                self._close_shot(self.n + a, events)
+            if b > a:
+                self._append(chunk[a:b], thumbs[64][a:b], events)
+        self.n += len(chunk)
+        return events
+
+    def finish(self) -> list:
+        events: list = []
+        self._close_shot(self.n, events)
+        return events
 
 
 def thumbnails(frames: np.ndarray, size: int = 32) -> torch.Tensor:

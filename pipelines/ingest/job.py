@@ -7,11 +7,13 @@ composes the four stages of this package (stage1_list … stage4_write) in order
       .flat_map(decode_and_cut)                                  CPU tasks: probe/decode/shots/filters/crops
       .map_batches(CaptionEmbedder, ActorPoolStrategy)           actors (GPU when configured): embeddings
       .map_batches(write_shard)                                  CPU tasks: shards/ + rejects/ parts
+      (shards/, rejects/, done/ parts; named by their clip ids)
     finalize: rejects.parquet, report.json, then manifest.json   committed last
 
-Resume: every candidate (clip or reject) has a deterministic id and knows how many candidates its file has.
-A re-run scans the committed parts, skips files whose candidates are all committed and drops already
-committed candidates of partly done files, so a run killed at any point and re-run yields the same clip set,
+Resume: every candidate (clip or reject) has a deterministic id, and each file ends with a done record that
+says how many candidates it has. A re-run scans the committed parts (three columns, never the frames), skips
+files whose done record and candidates are all committed and drops already committed candidates of partly done
+files, so a run killed at any point and re-run yields the same clip set,
 with no duplicates. Readers use manifest.json's shard list, which is replaced atomically at the very end.
 """
 
@@ -64,14 +66,25 @@ def _committed_state(tables: list[pa.Table]) -> dict[str, dict]:
     for table in tables:
         for cid, src, n in zip(*(table[c].to_pylist() for c in _STATE_COLUMNS), strict=True):
             state[src]["ids"].add(cid)
-            state[src]["expected"] = n
+            if n:  # the done record carries the count (outputs made before it existed: every row did)
+                state[src]["expected"] = max(n, state[src]["expected"] or 0)
     return state
 
 
+def is_done(state: dict | None) -> bool:
+    """A file is done when the count of its candidates is known (its done record is committed) and all are."""
+    return bool(state) and bool(state["expected"]) and len(state["ids"]) >= state["expected"]
+
+
+_FOLDERS = ("shards", "rejects", "done")
+
+
 def scan_committed(output_uri: str, options: StorageOptions) -> dict[str, dict]:
-    """source -> {"ids": committed candidate ids, "expected": candidates the file produces}."""
-    return _committed_state([t for folder in ("shards", "rejects")
-                             for _, t in _read_parts(output_uri, folder, _STATE_COLUMNS, options)])
+    """source -> {"ids": committed candidate ids, "expected": candidates the file produces}; the parts of the
+    three folders are read in parallel, only the three columns needed (never the frames)."""
+    with ThreadPoolExecutor(len(_FOLDERS)) as pool:
+        parts = pool.map(lambda f: _read_parts(output_uri, f, _STATE_COLUMNS, options), _FOLDERS)
+        return _committed_state([t for ps in parts for _, t in ps])
 
 
 def _clean_temp_files(output_uri: str, options: StorageOptions) -> None:
@@ -190,7 +203,7 @@ def run_ingest(input_uri: str, output_uri: str, captions_uri: str | None = None,
     todo = []
     for f in files:
         done = committed.get(f["source"])
-        if done and done["expected"] is not None and len(done["ids"]) >= done["expected"]:
+        if is_done(done):
             continue
         todo.append({**f, "skip_ids": sorted(done["ids"]) if done else []})
     log(f"[ingest] {len(files)} video files under {input_uri} ({skipped} other files ignored); "
@@ -236,13 +249,12 @@ def finalize(input_uri, output_uri, captions_uri, files, skipped, cfg: IngestCon
     # each part is read once, only the columns needed (REJECT_SCHEMA has the state columns)
     shard_parts = _read_parts(output_uri, "shards", [*_STATE_COLUMNS, "num_frames"], options)
     reject_parts = _read_parts(output_uri, "rejects", REJECT_SCHEMA.names, options)
-    committed = _committed_state([t for _, t in shard_parts + reject_parts])
+    done_parts = _read_parts(output_uri, "done", _STATE_COLUMNS, options)
+    committed = _committed_state([t for _, t in shard_parts + reject_parts + done_parts])
     sources = {f["source"] for f in files}
-    incomplete = [s for s in sources
-                  if s not in committed or len(committed[s]["ids"]) < (committed[s]["expected"] or 1)]
-    clip_ids = [cid for _, t in shard_parts for cid in t["clip_id"].to_pylist()]
-    reject_ids = [cid for _, t in reject_parts for cid in t["clip_id"].to_pylist()]
-    dupes = len(clip_ids) + len(reject_ids) - len(set(clip_ids) | set(reject_ids))
+    incomplete = [s for s in sources if not is_done(committed.get(s))]
+    ids = [cid for _, t in shard_parts + reject_parts + done_parts for cid in t["clip_id"].to_pylist()]
+    dupes = len(ids) - len(set(ids))
     if dupes:
         raise LumiereError(f"{dupes} duplicate clip ids in {output_uri}: the output was written by another job")
     if incomplete:

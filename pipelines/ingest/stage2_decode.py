@@ -1,15 +1,18 @@
-"""Stage 2 of ingestion, a Ray Data flat_map task per input file: probe → decode (decord, 16 fps, timeout) →
-shots → clips → filters → crops → encoded frames. The frame-level functions it calls are in `curation.py`.
+"""Stage 2 of ingestion, a Ray Data flat_map task per input file: probe → streamed decode (decord, 16 fps, in
+chunks, a stall timeout) → shots → clips → filters → crops → encoded frames, each clip yielded as soon as it is
+made. The frame-level functions it calls are in `curation.py`.
 
 Every row that leaves `decode_and_cut` is a *candidate*: an accepted clip or a rejected file/shot/clip, with a
-deterministic `clip_id` and the number of candidates its file produced (`file_candidates`). A file is done
-when all of its candidates are committed (in a shard or a rejects part, stage 4); that is what resume relies on.
+deterministic `clip_id`, and last the file's *done record*, which carries how many candidates the file has. A file
+is done when its done record and all of its candidates are committed (stage 4: shards/, rejects/, done/); that is
+what resume relies on.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -20,12 +23,11 @@ from lumiere.video import X264_FAST_ANALYSIS, encode_mp4_bytes
 from .config import IngestConfig
 from .curation import (
     Reject,
+    ShotStream,
     clip_scores,
-    decode_with_timeout,
-    multi_thumbnails,
     probe,
     resize_center_crop,
-    shot_boundaries,
+    stream_resampled,
 )
 
 
@@ -55,91 +57,133 @@ CANDIDATE_DEFAULTS = {
 }
 
 
-def decode_and_cut(row: dict, cfg: IngestConfig, options: StorageOptions) -> list[dict]:
-    """One input file -> its candidates: accepted clips (frames encoded) and rejects with reason codes.
-    Candidates whose clip_id is in row["skip_ids"] (committed by an earlier run) are dropped. Every
-    candidate has the same keys (CANDIDATE_DEFAULTS), so Ray Data can put them in one block."""
-    out = _candidates(row, cfg, options)
+def done_id(source: str) -> str:
+    return f"{file_id(source)}-done"
+
+
+def decode_and_cut(row: dict, cfg: IngestConfig, options: StorageOptions) -> Iterator[dict]:
+    """One input file -> its candidates, yielded as they are made (accepted clips with frames encoded, rejects
+    with reason codes), then the file's done record: a row with status "done" and, in `file_candidates`, how
+    many candidates the file has with the record itself (every other row has 0). Candidates whose clip_id is in
+    row["skip_ids"] (committed by an earlier run) are dropped. Every row has the same keys (CANDIDATE_DEFAULTS),
+    so Ray Data can put them in one block. Memory does not grow with the video's length: frames are decoded in
+    chunks and only the clip being made is held (`curation.stream_resampled`, `curation.ShotStream`)."""
     skip = set(row.get("skip_ids") or ())
     fid = file_id(row["source"])
-    return [
-        {**CANDIDATE_DEFAULTS, **c, "file_id": fid, "file_candidates": len(out)}
-        for c in out if c["clip_id"] not in skip
-    ]
+    count = 0
+    for c in _candidates(row, cfg, options):
+        count += 1
+        if c["clip_id"] not in skip:
+            yield {**CANDIDATE_DEFAULTS, **c, "file_id": fid, "file_candidates": 0}
+    done = done_id(row["source"])
+    if done not in skip:
+        yield {**CANDIDATE_DEFAULTS, "status": "done", "clip_id": done, "source": row["source"], "file_id": fid,
+               "file_candidates": count + 1}
 
 
-def _candidates(row: dict, cfg: IngestConfig, options: StorageOptions) -> list[dict]:
+def _candidates(row: dict, cfg: IngestConfig, options: StorageOptions) -> Iterator[dict]:
     source = row["source"]
     fid = file_id(source)
     whole_file = f"{fid}-file"
     if row["size"] > cfg.max_file_bytes:
-        return [_reject_row(source, whole_file, "too_large",
-                            f"file is {row['size']} bytes, over max_file_bytes={cfg.max_file_bytes} (raise it with "
-                            "--set max_file_bytes=N)")]
+        yield _reject_row(source, whole_file, "too_large",
+                          f"file is {row['size']} bytes, over max_file_bytes={cfg.max_file_bytes} (raise it with "
+                          "--set max_file_bytes=N)")
+        return
     if row.get("caption_error"):
-        return [_reject_row(source, whole_file, "bad_caption", row["caption_error"])]
+        yield _reject_row(source, whole_file, "bad_caption", row["caption_error"])
+        return
     if not row["has_caption"] and cfg.missing_caption == "reject":
-        return [_reject_row(source, whole_file, "no_caption",
-                            "no caption in the sidecar nor a .txt/.json beside the video")]
+        yield _reject_row(source, whole_file, "no_caption",
+                          "no caption in the sidecar nor a .txt/.json beside the video")
+        return
     try:
         path, is_temp = storage.local_copy(source, options)
     except OSError as e:
-        return [_reject_row(source, whole_file, "unreadable", f"cannot fetch: {e}")]
+        yield _reject_row(source, whole_file, "unreadable", f"cannot fetch: {e}")
+        return
     try:
-        try:
-            meta = probe(path)
-            if min(meta.width, meta.height) < cfg.min_side:
-                short = min(meta.width, meta.height)
-                raise Reject("too_small", f"{meta.width}x{meta.height} is below min_side={cfg.min_side}; to keep "
-                             f"sources this small: --set min_side={short} --set size={min(short, cfg.size)} "
-                             "--set hr_size=null")
-            short_side = max(cfg.size, cfg.hr_size or 0)
-            frames, src_fps, _ = decode_with_timeout(path, cfg.fps, short_side, cfg.decode_timeout_s,
-                                                   cfg.codec_threads, (meta.width, meta.height))
-        except Reject as r:
-            return [_reject_row(source, whole_file, r.reason, r.detail)]
+        yield from _cut(path, row, fid, whole_file, cfg)
     finally:
         if is_temp:
             os.unlink(path)
 
+
+def _cut(path: str, row: dict, fid: str, whole_file: str, cfg: IngestConfig) -> Iterator[dict]:
+    source = row["source"]
+    try:
+        meta = probe(path)
+        if min(meta.width, meta.height) < cfg.min_side:
+            short = min(meta.width, meta.height)
+            raise Reject("too_small", f"{meta.width}x{meta.height} is below min_side={cfg.min_side}; to keep "
+                         f"sources this small: --set min_side={short} --set size={min(short, cfg.size)} "
+                         "--set hr_size=null")
+        short_side = max(cfg.size, cfg.hr_size or 0)
+        stream = stream_resampled(path, cfg.fps, short_side, cfg.decode_timeout_s, cfg.codec_threads,
+                                  (meta.width, meta.height))
+        src_fps, _ = next(stream)
+    except Reject as r:
+        yield _reject_row(source, whole_file, r.reason, r.detail)
+        return
+    except Exception as e:  # noqa: BLE001 - any per-file failure is that file's reject, never the job's failure
+        yield _reject_row(source, whole_file, "unreadable", f"{type(e).__name__}: {str(e)[:300]}")
+        return
+
     src_short = min(meta.width, meta.height)
-    thumbs = multi_thumbnails(frames, (32, 64))  # once per file: shot cuts use 32², clip scores 64²
-    out = []
-    for shot, (a, b) in enumerate(shot_boundaries(frames, cfg.cut_threshold, thumbs[32])):
-        n_clips = (b - a) // cfg.clip_frames
-        if n_clips == 0:
-            out.append(_reject_row(source, f"{fid}-s{shot:03d}", "too_short",
-                                   f"shot of {b - a} frames at {cfg.fps:g} fps; a clip needs {cfg.clip_frames}",
-                                   shot, a, b - a))
-            continue
-        for k in range(n_clips):
-            start = a + k * cfg.clip_frames
-            clip = frames[start:start + cfg.clip_frames]
-            clip_id = f"{fid}-{start:07d}"
-            scores = clip_scores(clip, thumbs=thumbs[64][start:start + cfg.clip_frames])
-            reason = None
-            if scores["black_fraction"] > cfg.black_max_fraction:
-                reason = ("black", f"{scores['black_fraction']:.0%} of frames are black")
-            elif scores["blank_fraction"] > cfg.blank_max_fraction:
-                reason = ("blank", f"{scores['blank_fraction']:.0%} of frames are one flat colour")
-            elif scores["motion_score"] < cfg.static_threshold:
-                reason = ("static", f"motion score {scores['motion_score']:.3f} < {cfg.static_threshold}")
-            if reason:
-                out.append(_reject_row(source, clip_id, *reason, shot, start, len(clip)))
-                continue
-            base = resize_center_crop(clip, cfg.size)
-            # the high-resolution copy is only worth keeping when the source has that resolution
-            hr = resize_center_crop(clip, cfg.hr_size) if cfg.hr_size and src_short >= cfg.hr_size else None
-            out.append({
-                "status": "ok", "clip_id": clip_id, "source": source, "shot_index": shot, "clip_index": k,
-                "start_frame": start, "start_time_s": start / cfg.fps, "fps": cfg.fps,
-                "num_frames": len(clip), "height": cfg.size, "width": cfg.size,
-                "frames_format": cfg.frame_format, "frames": _encode(base, cfg),
-                "hr_size": cfg.hr_size if hr is not None else 0,
-                "hr_frames": _encode(hr, cfg) if hr is not None else b"",
-                "keyframe": base[len(base) // 2].tobytes(), "caption": row["caption"],
-                "motion_score": scores["motion_score"], "brightness": scores["brightness"],
-                "src_width": meta.width, "src_height": meta.height, "src_fps": src_fps,
-                "src_codec": meta.codec,
-            })
-    return out
+    shots = ShotStream(cfg.clip_frames, cfg.cut_threshold)
+    made = 0
+    try:
+        for chunk in stream:
+            for event in shots.push(chunk):
+                row_out = _event_row(event, row, fid, meta, src_fps, src_short, cfg)
+                made += 1
+                yield row_out
+        for event in shots.finish():
+            row_out = _event_row(event, row, fid, meta, src_fps, src_short, cfg)
+            made += 1
+            yield row_out
+    except (Reject, Exception) as e:  # noqa: BLE001 - the decoder stalled or broke part-way, or a clip failed:
+        # the file's reject (the clips made before it are kept), never the job's failure
+        r = e if isinstance(e, Reject) else Reject("processing_failed", f"{type(e).__name__}: {str(e)[:300]}")
+        at = shots.n
+        yield _reject_row(source, whole_file if made == 0 else f"{fid}-stop", r.reason,
+                          f"{r.detail} (stopped at frame {at} of the {cfg.fps:g} fps stream; the {made} clips/shots "
+                          "before it are kept)" if made else r.detail, -1, at, 0)
+    finally:
+        stream.close()  # stops the decode thread if the consumer stopped early
+
+
+def _event_row(event: tuple, row: dict, fid: str, meta, src_fps: float, src_short: int, cfg: IngestConfig) -> dict:
+    source = row["source"]
+    if event[0] == "short":
+        _, shot, start, length = event
+        return _reject_row(source, f"{fid}-s{shot:03d}", "too_short",
+                           f"shot of {length} frames at {cfg.fps:g} fps; a clip needs {cfg.clip_frames}",
+                           shot, start, length)
+    _, shot, k, start, clip, thumbs = event
+    clip_id = f"{fid}-{start:07d}"
+    scores = clip_scores(clip, thumbs=thumbs)
+    reason = None
+    if scores["black_fraction"] > cfg.black_max_fraction:
+        reason = ("black", f"{scores['black_fraction']:.0%} of frames are black")
+    elif scores["blank_fraction"] > cfg.blank_max_fraction:
+        reason = ("blank", f"{scores['blank_fraction']:.0%} of frames are one flat colour")
+    elif scores["motion_score"] < cfg.static_threshold:
+        reason = ("static", f"motion score {scores['motion_score']:.3f} < {cfg.static_threshold}")
+    if reason:
+        return _reject_row(source, clip_id, *reason, shot, start, len(clip))
+    base = resize_center_crop(clip, cfg.size)
+    # the high-resolution copy is only worth keeping when the source has that resolution
+    hr = resize_center_crop(clip, cfg.hr_size) if cfg.hr_size and src_short >= cfg.hr_size else None
+    return {
+        "status": "ok", "clip_id": clip_id, "source": source, "shot_index": shot, "clip_index": k,
+        "start_frame": start, "start_time_s": start / cfg.fps, "fps": cfg.fps,
+        "num_frames": len(clip), "height": cfg.size, "width": cfg.size,
+        "frames_format": cfg.frame_format, "frames": _encode(base, cfg),
+        "hr_size": cfg.hr_size if hr is not None else 0,
+        "hr_frames": _encode(hr, cfg) if hr is not None else b"",
+        "keyframe": base[len(base) // 2].tobytes(), "caption": row["caption"],
+        "motion_score": scores["motion_score"], "brightness": scores["brightness"],
+        "src_width": meta.width, "src_height": meta.height, "src_fps": src_fps,
+        "src_codec": meta.codec,
+    }

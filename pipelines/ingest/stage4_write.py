@@ -1,5 +1,5 @@
-"""Stage 4 of ingestion, a Ray Data task per batch: one Parquet shard of the accepted clips and one part of the
-rejects, each written atomically; and the schema of both (documented in docs/data-format.md; the training side
+"""Stage 4 of ingestion, a Ray Data task per batch: one Parquet shard of the accepted clips, one part of the
+rejects and one of the files' done records, each written atomically; and the schema of both (documented in docs/data-format.md; the training side
 reads it with `pipelines.train.shards`, which checks `SCHEMA_VERSION` through the manifest).
 """
 
@@ -61,6 +61,15 @@ REJECT_SCHEMA = pa.schema([
 ])
 
 
+# a file's done record: written with (or after) its candidates; `file_candidates` counts them with the record
+DONE_SCHEMA = pa.schema([
+    ("clip_id", pa.string()),
+    ("source", pa.string()),
+    ("file_id", pa.string()),
+    ("file_candidates", pa.int32()),
+])
+
+
 def _column(batch: dict, name: str, n: int, default):
     values = batch.get(name)
     if values is None:
@@ -91,15 +100,17 @@ def write_shard(batch: dict[str, np.ndarray], output_uri: str, options: StorageO
     ids = sorted(str(c) for c in np.asarray(batch["clip_id"]).tolist())
     name = f"part-{hashlib.sha256(chr(0).join(ids).encode()).hexdigest()[:20]}.parquet"
     summary = {"kind": [], "path": [], "rows": [], "frames": [], "sources": []}
+    folders = {"shard": "shards", "rejects": "rejects", "done": "done"}
     for kind, schema, mask in (("shard", CLIP_SCHEMA, statuses == "ok"),
-                               ("rejects", REJECT_SCHEMA, statuses != "ok")):
+                               ("rejects", REJECT_SCHEMA, (statuses != "ok") & (statuses != "done")),
+                               ("done", DONE_SCHEMA, statuses == "done")):
         idx = np.flatnonzero(mask)
         if len(idx) == 0:
             continue
         table = _table(idx, batch, schema)
         sink = io.BytesIO()
         pq.write_table(table, sink, compression="zstd")
-        uri = storage.join(output_uri, "shards" if kind == "shard" else "rejects", name)
+        uri = storage.join(output_uri, folders[kind], name)
         storage.write_bytes(uri, sink.getvalue(), options)
         summary["kind"].append(kind)
         summary["path"].append(uri)
