@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import _thread
 import argparse
+import inspect
 import json
 import os
 import platform
@@ -205,7 +206,7 @@ def stage_breakdown(files: list[dict], cfg: IngestConfig, out_dir: str) -> dict:
     torch.set_num_threads(1)
     os.makedirs(out_dir, exist_ok=True)
     for row in files[:2]:  # warm-up (first calls into torch, decord, x264), not timed
-        stage2_decode.decode_and_cut(row, cfg, StorageOptions())
+        list(stage2_decode.decode_and_cut(row, cfg, StorageOptions()))
     T = Timer()
     clips = 0
     for row in files:
@@ -244,7 +245,7 @@ def stage_breakdown(files: list[dict], cfg: IngestConfig, out_dir: str) -> dict:
     rows = []
     for row in files:  # the real thing
 
-        rows += T("decode_and_cut (whole)", stage2_decode.decode_and_cut, row, cfg, options)
+        rows += T("decode_and_cut (whole)", _candidates_list, row, cfg, options)
     per_file["decode_and_cut_s"] = T.total["decode_and_cut (whole)"]
     per_file["decode_and_cut_cpu_s"] = T.cpu["decode_and_cut (whole)"]
     ok = sum(r["status"] == "ok" for r in rows)
@@ -263,12 +264,19 @@ def stage_breakdown(files: list[dict], cfg: IngestConfig, out_dir: str) -> dict:
 
 
 # --- 4. end to end on Ray -----------------------------------------------------------------------------------
+def _candidates_list(row, cfg, options) -> list[dict]:
+    # decode_and_cut yields its candidates as it makes them: consume them all, so the timing covers the work
+    return list(stage2_decode.decode_and_cut(row, cfg, options))
+
+
 def _traced(kind: str, fn, log_dir: str):
-    """fn wrapped to append (kind, pid, start, end) to a per-process file in log_dir (runs inside Ray workers)."""
+    """fn wrapped to append (kind, pid, start, end) to a per-process file in log_dir (runs inside Ray workers);
+    a generator function's output is consumed inside the timing (decode_and_cut yields its candidates)."""
     def wrapper(*a, **kw):
         t0 = time.time()
         try:
-            return fn(*a, **kw)
+            out = fn(*a, **kw)
+            return list(out) if inspect.isgenerator(out) else out
         finally:
             with open(os.path.join(log_dir, f"{os.getpid()}.log"), "a") as f:
                 f.write(f"{kind} {os.getpid()} {t0} {time.time()}\n")
@@ -445,7 +453,7 @@ def _phase(args, cfg: IngestConfig) -> dict:
 
         torch.set_num_threads(1)
         for row in files[:2]:  # warm-up, not timed
-            stage2_decode.decode_and_cut(row, cfg, StorageOptions())
+            list(stage2_decode.decode_and_cut(row, cfg, StorageOptions()))
         c0, t0 = _cpu(), time.perf_counter()
         rows = [r for row in files for r in stage2_decode.decode_and_cut(row, cfg, StorageOptions())]
         return {"seconds": time.perf_counter() - t0, "cpu_seconds": _cpu() - c0,
