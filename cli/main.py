@@ -98,13 +98,18 @@ def ingest(
     config: Path | None = typer.Option(None, help="Ingest config YAML (see pipelines/ingest/config.py)."),
     address: str | None = typer.Option(None, help="Ray cluster address (default: start a local Ray)."),
     set_: list[str] = typer.Option([], "--set", help="Override an ingest config key, e.g. --set clip_frames=16."),
+    limit: int | None = typer.Option(None, min=1, help="Only the first N video files (listing order): a sample."),
+    dry_run: bool = typer.Option(False, help="List, check the resume state and config, say what would be "
+                                 "processed; write nothing."),
 ):
     """Turn a video corpus into Parquet shards of fixed-length clips (Ray Data); re-run to resume."""
     from pipelines.ingest.config import load_ingest_config
     from pipelines.ingest.job import run_ingest
 
     cfg = load_ingest_config(config, set_)
-    report = run_ingest(input, output, captions, cfg, address=address)
+    report = run_ingest(input, output, captions, cfg, address=address, limit=limit, dry_run=dry_run)
+    if dry_run:
+        return
     small = report.get("rejected_files_by_reason", {}).get("too_small", 0)
     if small:
         typer.echo(f"{small} file(s) rejected as too_small (shorter side below min_side={cfg.min_side}); for small "

@@ -123,6 +123,16 @@ def local_copy(uri: str, options: StorageOptions | None = None, directory: str |
 
     suffix = os.path.splitext(uri)[1]
     fd, tmp = tempfile.mkstemp(suffix=suffix, dir=directory)
-    with os.fdopen(fd, "wb") as f:
-        f.write(read_bytes(uri, options))
+    fs, path = resolve(uri, options)
+    try:
+        # streamed to disk in blocks: memory stays at one block whatever the object's size
+        with os.fdopen(fd, "wb") as f, fs.open_input_stream(path) as src:
+            while block := src.read(_COPY_BLOCK):
+                f.write(block)
+    except BaseException:
+        os.unlink(tmp)
+        raise
     return tmp, True
+
+
+_COPY_BLOCK = 8 * 2**20

@@ -63,6 +63,15 @@ def test_exact_clips_and_reject_reasons(ingested):
     assert report["non_video_files_ignored"] == 2  # README.txt and the caption beside.txt
     beside = [r for r in rows if Path(r["source"]).name == "beside.mp4"]
     assert beside[0]["caption"] == "a green circle moving down"  # caption from the .txt beside the video
+    # one done record per video file, counting its candidates (clips + rejects + the record)
+    done = [r for p in sorted((out / "done").iterdir()) for r in pq.read_table(p).to_pylist()]
+    per_file = Counter(Path(r["source"]).name for r in done)
+    assert set(per_file) == set(expected["clips"]) | set(expected["rejects"]) and set(per_file.values()) == {1}
+    for r in done:
+        name = Path(r["source"]).name
+        assert r["file_candidates"] == expected["clips"].get(name, 0) + len(expected["rejects"].get(name, [])) + 1
+    assert report["scores"]["motion_score"]["count"] == report["clips"] == sum(
+        report["scores"]["motion_score"]["counts"])
 
 
 def test_every_clip_has_80_frames_at_the_base_size(ingested):
@@ -320,3 +329,25 @@ def test_decode_tasks_group_files_but_give_every_slot_work():
     assert decode_tasks(1, cfg, {}) == 1
     assert decode_tasks(100, cfg.model_copy(update={"decode_num_cpus": 2.0}), {"CPU": 64}) == 64  # 32 slots
     assert decode_tasks(1000, cfg.model_copy(update={"decode_files_per_task": 1}), {"CPU": 32}) == 1000
+
+
+def test_dry_run_writes_nothing_and_limit_makes_a_complete_sample(built, ray_session, tmp_path):
+    from conftest import run_cli
+
+    root, expected = built
+    out = tmp_path / "sample"
+    n_videos = len(set(expected["clips"]) | set(expected["rejects"]))
+    proc = run_cli("ingest", "--input", str(root / "videos"), "--output", str(out), "--captions",
+                   str(root / "captions.jsonl"), "--set", "encoder_from=tiny", "--dry-run", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert f"{n_videos} files" in proc.stdout and "nothing written" in proc.stdout, proc.stdout
+    assert not out.exists()  # not even the config record
+    report = run_ingest(str(root / "videos"), str(out), str(root / "captions.jsonl"),
+                        load_ingest_config(None, OVERRIDES), limit=2)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert report["files"] == manifest["files"] == 2
+    rows = [r for s in manifest["shards"] for r in pq.read_table(out / s["path"]).to_pylist()]
+    assert len({r["source"] for r in rows}) <= 2 and manifest["clips"] == len(rows)
+    plan = run_ingest(str(root / "videos"), str(out), str(root / "captions.jsonl"),
+                      load_ingest_config(None, OVERRIDES), dry_run=True)
+    assert plan["already_done"] == 2 and plan["to_process"] == n_videos - 2

@@ -38,7 +38,9 @@ class IngestConfig(BaseModel):
     blank_max_fraction: float = Field(0.5, ge=0, le=1)  # blank: more than this share of frames flat colour
     min_clip_score: float | None = None  # low_clip_score: CLIP text–keyframe cosine below; null disables
     missing_caption: Literal["reject", "keep"] = "reject"
-    decode_timeout_s: float = Field(120.0, ge=0)  # per file; 0 decodes in-process without a timeout
+    # the longest wait for the decoder's next chunk of frames (a hung or pathologically slow decoder), not a
+    # limit on the file's length; 0 decodes in-process without a timeout
+    decode_timeout_s: float = Field(120.0, ge=0)
     max_file_bytes: int = Field(8 * 2**30, ge=1)  # larger inputs are rejected as too_large
     extensions: tuple[str, ...] = VIDEO_EXTENSIONS
     # text/image encoder: must be the one the models train with (its fingerprint goes into the manifest)
@@ -50,6 +52,9 @@ class IngestConfig(BaseModel):
     embed_actors: int = Field(1, ge=1)
     embed_num_gpus: float = Field(0.0, ge=0)  # >0 puts the embedding actors on GPUs
     decode_num_cpus: float = Field(1.0, gt=0)
+    # memory Ray reserves per decode task (MB); null: estimated from the decode size and clip length (a decode
+    # task holds a few chunks of frames and one clip, whatever the video's length)
+    decode_memory_mb: int | None = Field(None, ge=64)
     # threads of the decoder and of each x264 encode inside one decode task; 0 = the libraries' default (one
     # or more per core). 1 because Ray already runs one decode task per CPU, and on clips this size one
     # thread costs 16-45% less CPU than their default threading (docs/decisions.md, "Ingestion: one codec
@@ -65,6 +70,17 @@ class IngestConfig(BaseModel):
         if self.hr_size is not None and self.hr_size < self.size:
             raise ValueError(f"hr_size ({self.hr_size}) must be >= size ({self.size}) or null")
         return self
+
+    def decode_task_memory(self) -> int:
+        """Bytes Ray reserves per decode task: the worker's own footprint (torch, decord, x264: ~0.8 GB
+        measured) plus the frames it holds: decoded chunks (up to 4 of 64 frames at the decode size, 16:9 at
+        the short side) and one clip at both resolutions, plus one output block of candidates."""
+        if self.decode_memory_mb is not None:
+            return self.decode_memory_mb * 2**20
+        short = max(self.size, self.hr_size or 0)
+        frame = short * (short * 16 // 9) * 3
+        frames = 4 * 64 * frame + self.clip_frames * (frame + 3 * self.size**2 + 3 * (self.hr_size or 0) ** 2)
+        return int(800 * 2**20 + 2 * frames + 128 * 2**20)
 
     def text_encoder(self) -> TextEncoderConfig:
         if self.text is not None:

@@ -23,6 +23,7 @@ import io
 import json
 import math
 import os
+import sys
 import time
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -100,7 +101,7 @@ def _clean_temp_files(output_uri: str, options: StorageOptions) -> None:
 
 # how the work is spread, not what it produces: a resume may change these freely
 _PERFORMANCE_KEYS = {"shard_clips", "embed_batch_size", "embed_actors", "embed_num_gpus", "decode_num_cpus",
-                     "codec_threads", "decode_files_per_task"}
+                     "codec_threads", "decode_files_per_task", "decode_memory_mb"}
 RUN_CONFIG = "ingest-config.json"
 
 
@@ -108,7 +109,8 @@ def _output_config(cfg: IngestConfig) -> dict:
     return {k: v for k, v in cfg.model_dump(mode="json").items() if k not in _PERFORMANCE_KEYS}
 
 
-def check_resume_config(output_uri: str, cfg: IngestConfig, options: StorageOptions, captions_uri: str | None) -> None:
+def check_resume_config(output_uri: str, cfg: IngestConfig, options: StorageOptions, captions_uri: str | None,
+                        record: bool = True) -> None:
     """The output's clips were made with one config: record it before the first part is written, and refuse a
     resume whose config differs in anything that changes the clips (a one-line error naming the keys), so new
     shards never mix with old ones under a manifest that describes only the new config."""
@@ -122,7 +124,8 @@ def check_resume_config(output_uri: str, cfg: IngestConfig, options: StorageOpti
         have = {"config": {k: v for k, v in (old.get("config") or {}).items() if k not in _PERFORMANCE_KEYS},
                 "captions": old.get("captions")}
     if have is None:
-        storage.write_bytes(record_uri, json.dumps(want, indent=2).encode(), options)
+        if record:  # not on a dry run, which writes nothing
+            storage.write_bytes(record_uri, json.dumps(want, indent=2).encode(), options)
         return
     old, new = have["config"], want["config"]
     diff = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
@@ -139,18 +142,21 @@ def _init_ray(address: str | None):
     import ray
     import ray.data
 
-    # our own progress lines and summary replace Ray Data's per-operator progress logs
+    # Ray Data's progress bars on a terminal; in a log (a cluster job, CI) our own progress lines (files done /
+    # total, clips, rate, ETA) replace them, one line every few seconds instead of a redrawn bar per operator
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
+    ctx.enable_progress_bars = sys.stderr.isatty()
     if ray.is_initialized():
         return
+    # worker output (a decode task's warning, a write task's traceback) reaches this driver's log: on a cluster
+    # that is the job's log, the only one a data engineer reads
     if address or os.environ.get("RAY_ADDRESS"):
         # --address, or RAY_ADDRESS: set for a job's driver on a cluster (`ray job submit`, a RayJob)
-        ray.init(address=address, log_to_driver=False)
+        ray.init(address=address, log_to_driver=True)
     else:
         # oversubscribe logical CPUs: decode tasks, the embedding actor and writers must all fit at once
-        ray.init(address="local", num_cpus=max(4, 2 * (os.cpu_count() or 2)), log_to_driver=False,
+        ray.init(address="local", num_cpus=max(4, 2 * (os.cpu_count() or 2)), log_to_driver=True,
                  include_dashboard=False)
 
 
@@ -178,8 +184,12 @@ def _absolute(uri: str) -> str:
 
 
 def run_ingest(input_uri: str, output_uri: str, captions_uri: str | None = None, cfg: IngestConfig | None = None,
-               address: str | None = None, options: StorageOptions | None = None, log=print) -> dict:
-    """Run (or resume) an ingestion job; returns the report (also written to report.json)."""
+               address: str | None = None, options: StorageOptions | None = None, log=print,
+               limit: int | None = None, dry_run: bool = False) -> dict:
+    """Run (or resume) an ingestion job; returns the report (also written to report.json).
+    `limit`: only the first N video files (in listing order), e.g. to try settings on a sample; the output is a
+    complete dataset of those N. `dry_run`: list, check the resume state and config, report what would be
+    processed, write nothing and start no Ray."""
     import ray
 
     cfg = cfg or IngestConfig()
@@ -197,8 +207,12 @@ def run_ingest(input_uri: str, output_uri: str, captions_uri: str | None = None,
         raise LumiereError(str(e)) from None
     if not files:
         raise LumiereError(f"no video files ({', '.join(cfg.extensions)}) under {input_uri}")
-    check_resume_config(output_uri, cfg, options, captions_uri)
-    _clean_temp_files(output_uri, options)
+    listed = len(files)
+    if limit is not None:
+        files = files[:limit]
+    check_resume_config(output_uri, cfg, options, captions_uri, record=not dry_run)
+    if not dry_run:
+        _clean_temp_files(output_uri, options)
     committed = scan_committed(output_uri, options)
     todo = []
     for f in files:
@@ -206,8 +220,22 @@ def run_ingest(input_uri: str, output_uri: str, captions_uri: str | None = None,
         if is_done(done):
             continue
         todo.append({**f, "skip_ids": sorted(done["ids"]) if done else []})
-    log(f"[ingest] {len(files)} video files under {input_uri} ({skipped} other files ignored); "
-        f"{len(files) - len(todo)} already done, {len(todo)} to process -> {output_uri}")
+    log(f"[ingest] {listed} video files under {input_uri} ({skipped} other files ignored)"
+        + (f", the first {len(files)} of them (--limit)" if limit is not None else "")
+        + f"; {len(files) - len(todo)} already done, {len(todo)} to process -> {output_uri}")
+    if dry_run:
+        plan = {"dry_run": True, "input": input_uri, "output": output_uri, "files": len(files),
+                "already_done": len(files) - len(todo), "to_process": len(todo),
+                "to_process_bytes": sum(f["size"] for f in todo),
+                "without_caption": sum(not f["has_caption"] for f in todo),
+                "bad_caption": sum(bool(f.get("caption_error")) for f in todo),
+                "over_max_file_bytes": sum(f["size"] > cfg.max_file_bytes for f in todo),
+                "first": [f["source"] for f in todo[:5]]}
+        log(f"[ingest] dry run: {plan['to_process']} files ({plan['to_process_bytes'] / 2**20:.1f} MiB) would be "
+            f"processed; {plan['without_caption']} without a caption (missing_caption={cfg.missing_caption}), "
+            f"{plan['bad_caption']} with a bad caption file, {plan['over_max_file_bytes']} over max_file_bytes; "
+            "nothing written")
+        return plan
 
     written = Counter()
     # the manifest's encoder record, built on a driver thread while Ray runs (off the critical path at the end)
@@ -221,7 +249,7 @@ def run_ingest(input_uri: str, output_uri: str, captions_uri: str | None = None,
         worker_cfg = cfg.model_copy(update={"text": cfg.text_encoder()})
         ds = ray.data.from_items(todo, override_num_blocks=decode_tasks(len(todo), cfg, ray.cluster_resources()))
         ds = ds.flat_map(decode_and_cut, fn_kwargs={"cfg": worker_cfg, "options": options},
-                         num_cpus=cfg.decode_num_cpus)
+                         num_cpus=cfg.decode_num_cpus, memory=cfg.decode_task_memory())
         ds = ds.map_batches(
             CaptionEmbedder, fn_constructor_kwargs={"cfg": worker_cfg}, batch_size=cfg.embed_batch_size,
             compute=ray.data.ActorPoolStrategy(size=cfg.embed_actors), num_gpus=cfg.embed_num_gpus or None,
@@ -229,25 +257,55 @@ def run_ingest(input_uri: str, output_uri: str, captions_uri: str | None = None,
         )
         ds = ds.map_batches(write_shard, fn_kwargs={"output_uri": output_uri, "options": options},
                             batch_size=cfg.shard_clips, num_cpus=0.5)
-        last = 0.0
+        last, started = 0.0, time.time()
         for part in ds.iter_rows():
             written[part["kind"] + "_rows"] += int(part["rows"])
             written[part["kind"] + "_files"] += 1
             written["frames"] += int(part["frames"])
             if time.time() - last > 2:
                 last = time.time()
-                rate = written["shard_rows"] / max(1e-9, last - t0)
-                log(f"[ingest] {written['shard_rows']} clips in {written['shard_files']} shards, "
-                    f"{written['rejects_rows']} rejects, {rate:.2f} clips/s, {last - t0:.0f}s")
+                log(_progress_line(written, len(todo), last - started))
+        log(_progress_line(written, len(todo), time.time() - started))
     return finalize(input_uri, output_uri, captions_uri, files, skipped, cfg, options, t0, written, log,
                     encoder_info=encoder_info.result())
+
+
+def _histograms(shard_parts: list[tuple[str, pa.Table]], sources: set[str], bins: int = 10) -> dict:
+    """Histograms of the accepted clips' scores (what a data engineer tunes the filters by): counts per bin and
+    the bin edges, for motion_score and clip_score."""
+    import numpy as np
+
+    out = {}
+    for name in ("motion_score", "clip_score"):
+        values = np.array([v for _, t in shard_parts
+                           for v, src in zip(t[name].to_pylist(), t["source"].to_pylist(), strict=True)
+                           if src in sources and v is not None], dtype=np.float64)
+        if len(values) == 0:
+            out[name] = {"count": 0}
+            continue
+        counts, edges = np.histogram(values, bins=bins)
+        out[name] = {"count": int(len(values)), "min": float(values.min()), "median": float(np.median(values)),
+                     "max": float(values.max()), "bin_edges": [round(float(e), 4) for e in edges],
+                     "counts": counts.tolist()}
+    return out
+
+
+def _progress_line(written: Counter, todo: int, elapsed: float) -> str:
+    """'[ingest] files 12/40 (30%), 96 clips, 7 rejects, 1.9 clips/s, 50s, ETA 117s': files count as done when their
+    done record is committed, so the ETA is the remaining files at this run's rate of files."""
+    files = written["done_rows"]
+    rate = written["shard_rows"] / max(1e-9, elapsed)
+    eta = f", ETA {elapsed / files * (todo - files):.0f}s" if 0 < files < todo else ""
+    return (f"[ingest] files {files}/{todo} ({files / max(1, todo):.0%}), {written['shard_rows']} clips, "
+            f"{written['rejects_rows']} rejects, {rate:.2f} clips/s, {elapsed:.0f}s{eta}")
 
 
 def finalize(input_uri, output_uri, captions_uri, files, skipped, cfg: IngestConfig, options, t0, written,
              log=print, encoder_info: dict | None = None) -> dict:
     """Check completeness, write rejects.parquet, report.json and — last — manifest.json."""
     # each part is read once, only the columns needed (REJECT_SCHEMA has the state columns)
-    shard_parts = _read_parts(output_uri, "shards", [*_STATE_COLUMNS, "num_frames"], options)
+    shard_parts = _read_parts(output_uri, "shards", [*_STATE_COLUMNS, "num_frames", "motion_score", "clip_score"],
+                              options)
     reject_parts = _read_parts(output_uri, "rejects", REJECT_SCHEMA.names, options)
     done_parts = _read_parts(output_uri, "done", _STATE_COLUMNS, options)
     committed = _committed_state([t for _, t in shard_parts + reject_parts + done_parts])
@@ -291,6 +349,7 @@ def finalize(input_uri, output_uri, captions_uri, files, skipped, cfg: IngestCon
                      "seconds": round(elapsed, 2),
                      "clips_per_s": round(written["shard_rows"] / elapsed, 3) if elapsed else 0.0,
                      "frames_per_s": round(written["frames"] / elapsed, 1) if elapsed else 0.0},
+        "scores": _histograms(shard_parts, sources),
         "reason_codes": REASONS,
     }
     storage.write_bytes(storage.join(output_uri, "report.json"), json.dumps(report, indent=2).encode(), options)
