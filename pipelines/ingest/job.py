@@ -147,6 +147,8 @@ def _init_ray(address: str | None):
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = sys.stderr.isatty()
+    if not ctx.enable_progress_bars:  # ours replace them: no warning that Ray's are off
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     if ray.is_initialized():
         return
     # worker output (a decode task's warning, a write task's traceback) reaches this driver's log: on a cluster

@@ -19,15 +19,19 @@ class CaptionEmbedder:
         self.cfg = cfg
         device = "cuda" if cfg.embed_num_gpus > 0 and torch.cuda.is_available() else "cpu"
         self.encoder = TextEncoder(cfg.text_encoder()).to(device)
+        with torch.no_grad():
+            self.dim = int(self.encoder.encode_text([""])[1].shape[1])  # text and image share CLIP's embedding space
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["clip_id"])
         ok = np.array([s == "ok" for s in batch["status"]])
         tokens = np.empty(n, dtype=object)
-        pooled = np.empty(n, dtype=object)
-        image = np.empty(n, dtype=object)
+        # (n, dim) float32, zeros for rows that are not clips: one tensor column Arrow takes as it is (an object
+        # array of arrays and Nones made Ray fall back to pickling the column, with a warning per batch)
+        pooled = np.zeros((n, self.dim), dtype=np.float32)
+        image = np.zeros((n, self.dim), dtype=np.float32)
         score = np.zeros(n, dtype=np.float32)
-        tokens[:], pooled[:], image[:] = b"", None, None
+        tokens[:] = b""
         if ok.any():
             idx = np.flatnonzero(ok)
             context, text = self.encoder.encode_text([str(batch["caption"][i]) for i in idx])
