@@ -351,3 +351,51 @@ def test_dry_run_writes_nothing_and_limit_makes_a_complete_sample(built, ray_ses
     plan = run_ingest(str(root / "videos"), str(out), str(root / "captions.jsonl"),
                       load_ingest_config(None, OVERRIDES), dry_run=True)
     assert plan["already_done"] == 2 and plan["to_process"] == n_videos - 2
+
+
+def test_exact_duplicates_are_rejected_pointing_at_the_kept_file_also_across_a_resume(ray_session, tmp_path):
+    """Three copies of one video (one without a caption) and another video: one copy is kept (a captioned one),
+    the others are `duplicate` rejects naming it; a copy added later is a duplicate of the committed original;
+    dedup=none keeps every copy. Clips are counted per id (a clip written twice fails)."""
+    import shutil
+
+    from lumiere.video import write_mp4
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    write_mp4(videos / "b-original.mp4", corpus.moving(40, 128, 128, seed=3), fps=16)
+    write_mp4(videos / "other.mp4", corpus.moving(40, 128, 128, seed=4, spec=("circle", "blue", "up")), fps=16)
+    shutil.copy(videos / "b-original.mp4", videos / "c-copy.mp4")
+    shutil.copy(videos / "b-original.mp4", videos / "a-copy-no-caption.mp4")  # first in order, but no caption
+    for name in ("b-original", "other", "c-copy"):
+        (videos / f"{name}.txt").write_text(f"caption of {name}")
+    cfg = load_ingest_config(None, [*OVERRIDES, "clip_frames=16"])
+    out = tmp_path / "out"
+    run_ingest(str(videos), str(out), None, cfg)
+
+    def state():
+        rows, _ = _clips(out)
+        rejects = pq.read_table(out / "rejects.parquet").to_pylist()
+        return Counter(r["clip_id"] for r in rows), Counter(Path(r["source"]).name for r in rows), rejects
+
+    ids, per_file, rejects = state()
+    assert set(ids.values()) == {1}  # no clip twice
+    assert set(per_file) == {"b-original.mp4", "other.mp4"} and per_file["b-original.mp4"] == 40 // 16
+    dupes = {Path(r["source"]).name: r["detail"] for r in rejects if r["reason"] == "duplicate"}
+    assert set(dupes) == {"a-copy-no-caption.mp4", "c-copy.mp4"}
+    assert all("b-original.mp4" in d for d in dupes.values()), dupes
+    # a copy added later ("0-…" sorts first) is a duplicate of the committed original, which stays
+    shutil.copy(videos / "b-original.mp4", videos / "0-late-copy.mp4")
+    (videos / "0-late-copy.txt").write_text("a late copy")
+    report = run_ingest(str(videos), str(out), None, cfg)
+    ids, per_file, rejects = state()
+    assert set(ids.values()) == {1} and set(per_file) == {"b-original.mp4", "other.mp4"}
+    late = [r for r in rejects if Path(r["source"]).name == "0-late-copy.mp4"]
+    assert [r["reason"] for r in late] == ["duplicate"] and "b-original.mp4" in late[0]["detail"]
+    assert report["rejected_files_by_reason"]["duplicate"] == 3
+    # dedup off: every captioned copy gives its clips
+    off = tmp_path / "off"
+    run_ingest(str(videos), str(off), None, load_ingest_config(None, [*OVERRIDES, "clip_frames=16", "dedup=none"]))
+    rows, _ = _clips(off)
+    assert Counter(Path(r["source"]).name for r in rows) == {
+        "0-late-copy.mp4": 2, "b-original.mp4": 2, "c-copy.mp4": 2, "other.mp4": 2}

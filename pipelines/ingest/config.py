@@ -38,6 +38,9 @@ class IngestConfig(BaseModel):
     blank_max_fraction: float = Field(0.5, ge=0, le=1)  # blank: more than this share of frames flat colour
     min_clip_score: float | None = None  # low_clip_score: CLIP text–keyframe cosine below; null disables
     missing_caption: Literal["reject", "keep"] = "reject"
+    # duplicate: a file with the same bytes (SHA-256) as another is rejected, pointing at the kept one (the first
+    # committed, else the first in listing order); "none" ingests every copy
+    dedup: Literal["exact", "none"] = "exact"
     # the longest wait for the decoder's next chunk of frames (a hung or pathologically slow decoder), not a
     # limit on the file's length; 0 decodes in-process without a timeout
     decode_timeout_s: float = Field(120.0, ge=0)

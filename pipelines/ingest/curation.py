@@ -36,6 +36,7 @@ REASONS = {
     "no_caption": "no caption found (missing_caption: reject)",
     "bad_caption": "the caption file beside the video is not UTF-8 text / a JSON object with a caption",
     "too_large": "file bigger than max_file_bytes",
+    "duplicate": "the same bytes as another input file (dedup: exact); the detail names the kept file",
     "static": "motion score below static_threshold",
     "black": "most frames are black",
     "blank": "most frames are a single flat colour",

@@ -39,7 +39,7 @@ from lumiere.storage import StorageOptions
 
 from .config import IngestConfig
 from .curation import REASONS
-from .stage1_list import list_inputs
+from .stage1_list import content_hash, list_inputs, mark_duplicates
 from .stage2_decode import decode_and_cut
 from .stage3_embed import CaptionEmbedder
 from .stage4_write import REJECT_SCHEMA, SCHEMA_VERSION, write_shard
@@ -246,6 +246,11 @@ def run_ingest(input_uri: str, output_uri: str, captions_uri: str | None = None,
     pool.shutdown(wait=False)  # the submitted call still runs to the end
     if todo:
         _init_ray(address)
+        if cfg.dedup == "exact":
+            todo = _hash_files(todo, cfg, options)
+            marked = mark_duplicates(todo, _kept_hashes(output_uri, options))
+            if marked:
+                log(f"[ingest] {marked} files have the same bytes as another (rejected as duplicate)")
         # the encoder config resolved here once: resolving `encoder_from` imports lumiere.config (diffusers,
         # scipy: ~2 s of CPU), which each embedding actor would otherwise pay while decode tasks need the cores
         worker_cfg = cfg.model_copy(update={"text": cfg.text_encoder()})
@@ -290,6 +295,31 @@ def _histograms(shard_parts: list[tuple[str, pa.Table]], sources: set[str], bins
                      "max": float(values.max()), "bin_edges": [round(float(e), 4) for e in edges],
                      "counts": counts.tolist()}
     return out
+
+
+def _hash_files(todo: list[dict], cfg: IngestConfig, options: StorageOptions) -> list[dict]:
+    """The SHA-256 of every file to process, in parallel Ray tasks (each reads its files in blocks); one small
+    row per file comes back to the driver. Listing order is kept."""
+    import ray
+
+    ds = ray.data.from_items(todo, override_num_blocks=decode_tasks(len(todo), cfg, ray.cluster_resources()))
+    hashed = ds.map(content_hash, fn_kwargs={"options": options, "max_file_bytes": cfg.max_file_bytes},
+                    num_cpus=0.5).take_all()
+    by_source = {r["source"]: r["content_hash"] for r in hashed}
+    return [{**r, "content_hash": by_source.get(r["source"], "")} for r in todo]
+
+
+def _kept_hashes(output_uri: str, options: StorageOptions) -> dict[str, str]:
+    """content hash -> the file an earlier run committed as the original (from the done records)."""
+    kept: dict[str, str] = {}
+    for _, table in _read_parts(output_uri, "done", None, options):
+        if "content_hash" not in table.column_names:
+            continue
+        for src, h, dup in zip(*(table[c].to_pylist() for c in ("source", "content_hash", "duplicate_of")),
+                               strict=True):
+            if h and not dup and (h not in kept or src < kept[h]):
+                kept[h] = src
+    return kept
 
 
 def _progress_line(written: Counter, todo: int, elapsed: float) -> str:

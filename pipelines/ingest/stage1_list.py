@@ -1,10 +1,13 @@
 """Stage 1 of ingestion, on the driver: list the video files under a URI and attach their captions (a sidecar
-.jsonl/.csv/.parquet with path,caption, or a .txt/.json beside each video). Plain functions, testable without Ray.
+.jsonl/.csv/.parquet with path,caption, or a .txt/.json beside each video); then (Ray tasks, `content_hash`) the
+SHA-256 of each file's bytes, which `mark_duplicates` turns into exact-duplicate rejects. Plain functions, testable
+without Ray.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 from concurrent.futures import ThreadPoolExecutor
@@ -95,3 +98,40 @@ def list_inputs(input_uri: str, captions_uri: str | None, cfg: IngestConfig,
                "caption_error": errors.get(i, "")}
         files.append(row)
     return files, skipped
+
+
+_HASH_BLOCK = 8 * 2**20
+
+
+def content_hash(row: dict, options: StorageOptions, max_file_bytes: int) -> dict:
+    """row + {"content_hash": hex SHA-256 of the file's bytes}, read in blocks (memory: one block). A file that
+    cannot be read, or that is over max_file_bytes (its reject says so later), gets "" and is never a duplicate."""
+    if row["size"] > max_file_bytes:
+        return {**row, "content_hash": ""}
+    digest = hashlib.sha256()
+    try:
+        fs, path = storage.resolve(row["source"], options)
+        with fs.open_input_stream(path) as f:
+            while block := f.read(_HASH_BLOCK):
+                digest.update(block)
+    except OSError:
+        return {**row, "content_hash": ""}
+    return {**row, "content_hash": digest.hexdigest()}
+
+
+def mark_duplicates(todo: list[dict], kept: dict[str, str]) -> int:
+    """Give each file whose content hash is already kept `duplicate_of` = the kept file's URI. `kept` (hash ->
+    URI) starts with the files an earlier run committed as originals, so a new file never displaces one; among
+    new files the first in listing order is kept, preferring one with a usable caption. Updates `kept`; returns the number of duplicates marked."""
+    marked = 0
+    # a copy that can be used (a caption, no bad caption file) is kept before one that would be rejected anyway
+    for row in sorted(todo, key=lambda r: (not r.get("has_caption") or bool(r.get("caption_error")), r["source"])):
+        h = row.get("content_hash")
+        if not h:
+            continue
+        if h in kept and kept[h] != row["source"]:
+            row["duplicate_of"] = kept[h]
+            marked += 1
+        else:
+            kept.setdefault(h, row["source"])
+    return marked

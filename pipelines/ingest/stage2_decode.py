@@ -53,7 +53,7 @@ CANDIDATE_DEFAULTS = {
     "shot_index": -1, "clip_index": -1, "start_frame": -1, "start_time_s": -1.0, "fps": 0.0, "num_frames": 0,
     "height": 0, "width": 0, "frames_format": "", "frames": b"", "hr_size": 0, "hr_frames": b"", "keyframe": b"",
     "caption": "", "motion_score": 0.0, "brightness": 0.0, "src_width": 0, "src_height": 0, "src_fps": 0.0,
-    "src_codec": "",
+    "src_codec": "", "content_hash": "", "duplicate_of": "",
 }
 
 
@@ -78,7 +78,8 @@ def decode_and_cut(row: dict, cfg: IngestConfig, options: StorageOptions) -> Ite
     done = done_id(row["source"])
     if done not in skip:
         yield {**CANDIDATE_DEFAULTS, "status": "done", "clip_id": done, "source": row["source"], "file_id": fid,
-               "file_candidates": count + 1}
+               "file_candidates": count + 1, "content_hash": row.get("content_hash") or "",
+               "duplicate_of": row.get("duplicate_of") or ""}
 
 
 def _candidates(row: dict, cfg: IngestConfig, options: StorageOptions) -> Iterator[dict]:
@@ -89,6 +90,10 @@ def _candidates(row: dict, cfg: IngestConfig, options: StorageOptions) -> Iterat
         yield _reject_row(source, whole_file, "too_large",
                           f"file is {row['size']} bytes, over max_file_bytes={cfg.max_file_bytes} (raise it with "
                           "--set max_file_bytes=N)")
+        return
+    if row.get("duplicate_of"):
+        yield _reject_row(source, whole_file, "duplicate",
+                          f"the same bytes as {row['duplicate_of']} (kept); --set dedup=none ingests every copy")
         return
     if row.get("caption_error"):
         yield _reject_row(source, whole_file, "bad_caption", row["caption_error"])

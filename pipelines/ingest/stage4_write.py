@@ -67,6 +67,8 @@ DONE_SCHEMA = pa.schema([
     ("source", pa.string()),
     ("file_id", pa.string()),
     ("file_candidates", pa.int32()),
+    ("content_hash", pa.string()),  # SHA-256 of the file's bytes ("" when not hashed: dedup off, unreadable)
+    ("duplicate_of", pa.string()),  # the kept file this one duplicates, or ""
 ])
 
 
