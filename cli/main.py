@@ -137,6 +137,10 @@ def train(
         None, help="http://HOST:8265 submits through the Ray Jobs API; HOST:PORT joins a cluster as driver."
     ),
     max_failures: int = typer.Option(3, min=0, help="Worker failures survived by restoring the last checkpoint."),
+    sample_every: int | None = typer.Option(
+        None, min=0, help="Steps between sample videos, rendered by a Ray task off the training gang and logged "
+        "to MLflow (default: train.checkpoint_every; 0: none)."),
+    sample_gpus: float = typer.Option(0.0, min=0.0, help="GPUs a sample render reserves (default 0: a CPU)."),
     conditional: bool = typer.Option(False, help="stunet: the 7-channel ⟨J, C, M⟩ model for i2v, inpainting, "
                                      "cinemagraphs and extension (stunet.conditional=true)."),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
@@ -159,7 +163,8 @@ def train(
     from pipelines.train.job import run_training
 
     run_training(kind, data, str(output), cfg, init_from=init_from, num_workers=num_workers, gpu=gpu,
-                 run_name=run_name, address=address, compile=compile, max_failures=max_failures)
+                 run_name=run_name, address=address, compile=compile, max_failures=max_failures,
+                 sample_every=sample_every, sample_num_gpus=sample_gpus)
 
 
 def _load_media(path: Path | None, what: str, cfg, kind: str):

@@ -122,7 +122,8 @@ def content_hash(row: dict, options: StorageOptions, max_file_bytes: int) -> dic
 def mark_duplicates(todo: list[dict], kept: dict[str, str]) -> int:
     """Give each file whose content hash is already kept `duplicate_of` = the kept file's URI. `kept` (hash ->
     URI) starts with the files an earlier run committed as originals, so a new file never displaces one; among
-    new files the first in listing order is kept, preferring one with a usable caption. Updates `kept`; returns the number of duplicates marked."""
+    new files the first in listing order is kept, preferring one with a usable caption. Updates `kept`; returns
+    the number of duplicates marked."""
     marked = 0
     # a copy that can be used (a caption, no bad caption file) is kept before one that would be rejected anyway
     for row in sorted(todo, key=lambda r: (not r.get("has_caption") or bool(r.get("caption_error")), r["source"])):

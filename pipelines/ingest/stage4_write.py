@@ -1,6 +1,7 @@
 """Stage 4 of ingestion, a Ray Data task per batch: one Parquet shard of the accepted clips, one part of the
-rejects and one of the files' done records, each written atomically; and the schema of both (documented in docs/data-format.md; the training side
-reads it with `pipelines.train.shards`, which checks `SCHEMA_VERSION` through the manifest).
+rejects and one of the files' done records, each written atomically; and their schemas (documented in
+docs/data-format.md; the training side reads it with `pipelines.train.shards`, which checks `SCHEMA_VERSION`
+through the manifest).
 """
 
 from __future__ import annotations

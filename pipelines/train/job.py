@@ -66,7 +66,8 @@ class TrainJob:
     text_fingerprint: str
     use_gpu: bool = False
     compile: bool = False
-    sample_every: int = 0
+    sample_every: int = 0  # steps between sample renders (a Ray task off the gang); 0: none
+    sample_num_gpus: float = 0.0  # GPUs a sample render task reserves (0: it renders on a CPU)
     sample_prompts: list[str] = field(default_factory=lambda: list(SAMPLE_PROMPTS))
     data_position: Any = None  # the DataPosition actor's handle (pipelines.train.shards)
     plan_rows: int = 0  # rows in each worker's data plan
@@ -97,22 +98,70 @@ def build_for_training(kind: str, cfg: LumiereConfig, init_from: str | None) -> 
     return model
 
 
-def _log_sample_video(model, cfg: LumiereConfig, kind: str, step_fn, prompts, mlflow_client, run_id) -> None:
-    """Render the fixed prompts with the EMA weights and log them as an mp4 artifact."""
+def render_samples(kind: str, cfg_dict: dict, ema_state: dict, step: int, prompts: list[str], mlflow_uri: str,
+                   run_id: str) -> dict:
+    """A Ray task with its own resources, off the training gang: build the model from the EMA weights a worker
+    handed over, render the fixed prompts and log them to the run as mp4 artifacts (samples/), with when the
+    render started and ended as metrics (`sample_started_at`, `sample_ended_at`, unix seconds) at the step
+    the weights are from. Training never waits for it."""
+    import mlflow
+    from mlflow.entities import Metric
+
     from lumiere.pipeline import TextToVideo
     from lumiere.text_encoder import TextEncoder
     from lumiere.video import write_mp4
 
-    ema = copy.deepcopy(model).cpu().eval()
-    ema.load_state_dict({k: v.cpu() for k, v in step_fn.ema.state_dict(model).items()})
-    stunet = ema if kind == "stunet" else build_stunet(cfg, ema)
+    started = time.time()
+    cfg = build_config(cfg_dict)
+    model = build_stunet(cfg) if kind == "stunet" else build_prior(cfg)
+    model.load_state_dict(ema_state)
+    stunet = model.eval() if kind == "stunet" else build_stunet(cfg, model).eval()
     gen = TextToVideo(stunet, TextEncoder(cfg.text), cfg, "training sample")
     result = gen.generate(prompts, seed=0, steps=min(cfg.sample.steps, 20))
+    client = mlflow.MlflowClient(tracking_uri=mlflow_uri)
     with tempfile.TemporaryDirectory() as d:
         for i, video in enumerate(result.videos):
-            path = Path(d) / f"step{step_fn.step:07d}_{i}_{'_'.join(prompts[i].split())[:40]}.mp4"
+            path = Path(d) / f"step{step:07d}_{i}_{'_'.join(prompts[i].split())[:40]}.mp4"
             write_mp4(path, video, fps=result.fps)
-            mlflow_client.log_artifact(run_id, str(path), artifact_path="samples")
+            client.log_artifact(run_id, str(path), artifact_path="samples")
+    ended = time.time()
+    ms = int(ended * 1000)
+    client.log_batch(run_id, metrics=[Metric("sample_started_at", started, ms, step),
+                                      Metric("sample_ended_at", ended, ms, step),
+                                      Metric("sample_render_s", ended - started, ms, step)])
+    return {"step": step, "seconds": ended - started, "videos": len(result.videos)}
+
+
+class SampleRenderer:
+    """Rank 0's handle on the sample renders: each is a Ray task (`render_samples`) on its own CPU (or
+    `num_gpus`), started with a CPU copy of the EMA weights; training goes on at once. One render at a time:
+    a sample due while the last one still runs is skipped (said in the log), so slow renders never pile up.
+    `finish` waits (bounded) for the last render at the end of the run, so its videos land in the run."""
+
+    def __init__(self, job: TrainJob):
+        self.job, self.pending = job, None
+
+    def start(self, model, step_fn) -> None:
+        import ray
+
+        if self.pending is not None and not ray.wait([self.pending], timeout=0)[0]:
+            _say(f"[train] step {step_fn.step}: the last sample render is still running; this one is skipped")
+            return
+        state = {k: v.detach().to("cpu", copy=True) for k, v in step_fn.ema.state_dict(model).items()}
+        task = ray.remote(render_samples).options(num_cpus=1, num_gpus=self.job.sample_num_gpus or 0,
+                                                  max_retries=1)
+        self.pending = task.remote(self.job.kind, self.job.cfg, state, step_fn.step, self.job.sample_prompts,
+                                   self.job.mlflow_uri, self.job.mlflow_run_id)
+
+    def finish(self, timeout_s: float = 1800) -> None:
+        import ray
+
+        if self.pending is None:
+            return
+        try:
+            ray.get(self.pending, timeout=timeout_s)
+        except Exception as e:  # noqa: BLE001 - a failed sample never fails the training run
+            _say(f"[train] the last sample render did not finish: {type(e).__name__}: {str(e)[:300]}")
 
 
 def _say(line: str) -> None:
@@ -171,6 +220,7 @@ def train_loop_per_worker(job_dict: dict) -> None:
         ray.get(job.data_position.set.remote(consumed))  # the read stage skips what was trained on
 
     client = None
+    renderer = SampleRenderer(job) if rank == 0 and job.sample_every else None
     if rank == 0:
         import mlflow
 
@@ -209,12 +259,16 @@ def train_loop_per_worker(job_dict: dict) -> None:
             metrics = step_fn(clips, cond)
             window.append(metrics["loss"])
             step = step_fn.step
-            if rank == 0 and (step % cfg.train.log_every == 0 or step == max_steps):
+            log_now = step % cfg.train.log_every == 0 or step == max_steps
+            if log_now:  # every rank takes part: the logged loss is the mean over ranks, not rank 0's alone
+                loss, n_window = _mean_over_ranks(sum(window) / len(window), device, world), len(window)
+                window = []
+            if rank == 0 and log_now:
                 now = time.perf_counter()
                 logged = {
-                    "loss": sum(window) / len(window), "lr": metrics["lr"], "grad_norm": metrics["grad_norm"],
+                    "loss": loss, "lr": metrics["lr"], "grad_norm": metrics["grad_norm"],
                     "step_time_s": metrics["step_time_s"],
-                    "samples_per_s": len(window) * cfg.train.batch_size * ctx.get_world_size() / (now - t_last),
+                    "samples_per_s": n_window * cfg.train.batch_size * world / (now - t_last),
                 }
                 if device.type == "cuda":
                     logged["gpu_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
@@ -222,13 +276,16 @@ def train_loop_per_worker(job_dict: dict) -> None:
                     import resource
 
                     logged["cpu_maxrss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-                for k, v in logged.items():
-                    client.log_metric(job.mlflow_run_id, k, float(v), step=step)
+                from mlflow.entities import Metric
+
+                ms = int(time.time() * 1000)
+                client.log_batch(job.mlflow_run_id,
+                                 metrics=[Metric(k, float(v), ms, step) for k, v in logged.items()])
                 _say(f"[train] {job.kind} step {step}/{max_steps} loss {logged['loss']:.4f} "
                      f"lr {logged['lr']:.2e} {logged['samples_per_s']:.1f} samples/s")
-                window, t_last = [], now
-            if rank == 0 and job.sample_every and step % job.sample_every == 0:
-                _log_sample_video(model, cfg, job.kind, step_fn, job.sample_prompts, client, job.mlflow_run_id)
+                t_last = now
+            if renderer is not None and step % job.sample_every == 0 and step < max_steps:
+                renderer.start(model, step_fn)
             if step % cfg.train.checkpoint_every == 0 and step < max_steps:
                 checkpoint_and_report({"step": step, "loss": metrics["loss"]})
             if step >= max_steps:
@@ -236,9 +293,21 @@ def train_loop_per_worker(job_dict: dict) -> None:
     if step_fn.step < max_steps:
         raise LumiereError(f"worker {rank}'s data plan ran out at step {step_fn.step} of {max_steps} (position "
                            f"{consumed} of {job.plan_rows} rows)")
-    if rank == 0 and job.sample_every:
-        _log_sample_video(model, cfg, job.kind, step_fn, job.sample_prompts, client, job.mlflow_run_id)
+    if renderer is not None:  # the final weights' samples; the other ranks are done and wait in the last report
+        renderer.finish()
+        renderer.pending = None
+        renderer.start(model, step_fn)
+        renderer.finish()
     checkpoint_and_report({"step": step_fn.step, "loss": metrics.get("loss", float("nan")), "final": 1})
+
+
+def _mean_over_ranks(value: float, device: torch.device, world: int) -> float:
+    """The mean of `value` over all ranks (an all-reduce every rank calls at the same step); one rank: itself."""
+    if world <= 1 or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return float(value)
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    return float(t.item()) / world
 
 
 # --- the driver side ---------------------------------------------------------------------------------------
@@ -319,7 +388,8 @@ def plan_rows(cfg: LumiereConfig) -> int:
 
 def run_training(kind: str, data: str, output: str, cfg: LumiereConfig, *, init_from: str | None = None,
                  num_workers: int = 1, gpu: bool = False, run_name: str | None = None, address: str | None = None,
-                 compile: bool = False, max_failures: int = 3, sample_every: int | None = None, log=print) -> dict:
+                 compile: bool = False, max_failures: int = 3, sample_every: int | None = None,
+                 sample_num_gpus: float = 0.0, log=print) -> dict:
     """Train (or resume) and return {"checkpoint": path, "model_uri": ..., "step": ...}."""
     import ray
     import ray.data
@@ -360,6 +430,7 @@ def run_training(kind: str, data: str, output: str, cfg: LumiereConfig, *, init_
                    # SSR samples need a base video to upsample: none are logged during SSR training
                    sample_every=0 if kind == "ssr" else cfg.train.checkpoint_every if sample_every is None
                    else sample_every,
+                   sample_num_gpus=sample_num_gpus,
                    data_trace=os.environ.get("LUMIERE_DATA_TRACE"), plan_rows=plan_rows(cfg))
     # the data: one plan per worker, fixed by (seed, workers) alone, read unsplit and in order so a checkpoint's
     # data position (rows trained per worker) is exact; the position actor lets the read stage skip those rows
