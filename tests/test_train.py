@@ -63,8 +63,18 @@ def t2i_run(shards, mlflow_uri, tmp_path_factory):
     from pipelines.train.job import run_training
 
     out = tmp_path_factory.mktemp("t2i")
-    result = run_training("t2i", str(shards), str(out), _cfg("train.max_steps=8"), num_workers=2,
-                          run_name="t2i-test", log=lambda *a: None)
+    trace = out / "trace"
+    trace.mkdir()
+    old = os.environ.get("LUMIERE_DATA_TRACE")
+    os.environ["LUMIERE_DATA_TRACE"] = str(trace)
+    try:
+        result = run_training("t2i", str(shards), str(out), _cfg("train.max_steps=8"), num_workers=2,
+                              run_name="t2i-test", log=lambda *a: None)
+    finally:
+        if old is None:
+            os.environ.pop("LUMIERE_DATA_TRACE")
+        else:
+            os.environ["LUMIERE_DATA_TRACE"] = old
     return out, result
 
 
@@ -80,8 +90,22 @@ def test_t2i_run_is_tracked_and_registered(t2i_run, mlflow_uri):
     assert [m.step for m in losses] == [2, 4, 6, 8] and all(m.value > 0 for m in losses)
     for key in ("lr", "samples_per_s", "step_time_s"):
         assert client.get_metric_history(result["run_id"], key)
+    # the logged loss is the mean over both ranks' steps since the last log, not rank 0's alone
+    per_rank = [{e["step"]: e["loss"] for e in map(json.loads, (out / "trace" / f"rank{r}.jsonl").read_text()
+                 .splitlines()) if "loss" in e} for r in (0, 1)]
+    for m in losses:
+        window = [per_rank[r][s] for r in (0, 1) for s in (m.step - 1, m.step)]
+        assert abs(m.value - sum(window) / 4) < 1e-6, (m.step, m.value, window)
+    assert any(abs(per_rank[0][m.step - 1] + per_rank[0][m.step] - 2 * m.value) > 1e-6 for m in losses)
+    # samples: rendered off the gang at step 4 (checkpoint_every) and at the end; while the step-4 render ran,
+    # training went on (losses of later steps were logged before it ended)
     samples = [f.path for f in client.list_artifacts(result["run_id"], "samples")]
     assert samples and all(p.endswith(".mp4") for p in samples)
+    assert {p.split("/")[-1][:11] for p in samples} == {"step0000004", "step0000008"}
+    ended = {m.step: m.value for m in client.get_metric_history(result["run_id"], "sample_ended_at")}
+    started = {m.step: m.value for m in client.get_metric_history(result["run_id"], "sample_started_at")}
+    assert sorted(ended) == [4, 8] and started[4] < ended[4]
+    assert [m.step for m in losses if m.step > 4 and m.timestamp / 1000 < ended[4]], (losses, ended)
     assert "models:/lumiere-t2i@latest" in result["model_uri"]
 
 
@@ -226,7 +250,8 @@ def _trained_rows(trace: Path, steps: int, bs: int = 2, workers: int = 2) -> int
         by_step = {}
         for line in (trace / f"rank{rank}.jsonl").read_text().splitlines():
             entry = json.loads(line)
-            by_step.setdefault(entry["step"], []).append(entry["rows"])
+            if "rows" in entry:  # (the other lines are the step's loss)
+                by_step.setdefault(entry["step"], []).append(entry["rows"])
         assert sorted(by_step) == list(range(1, steps + 1)), (rank, sorted(by_step))
         for step, seen in by_step.items():
             assert all(rows == list(range((step - 1) * bs, step * bs)) for rows in seen), (rank, step, seen)
@@ -255,7 +280,12 @@ def test_killed_worker_resumes_from_last_checkpoint(shards, mlflow_uri, tmp_path
     pids = _ray_train_worker_pids()
     assert len(pids) == 2
     os.kill(pids[1], signal.SIGKILL)
+    # the fault happened and was handled: the gang was restarted on new worker processes
+    restarted = []
+    _wait_for(lambda: restarted.extend(set(_ray_train_worker_pids()) - set(pids)) or restarted or not thread.is_alive(),
+              timeout=300, what="new Train worker processes")
     thread.join(timeout=600)
+    assert restarted, "no new Train worker process appeared: the kill was not seen as a failure"
     assert result.get("step") == 40
     steps = [m.step for m in mlflow.MlflowClient(tracking_uri=mlflow_uri).get_metric_history(result["run_id"], "loss")]
     assert steps.count(2) == 1 and steps.count(4) == 1  # resumed from a checkpoint, not from scratch
@@ -286,6 +316,15 @@ def test_killed_driver_rerun_with_same_name_resumes(shards, mlflow_uri, tmp_path
     assert "done at step 40" in logs
     assert "rows per worker" in logs  # the data position came back with the checkpoint
     _trained_rows(tmp_path / "trace", 40)
+    # one MLflow run for the whole training, as the README says: the rerun continued the killed run's record
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=mlflow_uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              filter_string="attributes.run_name = 't2i-kill-driver'")
+    assert len(runs) == 1, [r.info.run_id for r in runs]
+    steps = sorted({m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")})
+    assert steps == list(range(2, 41, 2)), steps  # the killed part and the resumed part, every log step
 
 
 def _free_port() -> int:

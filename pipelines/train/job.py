@@ -258,6 +258,8 @@ def train_loop_per_worker(job_dict: dict) -> None:
             cond = Conditioning(batch["context"].to(device), batch["pooled"].to(device))
             metrics = step_fn(clips, cond)
             window.append(metrics["loss"])
+            if trace is not None:
+                trace.write(json.dumps({"step": step_fn.step, "loss": metrics["loss"]}) + "\n")
             step = step_fn.step
             log_now = step % cfg.train.log_every == 0 or step == max_steps
             if log_now:  # every rank takes part: the logged loss is the mean over ranks, not rank 0's alone
@@ -356,8 +358,11 @@ def mlflow_run(kind: str, run_name: str, cfg: LumiereConfig, tracking_uri: str) 
             flat[prefix[:-1]] = value
 
     walk("", cfg.to_dict())
-    for k, v in flat.items():
-        client.log_param(run.info.run_id, k, str(v)[:500])
+    from mlflow.entities import Param
+
+    params = [Param(k, str(v)[:500]) for k, v in flat.items()]
+    for i in range(0, len(params), 100):  # the tracking API takes at most 100 params per batch
+        client.log_batch(run.info.run_id, params=params[i:i + 100])
     import yaml
 
     client.log_text(run.info.run_id, yaml.safe_dump(cfg.to_dict(), sort_keys=False), "config.yaml")
