@@ -34,6 +34,9 @@ app.add_typer(k8s_app, name="k8s")
 style_app = typer.Typer(no_args_is_help=True, help="Stylized generation: fit a style from reference images.")
 app.add_typer(style_app, name="style")
 
+models_app = typer.Typer(no_args_is_help=True, help="The model registry (MLflow): versions and aliases.")
+app.add_typer(models_app, name="models")
+
 SET_HELP = "Override any config key, e.g. --set unet.base_channels=32 (repeatable)."
 
 
@@ -53,6 +56,39 @@ def config_show(
 
     cfg = load_config(name, set_)
     typer.echo(yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip())
+
+
+def _tracking_uri() -> str:
+    # the same default as `lumiere train`: a SQLite store in the working directory
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+@models_app.command("promote")
+def models_promote(
+    name: str = typer.Argument(..., help="Registered model, e.g. lumiere-stunet."),
+    version: int = typer.Argument(..., min=1, help="The version to point the alias at."),
+    alias: str = typer.Option("production", help="The alias to move (Serve loads models:/NAME@production)."),
+):
+    """Point an alias (production by default) at a version; the line printed names the version it had before."""
+    from pipelines.train.job import promote
+
+    typer.echo(promote(name, str(version), _tracking_uri(), alias))
+
+
+@models_app.command("list")
+def models_list(name: str = typer.Argument(..., help="Registered model, e.g. lumiere-stunet.")):
+    """Every version of a registered model: its aliases, training step, run and source."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=_tracking_uri())
+    versions = sorted(client.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version))
+    if not versions:
+        raise LumiereError(f"no registered model {name!r} in {_tracking_uri()}; train one with `lumiere train`")
+    aliases = client.get_registered_model(name).aliases or {}
+    for v in versions:
+        tags = ",".join(a for a, ver in sorted(aliases.items()) if str(ver) == str(v.version)) or "-"
+        typer.echo(f"{name} version {v.version}  aliases {tags}  step {v.tags.get('lumiere.step', '?')}  "
+                   f"run {v.run_id}  {v.source}")
 
 
 @config_app.command("list")

@@ -387,7 +387,7 @@ def test_rayservice_serves_the_same_config_file_as_lumiere_serve(rendered, overl
         c = group["template"]["spec"]["containers"][0]
         env = {e["name"]: e.get("value") for e in c.get("env", [])}
         assert {"LUMIERE_DB_URL", "LUMIERE_ARTIFACTS"} <= set(env)
-        assert env["LUMIERE_MODEL_URI"] == "models:/lumiere-stunet@latest"
+        assert env["LUMIERE_MODEL_URI"] == "models:/lumiere-stunet@production"
         assert env["LUMIERE_DEVICE"] == {"dev": "cpu", "gpu": "cuda"}[overlay]
         assert {"secretRef": {"name": "lumiere-api-keys"}} in c["envFrom"]
         assert group["template"]["metadata"]["labels"]["lumiere.io/api"] == "true"

@@ -319,12 +319,12 @@ def test_the_serve_config_takes_model_device_and_stores_from_the_environment(tmp
     # Serve replaces an app's ray_actor_options whole with the YAML's: none for the GPU deployments
     assert all("ray_actor_options" not in d for d in entry["deployments"] if d["name"] in ("Generator", "Upsampler"))
 
-    for var, value in {"LUMIERE_MODEL_URI": "models:/lumiere-stunet@latest", "LUMIERE_SSR_CHECKPOINT": "/ckpt/ssr",
+    for var, value in {"LUMIERE_MODEL_URI": "models:/lumiere-stunet@production", "LUMIERE_SSR_CHECKPOINT": "/ckpt/ssr",
                        "LUMIERE_DEVICE": "cuda", "LUMIERE_API_KEYS": "k1,k2",
                        "LUMIERE_DB_URL": sqlite_url(tmp_path / "jobs.db"), "LUMIERE_ARTIFACTS": "s3://b/serve"}.items():
         clean_env.setenv(var, value)
     encoder, generator, upsampler, settings = _parts(build_app(entry["args"]))  # what Serve calls with the YAML
-    assert generator.init_args[0]["model_uri"] == "models:/lumiere-stunet@latest"
+    assert generator.init_args[0]["model_uri"] == "models:/lumiere-stunet@production"
     assert generator.init_args[0]["checkpoint"] is None and generator.init_args[0]["device"] == "cuda"
     assert upsampler.init_args[0]["checkpoint"] == "/ckpt/ssr"
     assert generator.ray_actor_options == upsampler.ray_actor_options == {"num_cpus": 0.5, "num_gpus": 1}

@@ -106,7 +106,7 @@ def test_t2i_run_is_tracked_and_registered(t2i_run, mlflow_uri):
     started = {m.step: m.value for m in client.get_metric_history(result["run_id"], "sample_started_at")}
     assert sorted(ended) == [4, 8] and started[4] < ended[4]
     assert [m.step for m in losses if m.step > 4 and m.timestamp / 1000 < ended[4]], (losses, ended)
-    assert "models:/lumiere-t2i@latest" in result["model_uri"]
+    assert "models:/lumiere-t2i@candidate" in result["model_uri"]
 
 
 def test_stunet_from_t2i_keeps_the_prior_and_loads_from_the_registry(t2i_run, shards, mlflow_uri, tmp_path):
@@ -125,8 +125,18 @@ def test_stunet_from_t2i_keeps_the_prior_and_loads_from_the_registry(t2i_run, sh
         assert torch.equal(trained[f"prior.{name}"], weight), f"prior weight {name} changed"
     assert mlflow.MlflowClient(tracking_uri=mlflow_uri).get_metric_history(result["run_id"], "loss")
 
+    # registered as a candidate; `lumiere models promote` makes it production, which Serve loads
+    version = result["model_uri"].split("(version ")[1].rstrip(")")
+    assert result["model_uri"].startswith("models:/lumiere-stunet@candidate")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri}
+    promoted = run_cli("models", "promote", "lumiere-stunet", version, env=env, timeout=120)
+    assert promoted.returncode == 0 and f"models:/lumiere-stunet@production -> version {version}" in promoted.stdout
+    listed = run_cli("models", "list", "lumiere-stunet", env=env, timeout=120)
+    assert f"version {version}  aliases candidate,production  step 4" in listed.stdout, listed.stdout
+    missing = run_cli("models", "promote", "lumiere-stunet", "99", env=env, timeout=120)
+    assert missing.returncode == 2 and "has no version 99" in missing.stderr, missing.stderr
     mlflow.set_tracking_uri(mlflow_uri)
-    local = mlflow.artifacts.download_artifacts(artifact_uri="models:/lumiere-stunet@latest",
+    local = mlflow.artifacts.download_artifacts(artifact_uri="models:/lumiere-stunet@production",
                                                 dst_path=str(tmp_path / "registry"))
     video = TextToVideo.from_checkpoint(local).generate(["a red square moving right"], steps=2).videos
     assert video.shape == (1, 8, 32, 32, 3)
@@ -147,7 +157,7 @@ def test_conditional_stunet_and_ssr_train_and_generate(t2i_run, shards, mlflow_u
     ssr = run_training("ssr", str(shards), str(tmp_path / "ssr"), _cfg("train.max_steps=4"), run_name="ssr-test",
                        **quiet)
     assert cond["step"] == 4 and ssr["step"] == 4
-    assert "lumiere-ssr@latest" in ssr["model_uri"]
+    assert "lumiere-ssr@candidate" in ssr["model_uri"]
     gen = TextToVideo.from_checkpoint(cond["checkpoint"])
     assert gen.conditional and gen.model.conv_in.in_channels == 7
     prior = load_file(t2i_out / "checkpoints" / "latest" / "ema.safetensors")

@@ -477,19 +477,51 @@ def run_training(kind: str, data: str, output: str, cfg: LumiereConfig, *, init_
             "run_name": run_name}
 
 
+CANDIDATE, PRODUCTION = "candidate", "production"
+
+
 def register(kind: str, checkpoint: Path, tracking_uri: str, run_id: str) -> str:
-    """Log the checkpoint to the run and register it as a new version of `lumiere-<kind>`."""
+    """Log the checkpoint to the run under a path of its own and register it as a new version of
+    `lumiere-<kind>` with the alias `candidate`. Each version's artifacts are immutable: a resumed run (the same
+    MLflow run) that registers again logs under a new path, so earlier versions keep pointing at their own files.
+    `lumiere models promote` moves `production` to a version; Serve and --init-from take models:/NAME@ALIAS."""
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
-    client.log_artifacts(run_id, str(checkpoint), artifact_path="checkpoint")
+    _, meta = read_meta(checkpoint)
+    path = f"checkpoints/step{int(meta['step']):07d}-{time.strftime('%Y%m%dT%H%M%S')}-{os.urandom(3).hex()}"
+    client.log_artifacts(run_id, str(checkpoint), artifact_path=path)
     name = f"lumiere-{kind}"
     if not _exists(client, name):
         client.create_registered_model(name, description=f"Lumiere {kind} checkpoints (lumiere train {kind})")
-    source = f"{client.get_run(run_id).info.artifact_uri}/checkpoint"
-    version = client.create_model_version(name, source=source, run_id=run_id)
+    source = f"{client.get_run(run_id).info.artifact_uri}/{path}"
+    version = client.create_model_version(name, source=source, run_id=run_id,
+                                          tags={"lumiere.step": str(meta["step"])})
+    client.set_registered_model_alias(name, CANDIDATE, version.version)
     client.set_terminated(run_id, "FINISHED")
-    return f"models:/{name}@latest (version {version.version})"
+    return f"models:/{name}@{CANDIDATE} (version {version.version})"
+
+
+def promote(name: str, version: str, tracking_uri: str, alias: str = PRODUCTION) -> str:
+    """Point `alias` (production by default) of registered model `name` at `version`; returns a line for the CLI.
+    The version before is named in it, so a promotion can be undone with the same command."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    try:
+        client.get_model_version(name, str(version))
+    except MlflowException:
+        have = sorted(int(v.version) for v in client.search_model_versions(f"name = '{name}'"))
+        raise LumiereError(f"{name} has no version {version} in {tracking_uri} (versions: "
+                           f"{', '.join(map(str, have)) or 'none'})") from None
+    try:
+        before = client.get_model_version_by_alias(name, alias).version
+    except MlflowException:
+        before = None
+    client.set_registered_model_alias(name, alias, str(version))
+    was = f" (was version {before})" if before is not None else ""
+    return f"models:/{name}@{alias} -> version {version}{was}"
 
 
 def _exists(client, name: str) -> bool:
