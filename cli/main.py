@@ -177,6 +177,9 @@ def train(
         None, min=0, help="Steps between sample videos, rendered by a Ray task off the training gang and logged "
         "to MLflow (default: train.checkpoint_every; 0: none)."),
     sample_gpus: float = typer.Option(0.0, min=0.0, help="GPUs a sample render reserves (default 0: a CPU)."),
+    resource_timeout: float = typer.Option(
+        1800, min=1, help="On a cluster: seconds to wait for the workers' CPUs/GPUs (e.g. an autoscaling GPU group "
+        "starting nodes) before the run fails with a message."),
     conditional: bool = typer.Option(False, help="stunet: the 7-channel ⟨J, C, M⟩ model for i2v, inpainting, "
                                      "cinemagraphs and extension (stunet.conditional=true)."),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
@@ -200,7 +203,7 @@ def train(
 
     run_training(kind, data, str(output), cfg, init_from=init_from, num_workers=num_workers, gpu=gpu,
                  run_name=run_name, address=address, compile=compile, max_failures=max_failures,
-                 sample_every=sample_every, sample_num_gpus=sample_gpus)
+                 sample_every=sample_every, sample_num_gpus=sample_gpus, resource_timeout_s=resource_timeout)
 
 
 def _load_media(path: Path | None, what: str, cfg, kind: str):

@@ -426,3 +426,38 @@ def test_bad_inputs_fail_before_training(shards, t2i_run, tmp_path, ray_session)
     proc = run_cli(*base, "--data", str(shards), "--num-workers", "64", "--address", gcs)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error:") and "needs 64 CPUs" in proc.stderr
+
+
+@pytest.mark.timeout(300)
+def test_gpu_training_on_a_cluster_without_gpus_yet_is_submitted_not_refused(shards, mlflow_uri, tmp_path,
+                                                                              ray_session):
+    """`--gpu` against a cluster whose head has no GPU (an autoscaling GPU group at 0 nodes): the run is not
+    refused; Ray Train asks for the GPUs (a pending placement group the autoscaler would act on) and waits.
+    No GPU worker can start here, so the test stops the driver once the request is seen (GPU nodes cannot be
+    simulated on this machine; the request is what an autoscaler acts on)."""
+    import ray
+    from ray.util import placement_group_table
+
+    cmd = [sys.executable, "-m", "cli.main", "train", "t2i", "--data", str(shards), "--output", str(tmp_path),
+           "--config", "tiny", "--num-workers", "1", "--gpu", "--max-steps", "4", "--run-name", "t2i-wants-gpus",
+           "--address", ray.get_runtime_context().gcs_address, *sum((["--set", o] for o in TINY), [])]
+    log = open(tmp_path / "driver.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ,
+                            "MLFLOW_TRACKING_URI": mlflow_uri}, start_new_session=True)
+
+    def gpu_request_pending() -> bool:
+        return any(pg["state"] in ("PENDING", "RESCHEDULING") and any(b.get("GPU") for b in pg["bundles"].values())
+                   for pg in placement_group_table().values())
+
+    try:
+        _wait_for(lambda: gpu_request_pending() or proc.poll() is not None, timeout=180,
+                  what="a pending GPU placement group")
+        text = (tmp_path / "driver.log").read_text()
+        assert proc.poll() is None, text[-3000:]  # still waiting for GPUs, not refused
+        assert "waits up to 1800 s for the autoscaler" in text, text[-3000:]
+        assert "needs 1 GPUs but the Ray cluster has" not in text and "no CUDA device" not in text
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        log.close()
+    _wait_for(lambda: not gpu_request_pending(), timeout=120, what="the killed driver's GPU request to go")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import shutil
 import sys
@@ -394,7 +395,7 @@ def plan_rows(cfg: LumiereConfig) -> int:
 def run_training(kind: str, data: str, output: str, cfg: LumiereConfig, *, init_from: str | None = None,
                  num_workers: int = 1, gpu: bool = False, run_name: str | None = None, address: str | None = None,
                  compile: bool = False, max_failures: int = 3, sample_every: int | None = None,
-                 sample_num_gpus: float = 0.0, log=print) -> dict:
+                 sample_num_gpus: float = 0.0, resource_timeout_s: float = 1800, log=print) -> dict:
     """Train (or resume) and return {"checkpoint": path, "model_uri": ..., "step": ...}."""
     import ray
     import ray.data
@@ -416,15 +417,22 @@ def run_training(kind: str, data: str, output: str, cfg: LumiereConfig, *, init_
     output_dir.mkdir(parents=True, exist_ok=True)
     init = resolve_model(init_from, output_dir)
     check_init(kind, init, cfg)
-    if gpu and not torch.cuda.is_available() and not address:
+    # on a cluster (--address, or RAY_ADDRESS as a submitted job's driver has) the workers run elsewhere: the GPUs
+    # are theirs, not this process's, and an autoscaling GPU group may have none until the job asks for them
+    on_cluster = bool(address or os.environ.get("RAY_ADDRESS"))
+    if gpu and not torch.cuda.is_available() and not on_cluster:
         raise LumiereError("--gpu given but no CUDA device is visible here")
 
     _init_ray(address)
     have = ray.cluster_resources()
     need_key, per_worker = ("GPU", 1) if gpu else ("CPU", 1)
-    if have.get(need_key, 0) < num_workers * per_worker:
-        raise LumiereError(f"--num-workers {num_workers} needs {num_workers * per_worker} {need_key}s but the Ray "
-                           f"cluster has {have.get(need_key, 0):g}; lower --num-workers or add nodes")
+    need = num_workers * per_worker
+    if have.get(need_key, 0) < need:
+        if not on_cluster:
+            raise LumiereError(f"--num-workers {num_workers} needs {need} {need_key}s but the Ray cluster has "
+                               f"{have.get(need_key, 0):g}; lower --num-workers or add nodes")
+        log(f"[train] the cluster has {have.get(need_key, 0):g} of the {need} {need_key}s the workers need now; "
+            f"Ray Train asks for them and waits up to {resource_timeout_s:g} s for the autoscaler to add nodes")
 
     tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
     run_id = mlflow_run(kind, run_name, cfg, tracking_uri)
@@ -454,13 +462,25 @@ def run_training(kind: str, data: str, output: str, cfg: LumiereConfig, *, init_
                                                resources_per_worker={"CPU": 1} if not gpu else None),
         run_config=ray.train.RunConfig(
             name=run_name, storage_path=str(output_dir / "ray"),
-            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            # a worker group that cannot be placed is retried every WORKER_GROUP_START_TIMEOUT_S: bounded here,
+            # so a cluster that never gets the resources ends the run with a message instead of waiting forever
+            failure_config=ray.train.FailureConfig(
+                max_failures=max_failures,
+                controller_failure_limit=max(1, math.ceil(resource_timeout_s / _WORKER_GROUP_START_TIMEOUT_S))),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=[], execution_options=ingest),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except Exception as e:
+        if "WorkerGroupStartupTimeout" in f"{type(e).__name__} {e!r} {e.__cause__!r}":
+            now = ray.cluster_resources().get(need_key, 0)
+            raise LumiereError(f"the {need} {need_key}s for --num-workers {num_workers} did not become available "
+                               f"within {resource_timeout_s:g} s (the cluster has {now:g}); check the autoscaler / "
+                               "GPU node group, or lower --num-workers") from None
+        raise
     if result.checkpoint is None:
         raise LumiereError(f"training run '{run_name}' ended without a checkpoint: {result.error}")
     final = output_dir / "checkpoints" / "latest"
@@ -478,6 +498,7 @@ def run_training(kind: str, data: str, output: str, cfg: LumiereConfig, *, init_
 
 
 CANDIDATE, PRODUCTION = "candidate", "production"
+_WORKER_GROUP_START_TIMEOUT_S = 60.0  # Ray Train V2's default wait for a worker group's resources, per attempt
 
 
 def register(kind: str, checkpoint: Path, tracking_uri: str, run_id: str) -> str:
