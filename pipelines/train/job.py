@@ -428,7 +428,8 @@ def run_training(kind: str, data: str, output: str, cfg: LumiereConfig, *, init_
     need_key, per_worker = ("GPU", 1) if gpu else ("CPU", 1)
     need = num_workers * per_worker
     if have.get(need_key, 0) < need:
-        if not on_cluster:
+        # GPUs on a cluster are left to the autoscaler (a GPU group scales from zero); missing CPUs are refused
+        if not (on_cluster and gpu):
             raise LumiereError(f"--num-workers {num_workers} needs {need} {need_key}s but the Ray cluster has "
                                f"{have.get(need_key, 0):g}; lower --num-workers or add nodes")
         log(f"[train] the cluster has {have.get(need_key, 0):g} of the {need} {need_key}s the workers need now; "
