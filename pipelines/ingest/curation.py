@@ -290,7 +290,7 @@ def stream_resampled(path: str, fps: float, short_side: int, timeout_s: float, t
                     return
             put(("ok", end))
         except _Cancelled:
-            pass
+            pass  # the caller gave up on this stream (timeout or an early stop): nobody waits for a result
         except BaseException as e:  # Reject or anything else: re-raised in the caller
             put(("error", e))
 
