@@ -13,6 +13,8 @@ k8s_app = typer.Typer(no_args_is_help=True,
 OVERLAY_HELP = "dev (CPU), gpu, or a directory with a kustomization.yaml."
 KUBECONFIG_HELP = "Kubeconfig file (default: $KUBECONFIG, then ~/.kube/config, then the pod's service account)."
 JOB_HELP = "ingest, train-t2i, train-stunet or train-ssr (t2i, stunet, ssr also work)."
+COMPONENT_HELP = ("Compose this kustomize component onto the overlay (repeatable): kueue or volcano (gang scheduling "
+                  "of the training RayJobs, infra/README.md), or a directory with a Component kustomization.")
 
 
 def _overrides(**kw):
@@ -27,6 +29,7 @@ def render(
     job: str | None = typer.Option(None, help="Print only this RayJob, with the overrides below. " + JOB_HELP),
     image: str | None = typer.Option(None, help="Image for every pod that runs the project."),
     namespace: str | None = typer.Option(None, help="Namespace instead of the overlay's."),
+    component: list[str] = typer.Option([], "--component", help=COMPONENT_HELP),
     only: list[str] = typer.Option([], "--only", help="Print only objects of this kind (repeatable), e.g. RayService."),
     exclude: list[str] = typer.Option(["RayJob"], "--exclude",
                                       help="Leave out this kind (repeatable; default RayJob: jobs are submitted with "
@@ -36,7 +39,7 @@ def render(
     """Print the overlay's manifests as YAML (pipe into `kubectl apply -f -`)."""
     from infra.kuberay import apply_job_overrides, job_from_overlay, render_overlay, set_image, set_namespace, to_yaml
 
-    objs = render_overlay(overlay, manifests)
+    objs = render_overlay(overlay, manifests, component)
     kinds = {o["kind"] for o in objs}
     for k in [*only, *exclude]:
         if k not in kinds and k != "none":
@@ -58,6 +61,7 @@ def render(
 def submit(
     job: str = typer.Argument(..., help=JOB_HELP),
     overlay: str = typer.Option("dev", help=OVERLAY_HELP),
+    component: list[str] = typer.Option([], "--component", help=COMPONENT_HELP),
     name: str | None = typer.Option(None, help="RayJob name (default: the manifest's name + a UTC timestamp)."),
     namespace: str | None = typer.Option(None, help="Namespace (default: the overlay's)."),
     image: str | None = typer.Option(None, help="Image (default: the overlay's)."),
@@ -68,7 +72,10 @@ def submit(
     init_from: str | None = typer.Option(None, help="train: checkpoint, run directory or models:/ URI."),
     run_name: str | None = typer.Option(None, help="train: MLflow/Ray Train run name (same name resumes)."),
     num_workers: int | None = typer.Option(None, min=1, help="train: Ray Train workers (one GPU each on GPU)."),
-    gpus_per_worker: int | None = typer.Option(None, min=1, max=16, help="train on GPU: GPUs per worker pod."),
+    gpus_per_pod: int | None = typer.Option(
+        None, "--gpus-per-pod", "--gpus-per-worker", min=1, max=16,
+        help="train on GPU: GPUs per worker pod, = Ray Train workers per pod (default: the overlay's, all 8 of a "
+             "node; N nodes x G GPUs: --num-workers N*G --gpus-per-pod G). --gpus-per-worker is its old name."),
     arg: list[str] = typer.Option([], "--arg", help="Extra argument for the lumiere command (repeatable)."),
     dry_run: bool = typer.Option(False, help="Print the RayJob instead of creating it."),
     kubeconfig: str | None = typer.Option(None, help=KUBECONFIG_HELP),
@@ -81,8 +88,8 @@ def submit(
 
     ov = _overrides(image=image, namespace=namespace, name=name, input=input, output=output, data=data,
                     config=config, init_from=init_from, run_name=run_name, num_workers=num_workers,
-                    gpus_per_worker=gpus_per_worker, extra_args=list(arg))
-    body = build_job(overlay, job, ov, manifests)
+                    gpus_per_pod=gpus_per_pod, extra_args=list(arg))
+    body = build_job(overlay, job, ov, manifests, with_components=component)
     if dry_run:
         typer.echo(to_yaml([body]).rstrip())
         return

@@ -2,8 +2,9 @@
 drive RayJobs on a Kubernetes cluster. It lives beside the manifests it renders, not in the model package.
 
 - render: `kubectl kustomize` (or `kustomize build`) of an overlay, which also inlines the Serve config
-  (infra/k8s/base/serve-config.yaml, a checked copy of `serve/config.yaml`) into the RayService; then the
-  user's overrides (image, namespace, data paths, workers, GPUs) applied in Python.
+  (infra/k8s/base/serve-config.yaml, a checked copy of `serve/config.yaml`) into the RayService, optionally with
+  kustomize components (infra/k8s/components: kueue, volcano); then the user's overrides (image, namespace, data
+  paths, workers, GPUs per pod) applied in Python.
 - submit: render one RayJob of the overlay with the overrides, give it a unique name and create it through the
   `kubernetes` client (`CustomObjectsApi`, group `ray.io`, version `v1`, plural `rayjobs`), after checking that
   the cluster has the KubeRay CRDs and the namespace.
@@ -17,12 +18,12 @@ is a `LumiereError`: one line, exit code 2.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import shlex
 import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -67,8 +68,16 @@ def kustomize_command(overlay_dir: Path) -> list[str]:
     raise LumiereError("rendering the manifests needs kubectl (>= 1.27) or kustomize (>= 5) on PATH; neither found")
 
 
-def render_overlay(overlay: str, manifests: str | Path | None = None) -> list[dict]:
-    """Build an overlay (dev, gpu, or a path to any kustomization) into a list of objects."""
+def components(manifests: str | Path | None = None) -> list[str]:
+    """The kustomize components shipped in infra/k8s/components (kueue, volcano)."""
+    d = manifests_dir(manifests) / "components"
+    return sorted(p.parent.name for p in d.glob("*/kustomization.yaml"))
+
+
+def render_overlay(overlay: str, manifests: str | Path | None = None,
+                   with_components: Iterable[str] = ()) -> list[dict]:
+    """Build an overlay (dev, gpu, or a path to any kustomization) into a list of objects, with the named
+    components (infra/k8s/components/NAME, or a path) composed on top."""
     import yaml
 
     root = manifests_dir(manifests)
@@ -76,10 +85,30 @@ def render_overlay(overlay: str, manifests: str | Path | None = None) -> list[di
     if not (overlay_dir / "kustomization.yaml").is_file():
         raise LumiereError(f"unknown overlay {overlay!r}: choose {', '.join(OVERLAYS)} or a directory with a "
                            "kustomization.yaml")
-    proc = subprocess.run(kustomize_command(overlay_dir), capture_output=True, text=True)
+    comps = []
+    for c in with_components:
+        d = Path(c) if "/" in c else root / "components" / c
+        if not (d / "kustomization.yaml").is_file():
+            raise LumiereError(f"unknown component {c!r}: choose {', '.join(components(root)) or '(none)'} or a "
+                               "directory with a kustomization.yaml of kind Component")
+        comps.append(d.resolve())
+    if not comps:
+        return _kustomize(overlay_dir, yaml)
+    # What an operator's own overlay would say (resources: [the overlay], components: [...]), in a scratch
+    # directory. kustomize takes relative paths only.
+    with tempfile.TemporaryDirectory(prefix="lumiere-kustomize-") as tmp:
+        rel = lambda p: os.path.relpath(p, tmp)  # noqa: E731
+        (Path(tmp) / "kustomization.yaml").write_text(yaml.safe_dump({
+            "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+            "resources": [rel(overlay_dir.resolve())], "components": [rel(c) for c in comps]}))
+        return _kustomize(Path(tmp), yaml, shown=overlay_dir)
+
+
+def _kustomize(directory: Path, yaml, shown: Path | None = None) -> list[dict]:
+    proc = subprocess.run(kustomize_command(directory), capture_output=True, text=True)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise LumiereError(f"kustomize failed on {overlay_dir}: {last}")
+        raise LumiereError(f"kustomize failed on {shown or directory}: {last}")
     return [d for d in yaml.safe_load_all(proc.stdout) if d]
 
 
@@ -163,7 +192,7 @@ class JobOverrides:
     init_from: str | None = None
     run_name: str | None = None
     num_workers: int | None = None
-    gpus_per_worker: int | None = None  # GPUs per worker pod (train: Ray Train workers per pod)
+    gpus_per_pod: int | None = None  # GPUs per worker pod = Ray Train workers per pod (gpu: default all of a node's)
     extra_args: list[str] = field(default_factory=list)
 
 
@@ -211,7 +240,7 @@ def apply_job_overrides(job: dict, ov: JobOverrides) -> dict:
         raise LumiereError(f"RayJob {job['metadata']['name']} does not run `lumiere train` or `lumiere ingest`")
     if is_ingest:
         for opt, val in (("--data", ov.data), ("--init-from", ov.init_from), ("--run-name", ov.run_name),
-                         ("--num-workers", ov.num_workers), ("--gpus-per-worker", ov.gpus_per_worker)):
+                         ("--num-workers", ov.num_workers), ("--gpus-per-pod", ov.gpus_per_pod)):
             if val is not None:
                 raise LumiereError(f"{opt} applies to training jobs, not to ingest")
         main = _set_option(main, "--input", ov.input)
@@ -228,8 +257,8 @@ def apply_job_overrides(job: dict, ov: JobOverrides) -> dict:
         gpu = "--gpu" in main
         workers = ov.num_workers or int(_get_option(main, "--num-workers") or 1)
         main = _set_option(main, "--num-workers", str(workers))
-        if ov.gpus_per_worker is not None and not gpu:
-            raise LumiereError("--gpus-per-worker needs a GPU training job (the gpu overlay)")
+        if ov.gpus_per_pod is not None and not gpu:
+            raise LumiereError("--gpus-per-pod needs a GPU training job (the gpu overlay)")
         groups = cluster_spec(job).get("workerGroupSpecs", [])
         if len(groups) != 1:
             raise LumiereError(f"RayJob {job['metadata']['name']} should have one worker group, has {len(groups)}")
@@ -238,15 +267,25 @@ def apply_job_overrides(job: dict, ov: JobOverrides) -> dict:
         if gpu:
             res = container.setdefault("resources", {})
             have = int(res.get("limits", {}).get(GPU) or res.get("requests", {}).get(GPU) or 1)
-            per_pod = ov.gpus_per_worker or have
-            if per_pod != have:  # scale the pod's CPU and memory with its GPUs
+            # Ray Train runs one worker per GPU; the pods hold them: workers = pods x GPUs per pod. Fewer workers
+            # than the overlay's pod holds: one pod with just those GPUs.
+            per_pod = ov.gpus_per_pod or min(have, workers)
+            if workers % per_pod:
+                raise LumiereError(f"--num-workers {workers} does not fill pods of {per_pod} GPUs (the last pod "
+                                   f"would hold idle GPUs): pass a multiple of {per_pod}, or a --gpus-per-pod that "
+                                   f"divides {workers} (N nodes x G GPUs: --num-workers N*G --gpus-per-pod G)")
+            if per_pod != have:  # scale the pod's CPU, memory and /dev/shm with its GPUs
+                factor = per_pod / have
                 for kind in ("requests", "limits"):
                     r = res.setdefault(kind, {})
                     for key in ("cpu", "memory"):
                         if key in r:
-                            r[key] = _scale_quantity(r[key], per_pod / have)
+                            r[key] = _scale_quantity(r[key], factor)
                     r[GPU] = per_pod
-            pods = math.ceil(workers / per_pod)
+                for v in group["template"]["spec"].get("volumes", []):
+                    if v["name"] == "dshm" and (v.get("emptyDir") or {}).get("sizeLimit"):
+                        v["emptyDir"]["sizeLimit"] = _scale_quantity(v["emptyDir"]["sizeLimit"], factor)
+            pods = workers // per_pod
         else:
             pods = workers
         group["replicas"] = group["minReplicas"] = group["maxReplicas"] = pods
@@ -289,9 +328,9 @@ def job_from_overlay(objs: list[dict], job: str) -> dict:
 
 
 def build_job(overlay: str, job: str, ov: JobOverrides, manifests: str | Path | None = None,
-              now: Callable[[], float] = time.time) -> dict:
-    """The RayJob `submit` creates: the overlay's, with the overrides and a unique name."""
-    objs = render_overlay(overlay, manifests)
+              now: Callable[[], float] = time.time, with_components: Iterable[str] = ()) -> dict:
+    """The RayJob `submit` creates: the overlay's (with the components), with the overrides and a unique name."""
+    objs = render_overlay(overlay, manifests, with_components)
     body = job_from_overlay(objs, job)
     apply_job_overrides(body, ov)
     base = body["metadata"]["name"]

@@ -347,6 +347,65 @@ def test_gpu_overlay_requests_gpus_for_everything_that_trains_or_serves(rendered
     assert not any("--gpu" in k8s.split_entrypoint(j["spec"]["entrypoint"])[-1] for j in by_kind(dev, "RayJob"))
 
 
+_UNITS = {"": 1, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+
+
+def quantity(q) -> float:
+    """A Kubernetes quantity (8, '64', '512Gi') as a number (bytes for memory)."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)(Ki|Mi|Gi|Ti)?", str(q))
+    assert m, q
+    return float(m.group(1)) * _UNITS[m.group(2) or ""]
+
+
+def assert_whole_node_gpu_pod(objs, owner, group):
+    """One worker pod with all of a node's 8 GPUs: CPU/memory per GPU as the overlay documents, /dev/shm a Memory
+    emptyDir large enough for Ray's default object store (30% of the pod's memory) plus NCCL, the NCCL env."""
+    c = worker_container(group)
+    res = c["resources"]
+    assert res["requests"] == res["limits"], owner
+    gpus = int(res["limits"][k8s.GPU])
+    assert gpus == 8, owner
+    assert quantity(res["limits"]["cpu"]) == 8 * gpus and quantity(res["limits"]["memory"]) == 64 * gpus * 2**30
+    spec = group["template"]["spec"]
+    (shm,) = [v for v in spec["volumes"] if v["name"] == "dshm"]
+    assert shm["emptyDir"]["medium"] == "Memory", owner
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in c["volumeMounts"], owner
+    memory, shm_size = quantity(res["limits"]["memory"]), quantity(shm["emptyDir"]["sizeLimit"])
+    assert 0.3 * memory < shm_size < 0.5 * memory, owner  # the object store fits, and the processes keep the rest
+    assert {"configMapRef": {"name": "lumiere-nccl"}} in c["envFrom"], owner
+    nccl = one(objs, "ConfigMap", "lumiere-nccl")["data"]
+    assert nccl["NCCL_DEBUG"] == "WARN" and nccl["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"
+    assert "NCCL_ASYNC_ERROR_HANDLING" not in nccl  # the deprecated name, never both
+    return gpus
+
+
+def test_gpu_overlay_trains_with_one_pod_per_node_holding_all_its_gpus(rendered):
+    """The default GPU layout: 8 Ray Train workers (`--num-workers 8 --gpu`) on one pod with 8 GPUs (NVLink between
+    the ranks), not 8 pods x 1 GPU; workers = pods x GPUs per pod = what wait-resources waits for."""
+    objs = rendered["gpu"]
+    for name in TRAIN_JOBS:
+        job = one(objs, "RayJob", name)
+        wait, main = k8s.split_entrypoint(job["spec"]["entrypoint"])
+        (group,) = k8s.cluster_spec(job)["workerGroupSpecs"]
+        gpus = assert_whole_node_gpu_pod(objs, name, group)
+        assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == 1, name
+        workers = int(main[main.index("--num-workers") + 1])
+        assert "--gpu" in main and workers == group["replicas"] * gpus == 8, name
+        assert wait[wait.index("--gpus") + 1] == str(workers), name
+        head = k8s.cluster_spec(job)["headGroupSpec"]["template"]["spec"]["containers"][0]
+        assert k8s.GPU not in head["resources"]["limits"], name  # the driver needs no GPU
+    # the interactive cluster's GPU workers are whole nodes too (autoscaled 0..N); the API's stay 1 GPU a replica
+    interactive = one(objs, "RayCluster", "lumiere")
+    (gpu_group,) = [g for g in k8s.cluster_spec(interactive)["workerGroupSpecs"] if g["groupName"] == "gpu-workers"]
+    assert_whole_node_gpu_pod(objs, "lumiere", gpu_group)
+    assert gpu_group["minReplicas"] == 0 < gpu_group["maxReplicas"]
+    service = one(objs, "RayService", "lumiere-api")
+    assert all(int(worker_container(g)["resources"]["limits"][k8s.GPU]) == 1
+               for g in k8s.cluster_spec(service)["workerGroupSpecs"])
+    # NCCL settings only where NCCL runs
+    assert "lumiere-nccl" not in json.dumps(service) and "lumiere-nccl" not in json.dumps(rendered["dev"])
+
+
 @pytest.mark.parametrize("overlay", k8s.OVERLAYS)
 def test_no_secret_is_committed_only_referenced(rendered, overlay):
     objs = rendered[overlay]
@@ -455,6 +514,65 @@ def test_every_ray_pod_is_non_root_and_mounts_the_checkpoint_volume(rendered, ov
     assert images == {"postgres:16", k8s.project_image(objs)}
 
 
+# ------------------------------------------------------------------------------ gang scheduling components
+
+
+@needs_kustomize
+@pytest.mark.parametrize("component,labels", [
+    ("kueue", {"kueue.x-k8s.io/queue-name": "lumiere"}),
+    ("volcano", {"ray.io/scheduler-name": "volcano", "volcano.sh/queue-name": "lumiere"})])
+def test_gang_scheduling_component_labels_the_training_rayjobs(kuberay_schemas, component, labels):
+    """An opt-in component adds the batch scheduler's labels to the training RayJobs (the fixed gangs) and to
+    nothing else; the result is still valid against the KubeRay CRDs, and `submit` keeps the labels."""
+    assert component in k8s.components()
+    plain = k8s.render_overlay("gpu")
+    objs = k8s.render_overlay("gpu", with_components=[component])
+    assert len(objs) == len(plain)
+    for obj in ray_objects(objs):
+        have = obj["metadata"]["labels"]
+        if obj["kind"] == "RayJob" and obj["metadata"]["name"] in TRAIN_JOBS:
+            assert labels.items() <= have.items(), obj["metadata"]["name"]
+            # what Kueue requires of a RayJob it manages, and what Volcano's gang is made of: a fixed cluster
+            assert obj["spec"]["shutdownAfterJobFinishes"] is True and "clusterSelector" not in obj["spec"]
+            assert not k8s.cluster_spec(obj).get("enableInTreeAutoscaling")
+        else:  # ingest (autoscaled), the interactive cluster and the API (long-lived) are not queued
+            assert not set(labels) & set(have), obj["metadata"]["name"]
+        assert not crd_errors(kuberay_schemas, obj), obj["metadata"]["name"]
+    # everything but those labels is the overlay's
+    strip = lambda o: json.dumps({**o, "metadata": {**o["metadata"], "labels": {  # noqa: E731
+        k: v for k, v in o["metadata"]["labels"].items() if k not in labels}}}, sort_keys=True)
+    assert sorted(map(strip, objs)) == sorted(map(strip, plain))
+    job = k8s.build_job("gpu", "t2i", k8s.JobOverrides(name="t2i-q"), with_components=[component])
+    assert labels.items() <= job["metadata"]["labels"].items()
+    # the CLI composes it too
+    r = lumiere("render", "--overlay", "gpu", "--component", component, "--only", "RayJob")
+    assert r.returncode == 0, r.stderr
+    jobs = {o["metadata"]["name"]: o for o in yaml.safe_load_all(r.stdout) if o}
+    assert all(labels.items() <= jobs[n]["metadata"]["labels"].items() for n in TRAIN_JOBS)
+    r = lumiere("submit", "t2i", "--overlay", "gpu", "--component", component, "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert labels.items() <= yaml.safe_load(r.stdout)["metadata"]["labels"].items()
+
+
+@needs_kustomize
+def test_unknown_component_is_a_clear_error():
+    r = lumiere("render", "--overlay", "gpu", "--component", "slurm")
+    assert_one_line_error(r, "unknown component 'slurm'", "kueue", "volcano")
+
+
+def test_component_examples_are_examples_only():
+    """The example queue manifests are not part of any component (a cluster admin sizes and applies them)."""
+    for name in ("kueue", "volcano"):
+        d = INFRA / "k8s" / "components" / name
+        comp = yaml.safe_load((d / "kustomization.yaml").read_text())
+        assert comp["kind"] == "Component" and not comp.get("resources"), name
+        examples = list(d.glob("*.example.yaml"))
+        assert examples, name
+        for ex in examples:
+            docs = [o for o in yaml.safe_load_all(ex.read_text()) if o]
+            assert docs and all(o["kind"] in ("ResourceFlavor", "ClusterQueue", "LocalQueue", "Queue") for o in docs)
+
+
 # ----------------------------------------------------------------------------------------- the Docker image
 
 
@@ -476,7 +594,7 @@ def test_dockerfile_is_multistage_non_root_and_pinned():
     build, final = stages[0], stages[-1]
     assert all("${CUDA_IMAGE}" in s[0] for s in stages)
     arg = (INFRA / "docker" / "Dockerfile").read_text()
-    assert re.search(r"ARG CUDA_IMAGE=nvidia/cuda:\S+-runtime-", arg)
+    assert re.search(r"ARG CUDA_IMAGE=nvidia/cuda:\S+-(base|runtime|cudnn-runtime)-ubuntu", arg)
     pip = [line for line in build if "pip install" in line]
     assert pip and all("-c constraints.txt" in line for line in pip)
     assert any("COPY pyproject.toml constraints.txt" in line for line in build)
@@ -491,6 +609,33 @@ def test_dockerfile_is_multistage_non_root_and_pinned():
     assert {".git", ".venv", "mlruns", "demo-output", "data"} <= set(ignored)
 
 
+# The NVIDIA driver branch each CUDA major.minor needs on the nodes (NVIDIA's CUDA release notes, Linux). Bumping
+# CUDA means adding its line here and writing the new requirement into the Dockerfile and infra/README.md.
+MIN_DRIVER = {"13.0": 580}
+
+
+def test_dockerfile_cuda_base_matches_torchs_wheel_and_names_the_driver():
+    """The image's CUDA base has the CUDA major.minor of torch's wheel (its nvidia-cuda-runtime pin in
+    constraints.txt), and the driver that CUDA needs is written down where operators read it."""
+    constraints = (ROOT / "constraints.txt").read_text()
+    pins = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)$", constraints, re.M))
+    wheel_cuda = ".".join(pins["nvidia-cuda-runtime"].split(".")[:2])
+    assert pins["cuda-toolkit"].startswith(wheel_cuda + "."), "constraints.txt pins two CUDA versions"
+    text = (INFRA / "docker" / "Dockerfile").read_text()
+    (tag,) = re.findall(r"ARG CUDA_IMAGE=nvidia/cuda:(\d+\.\d+)\.\d+-", text)
+    assert tag == wheel_cuda, f"the Dockerfile's CUDA base is {tag}, torch's wheel is built for CUDA {wheel_cuda}"
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    if torch is not None and torch.__version__.split("+")[0] == pins["torch"] and torch.version.cuda:
+        assert torch.version.cuda == wheel_cuda  # the pin above is the wheel's CUDA, not a stray package
+    assert wheel_cuda in MIN_DRIVER, f"CUDA {wheel_cuda}: add its minimum NVIDIA driver to MIN_DRIVER and the docs"
+    driver = MIN_DRIVER[wheel_cuda]
+    for doc in (text, (INFRA / "README.md").read_text()):
+        assert re.search(rf"CUDA {re.escape(wheel_cuda)}", doc) and re.search(rf">=\s*{driver}\b", doc)
+
+
 # ------------------------------------------------------------------------------------ submit: the overrides
 
 
@@ -498,7 +643,7 @@ def test_dockerfile_is_multistage_non_root_and_pinned():
 def test_submit_overrides_rewrite_the_rayjob():
     ov = k8s.JobOverrides(image="reg.example/lumiere:1.2", namespace="team-a", name="stunet-exp1",
                           data="s3://bucket/shards-v2", output="/mnt/checkpoints/exp1", num_workers=16,
-                          gpus_per_worker=8, run_name="exp1", config="base")
+                          gpus_per_pod=8, run_name="exp1", config="base")
     job = k8s.build_job("gpu", "stunet", ov)
     assert job["metadata"]["name"] == "stunet-exp1" and job["metadata"]["namespace"] == "team-a"
     assert job["metadata"]["labels"]["lumiere.io/job"] == "train-stunet"
@@ -524,6 +669,43 @@ def test_submit_overrides_rewrite_the_rayjob():
         k8s.build_job("dev", "train-foo", k8s.JobOverrides())
     with pytest.raises(LumiereError, match="not a valid RayJob name"):
         k8s.build_job("dev", "t2i", k8s.JobOverrides(name="Bad_Name"))
+
+
+@needs_kustomize
+@pytest.mark.parametrize("workers,per_pod,pods,gpus", [
+    (None, None, 1, 8),  # the overlay's: one 8-GPU node
+    (64, None, 8, 8),  # 8 nodes x 8 GPUs
+    (16, 4, 4, 4),  # 4 nodes x 4 GPUs
+    (4, None, 1, 4),  # fewer workers than a node's GPUs: one pod with just those
+    (2, 1, 2, 1)])  # 1 GPU a pod (the old layout), on request
+def test_n_nodes_x_g_gpus_layout(workers, per_pod, pods, gpus):
+    """--num-workers N*G --gpus-per-pod G: N pods of G GPUs, Ray Train workers = pods x GPUs per pod, CPU, memory and
+    /dev/shm per GPU as in the overlay, and wait-resources waits for all the GPUs."""
+    job = k8s.build_job("gpu", "t2i", k8s.JobOverrides(num_workers=workers, gpus_per_pod=per_pod))
+    wait, main = k8s.split_entrypoint(job["spec"]["entrypoint"])
+    (group,) = k8s.cluster_spec(job)["workerGroupSpecs"]
+    res = worker_container(group)["resources"]
+    n = int(main[main.index("--num-workers") + 1])
+    assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == pods
+    assert int(res["limits"][k8s.GPU]) == int(res["requests"][k8s.GPU]) == gpus and n == pods * gpus
+    assert wait == ["lumiere", "k8s", "wait-resources", "--gpus", str(n)]
+    assert quantity(res["limits"]["cpu"]) == 8 * gpus and quantity(res["limits"]["memory"]) == 64 * gpus * 2**30
+    (shm,) = [v for v in group["template"]["spec"]["volumes"] if v["name"] == "dshm"]
+    assert quantity(shm["emptyDir"]["sizeLimit"]) == 24 * gpus * 2**30
+
+
+@needs_kustomize
+def test_a_layout_that_would_leave_gpus_idle_is_refused():
+    with pytest.raises(LumiereError, match="--num-workers 12 does not fill pods of 8 GPUs"):
+        k8s.build_job("gpu", "t2i", k8s.JobOverrides(num_workers=12))
+    with pytest.raises(LumiereError, match="--num-workers 4 does not fill pods of 8 GPUs"):
+        k8s.build_job("gpu", "t2i", k8s.JobOverrides(num_workers=4, gpus_per_pod=8))
+    with pytest.raises(LumiereError, match="--gpus-per-pod needs a GPU training job"):
+        k8s.build_job("dev", "t2i", k8s.JobOverrides(gpus_per_pod=2))
+    # the old option name still works
+    r = lumiere("submit", "t2i", "--overlay", "gpu", "--num-workers", "16", "--gpus-per-worker", "8", "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert yaml.safe_load(r.stdout)["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["replicas"] == 2
 
 
 # ------------------------------------------------------------------------- submit/status against an API stand-in
