@@ -51,6 +51,15 @@ class TrainConfig:
     checkpoint_every: int = 500
     log_every: int = 25
     seed: int = 0
+    # samples per worker per optimizer step are `batch_size`, run as `grad_accum` micro-batches of
+    # batch_size / grad_accum: memory falls with grad_accum while the global batch (and the data plan a resume
+    # continues) stays batch_size × workers, so grad_accum may differ between a run and its resume
+    grad_accum: int = 1
+    # ddp: full weights, optimizer and EMA on every rank; fsdp: FSDP2 `fully_shard`, weights/grads/optimizer/EMA
+    # sharded over the ranks (checkpoints: full weights for serving + a resharding torch.distributed.checkpoint)
+    parallelism: Literal["ddp", "fsdp"] = "ddp"
+    # recompute every spatial and temporal block's activations in the backward pass instead of keeping them
+    activation_checkpointing: bool = False
     # conditional STUNet: the condition types sampled in training (conditioning.CONDITION_TYPES)
     condition_types: tuple[str, ...] = ("none", "first_frame", "prefix_frames", "spatiotemporal_box", "cinemagraph")
 
@@ -61,6 +70,9 @@ class TrainConfig:
             raise ValueError("batch_size must be >= 1, max_steps >= 0 and lr > 0")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError("ema_decay must be in [0, 1)")
+        if self.grad_accum < 1 or self.batch_size % self.grad_accum:
+            raise ValueError(f"grad_accum must be >= 1 and divide batch_size ({self.batch_size}) into equal "
+                             f"micro-batches; got {self.grad_accum}")
         self.condition_types = tuple(self.condition_types)
         unknown = set(self.condition_types) - set(CONDITION_TYPES)
         if unknown or not self.condition_types:

@@ -120,6 +120,14 @@ def with_condition(x: torch.Tensor, condition: torch.Tensor | None) -> torch.Ten
     return torch.cat([x, condition.to(x.dtype)], dim=1)
 
 
+def draw_noise(x0: torch.Tensor, scheduler: DDPMScheduler, generator: torch.Generator | None = None):
+    """The random part of a training loss: noise like x0 and a timestep per sample (drawn on the CPU, so a seed
+    gives the same draws on every device)."""
+    noise = torch.randn(x0.shape, generator=generator, device="cpu")
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],), generator=generator, device="cpu")
+    return noise, t
+
+
 def diffusion_loss(
     model: Denoiser,
     x0: torch.Tensor,
@@ -127,16 +135,16 @@ def diffusion_loss(
     scheduler: DDPMScheduler,
     generator: torch.Generator | None = None,
     condition: torch.Tensor | None = None,
+    noise_and_t: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """MSE between the model's prediction at a random timestep and the v (or ε) target; x0 in [-1, 1].
 
     `condition` (b k ...) is concatenated to the noisy input on the channel axis: the conditional STUNet's
-    ⟨C, M⟩ (k=4) or the SSR's upsampled low-resolution video (k=3).
+    ⟨C, M⟩ (k=4) or the SSR's upsampled low-resolution video (k=3). `noise_and_t`: the noise and timesteps
+    drawn beforehand (`draw_noise`), e.g. for a whole batch that is then run as micro-batches.
     """
-    b = x0.shape[0]
-    noise = torch.randn(x0.shape, generator=generator, device="cpu").to(x0)
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator, device="cpu")
-    t = t.to(x0.device)
+    noise, t = noise_and_t if noise_and_t is not None else draw_noise(x0, scheduler, generator)
+    noise, t = noise.to(x0), t.to(x0.device)
     xt = scheduler.add_noise(x0, noise, t)
     if scheduler.config.prediction_type == "v_prediction":
         target = scheduler.get_velocity(x0, noise, t)

@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .errors import FrameCountError
 from .unet2d import Attention, UNet2D, timestep_embedding, zero_init
@@ -242,8 +243,11 @@ class STUNet(nn.Module):
         self.temporal_convs = nn.ModuleDict(
             {_slot(k): conv_block(ch, groups, motion_dim) for k, ch in channels.items() if k not in attn_keys}
         )
+        # in the U-Net's block order, not the set's: set order of strings changes with each process's hash seed,
+        # and ranks that build their modules in different orders initialise and all-reduce them mismatched
         self.temporal_attns = nn.ModuleDict(
-            {_slot(k): TemporalAttentionBlock(channels[k], cfg.temporal_head_dim, motion_dim) for k in attn_keys}
+            {_slot(k): TemporalAttentionBlock(channels[k], cfg.temporal_head_dim, motion_dim)
+             for k in channels if k in attn_keys}
         )
         self.time_down = nn.ModuleDict()
         self.time_up = nn.ModuleDict()
@@ -326,10 +330,11 @@ class _Hooks:
     def block(self, key: str, h: torch.Tensor, frames: int, emb: torch.Tensor) -> torch.Tensor:
         slot, s = _slot(key), self.stunet
         v = rearrange(h, "(b t) c h w -> b c t h w", t=frames)
-        if slot in s.temporal_convs:
-            v = s.temporal_convs[slot](v, self.motion_emb)
-        if slot in s.temporal_attns:
-            v = s.temporal_attns[slot](v, self.motion_tokens)
+        # the temporal blocks hold most of a video model's activations: recomputed with the spatial ones
+        ckpt = s.prior.checkpoints_activations()
+        for layers, extra in ((s.temporal_convs, self.motion_emb), (s.temporal_attns, self.motion_tokens)):
+            if slot in layers:
+                v = checkpoint(layers[slot], v, extra, use_reentrant=False) if ckpt else layers[slot](v, extra)
         return rearrange(v, "b c t h w -> (b t) c h w")
 
     def _resample(self, layers: nn.ModuleDict, level: int, h: torch.Tensor, frames: int):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,7 +25,8 @@ from torch import nn
 
 from .conditioning import composite, random_training_condition
 from .config import LumiereConfig
-from .diffusion import Conditioning, diffusion_loss, drop_conditioning, training_scheduler
+from .diffusion import Conditioning, diffusion_loss, draw_noise, drop_conditioning, training_scheduler
+from .parallel import full_state, full_tensor, is_sharded, load_sharded, save_sharded, set_gradient_sync
 from .ssr import degrade, upsample_condition
 
 ModelInput = tuple[torch.Tensor, torch.Tensor | None]  # (x0 the denoising target, condition channels or None)
@@ -145,15 +147,31 @@ class TrainStep:
         self.step = 0
 
     def __call__(self, clips: torch.Tensor, cond: Conditioning) -> dict[str, float]:
-        """clips: b c t h w in [-1, 1]; cond: text features for each clip."""
+        """One optimizer step on clips: b c t h w in [-1, 1], with text features for each clip.
+
+        The step's random numbers are drawn for the whole batch first, in the same order whatever
+        `train.grad_accum` is; the batch then runs as grad_accum equal micro-batches whose losses are weighted by
+        their share of the batch, so the accumulated gradient is the whole batch's (up to float rounding), and
+        only the last micro-batch's backward synchronises gradients across ranks."""
         t0 = time.perf_counter()
         self.model.train()
         x0, condition = self.to_input(clips, self.generator)
         cond = drop_conditioning(cond, self.cfg.diffusion.cond_dropout, self.generator)
-        with torch.autocast(x0.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
-            loss = diffusion_loss(self.forward, x0, cond, self.noise_schedule, self.generator, condition)
+        noise, t = draw_noise(x0, self.noise_schedule, self.generator)
+        b, micro = x0.shape[0], max(1, x0.shape[0] // self.cfg.train.grad_accum)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        total = 0.0
+        for start in range(0, b, micro):
+            part = slice(start, start + micro)
+            with set_gradient_sync(self.forward, self.model, sync=start + micro >= b), torch.autocast(
+                    x0.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+                loss = diffusion_loss(
+                    self.forward, x0[part], Conditioning(cond.context[part], cond.pooled[part]),
+                    self.noise_schedule, condition=None if condition is None else condition[part],
+                    noise_and_t=(noise[part], t[part]),
+                ) * (x0[part].shape[0] / b)
+                loss.backward()
+            total += float(loss.detach())
         grad_norm = torch.nn.utils.clip_grad_norm_(
             [p for p in self.model.parameters() if p.requires_grad], self.cfg.train.grad_clip
         )
@@ -161,18 +179,39 @@ class TrainStep:
         self.lr_schedule.step()
         self.ema.update(self.model, self.step)
         self.step += 1
+        elapsed = time.perf_counter() - t0
         return {
-            "loss": float(loss.detach()),
-            "grad_norm": float(grad_norm),
+            "loss": total,
+            "grad_norm": float(full_tensor(grad_norm)),  # a DTensor under FSDP: its value over all shards
             "lr": self.optimizer.param_groups[0]["lr"],
-            "step_time_s": time.perf_counter() - t0,
-            "samples_per_s": clips.shape[0] / (time.perf_counter() - t0),
+            "step_time_s": elapsed,
+            "samples_per_s": b / elapsed,
         }
+
+    def full_ema_state(self, keep: bool = True) -> dict[str, torch.Tensor]:
+        """The model's full state dict with the trained entries replaced by their EMA, on the CPU (what a
+        checkpoint or a sample render stores). Under FSDP it is gathered: every rank must call it, and ranks that
+        do not write pass keep=False."""
+        return full_state(self.ema.state_dict(self.model), keep)
+
+    def full_model_state(self, keep: bool = True) -> dict[str, torch.Tensor]:
+        return full_state(self.model.state_dict(), keep)
+
+    def save_shards(self, directory: Path) -> None:
+        """FSDP: this rank's shard of the optimizer state and EMA into `directory` (a collective; no-op for DDP,
+        whose optimizer state is in `state_dict`)."""
+        if is_sharded(self.model):
+            save_sharded(directory, self.model, self.optimizer, self.ema.shadow)
+
+    def load_shards(self, directory: Path) -> None:
+        if is_sharded(self.model):
+            load_sharded(directory, self.model, self.optimizer, self.ema.shadow)
 
     def state_dict(self, generators: list[torch.Tensor] | None = None) -> dict:
         """`generators`: every rank's generator state, by rank (from `gather_generators`); default: this rank's."""
         return {
-            "optimizer": self.optimizer.state_dict(),
+            # FSDP: the optimizer state is sharded and saved by every rank (`save_sharded`), not here
+            **({} if is_sharded(self.model) else {"optimizer": self.optimizer.state_dict()}),
             "lr_schedule": self.lr_schedule.state_dict(),
             "step": self.step,
             "generator": self.generator.get_state(),  # the writer's own (checkpoints from before per-rank RNG)
@@ -196,7 +235,8 @@ class TrainStep:
         """Restore; this rank takes its own generator state when the checkpoint has one for it, and otherwise
         (another worker count) a fresh per-rank seed advanced by the step, so no two ranks draw alike.
         Returns how the generator was restored."""
-        self.optimizer.load_state_dict(state["optimizer"])
+        if "optimizer" in state:  # (under FSDP: `load_sharded`)
+            self.optimizer.load_state_dict(state["optimizer"])
         self.lr_schedule.load_state_dict(state["lr_schedule"])
         self.step = int(state["step"])
         generators = state.get("generators")

@@ -34,7 +34,7 @@ class UNetConfig:
     dropout: float = 0.0
     context_dim: int = 64  # width of the text encoder's token features
     pooled_dim: int = 64  # width of the text encoder's pooled embedding
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # older name of train.activation_checkpointing (kept: old configs)
 
     __pydantic_config__ = {"extra": "forbid"}  # read by pydantic when it validates YAML into this dataclass
 
@@ -243,8 +243,15 @@ class UNet2D(nn.Module):
             emb = emb + self.pooled_proj(pooled)
         return emb
 
+    activation_checkpointing = False  # set for training (train.activation_checkpointing); not part of the weights
+
+    def checkpoints_activations(self) -> bool:
+        """Whether blocks recompute their activations in backward (also the STUNet's temporal blocks)."""
+        wanted = self.cfg.gradient_checkpointing or self.activation_checkpointing
+        return wanted and self.training and torch.is_grad_enabled()
+
     def _run_block(self, block: SpatialBlock, h, emb, context):
-        if self.cfg.gradient_checkpointing and self.training and torch.is_grad_enabled():
+        if self.checkpoints_activations():
             return checkpoint(block, h, emb, context, use_reentrant=False)
         return block(h, emb, context)
 
