@@ -599,8 +599,10 @@ def test_dockerfile_is_multistage_non_root_and_pinned():
     assert pip and all("-c constraints.txt" in line for line in pip)
     assert any("COPY pyproject.toml constraints.txt" in line for line in build)
     final_text = "\n".join(final)
-    for tool in ("build-essential", "gcc", "-dev ", "python3.11-dev", "pip install"):
+    for tool in ("build-essential", "pip install", "g++", "cmake"):  # no build tools or installs in the final image
         assert tool not in final_text, tool
+    # except what torch.compile's Triton needs at run time to build its kernel launchers
+    assert all(t in final_text for t in ("gcc", "libc6-dev", "python3.11-dev")), "torch.compile needs a C compiler"
     assert any(line.startswith("COPY --from=build /opt/venv") for line in final)
     users = [line.split()[1] for line in final if line.startswith("USER ")]
     assert users and users[-1].split(":")[0] not in ("root", "0")
