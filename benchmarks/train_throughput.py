@@ -20,7 +20,15 @@ STUNet against its fixed-temporal-resolution variant at the same step budget.
    logged every `log_every` steps), median over the logged windows after the first (which includes start-up);
    the wall time of the whole job (Ray Train start, data, steps, checkpoint, registration) is given too.
 
+3. Data parallelism, DDP vs FSDP (`train.parallelism`): a 2-process gloo group (the backend Ray Train uses on CPU),
+   1 torch thread per rank; in each rank the same STUNet three times — DDP, FSDP2 (`lumiere.parallel.shard_model`)
+   and FSDP2 with activation checkpointing — stepped round robin on the same batches (each rank its own), so the
+   machine's noise hits all alike. s/step = median after `--warmup`; state per rank = the bytes a rank holds for
+   weights + gradients + AdamW moments + EMA of what it trains (FSDP: its shards); the largest |loss − DDP's loss|
+   over the steps shows the variants compute the same thing.
+
     python benchmarks/train_throughput.py              # tiny + small, in-process and Ray Train (~30 min, 2 cores)
+    python benchmarks/train_throughput.py --parallel-only --configs small   # DDP vs FSDP only
     python benchmarks/train_throughput.py --quick      # tiny only, fewer steps, no repeats (~8 min)
     python benchmarks/train_throughput.py --no-ray --steps 100 --json /tmp/train.json
 
@@ -131,6 +139,77 @@ def in_process(config: str, args) -> list[dict]:
     return out
 
 
+# --- 3. DDP vs FSDP on a gloo group ----------------------------------------------------------------------------
+PARALLEL_VARIANTS = ("ddp", "fsdp", "fsdp+ac")
+
+
+def _parallel_rank(rank: int, world: int, port: int, config: str, steps: int, warmup: int, out: str) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from lumiere.parallel import set_activation_checkpointing, shard_model
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        cfg = load_config(config, ["unet.dropout=0.0"])
+        clips, cond = shapes_pool(cfg, 4 * cfg.train.batch_size, 1000 + rank)  # each rank its own data
+        runs = {}
+        for name in PARALLEL_VARIANTS:
+            torch.manual_seed(0)
+            model = build_stunet(cfg)
+            set_activation_checkpointing(model, name == "fsdp+ac")
+            forward = DistributedDataParallel(model) if name == "ddp" else shard_model(model, torch.device("cpu"))
+            trained = [p for p in model.parameters() if p.requires_grad]
+            local = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in trained)
+            runs[name] = {"step": TrainStep(model, cfg, "stunet", forward=forward, rank=rank), "times": [],
+                          "losses": [], "state_bytes": local * 4 * 5}  # fp32 weight, grad, 2 Adam moments, EMA
+        order = torch.Generator().manual_seed(0)
+        b = cfg.train.batch_size
+        for i in range(steps):
+            idx = torch.randperm(len(clips), generator=order)[:b]
+            for name in (PARALLEL_VARIANTS if i % 2 == 0 else PARALLEL_VARIANTS[::-1]):
+                dist.barrier()  # every rank starts the variant's step together: its time is the gang's
+                t0 = time.perf_counter()
+                m = runs[name]["step"](clips[idx], Conditioning(cond.context[idx], cond.pooled[idx]))
+                runs[name]["times"].append(time.perf_counter() - t0)
+                runs[name]["losses"].append(m["loss"])
+        if rank == 0:
+            res = {name: {"s_per_step": statistics.median(r["times"][warmup:] or r["times"]),
+                          "losses": r["losses"], "state_bytes": r["state_bytes"]} for name, r in runs.items()}
+            res["meta"] = {"batch_per_rank": b, "frames": cfg.video.frames, "size": cfg.video.size,
+                           "trainable": sum(p.numel() for p in runs["ddp"]["step"].model.parameters()
+                                            if p.requires_grad)}
+            Path(out).write_text(json.dumps(res))
+    finally:
+        dist.destroy_process_group()
+
+
+def ddp_vs_fsdp(config: str, args) -> list[dict]:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = Path(tempfile.mkdtemp(prefix="ddp-fsdp-")) / "result.json"
+    world = 2
+    mp.spawn(_parallel_rank, args=(world, port, config, args.parallel_steps, args.warmup, str(out)), nprocs=world,
+             join=True)
+    res = json.loads(out.read_text())
+    meta, ddp = res.pop("meta"), res["ddp"]
+    rows = []
+    for name, r in res.items():
+        rows.append({"config": config, "variant": name, "workers": world, **meta, "steps": len(r["losses"]),
+                     "s_per_step": r["s_per_step"], "samples_per_s": world * meta["batch_per_rank"] / r["s_per_step"],
+                     "state_mb_per_rank": r["state_bytes"] / 2**20,
+                     "max_loss_diff": max(abs(a - b) for a, b in zip(r["losses"], ddp["losses"], strict=True)),
+                     "loss_first": r["losses"][0], "loss_last": r["losses"][-1]})
+    return rows
+
+
 # --- 2. Ray Train -------------------------------------------------------------------------------------------
 def ray_train(config: str, args, work: Path) -> list[dict]:
     import mlflow
@@ -197,6 +276,19 @@ def report(data: dict) -> None:
                   f"| {r['step_s_median']:.3f} | {r['samples_per_s']:.1f} "
                   f"| {vs} "
                   f"| {r['loss_first']:.3f} → {r['loss_last']:.3f} |")
+    rows = data.get("parallel", [])
+    if rows:
+        print("\nDDP vs FSDP (2-process gloo group, 1 thread per rank, the STUNet, same batches round robin), "
+              "s/step = median after the warm-up:\n")
+        print("| config | variant | workers | batch per rank | trainable | steps | s/step | samples/s (global) "
+              "| vs DDP | state per rank (MB) | max |Δloss| vs DDP | loss first → last |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            ref = next(x for x in rows if x["config"] == r["config"] and x["variant"] == "ddp")
+            print(f"| {r['config']} | {r['variant']} | {r['workers']} | {r['batch_per_rank']} "
+                  f"| {r['trainable'] / 1e6:.3f}M | {r['steps']} | {r['s_per_step']:.3f} | {r['samples_per_s']:.2f} "
+                  f"| {r['s_per_step'] / ref['s_per_step']:.2f}× | {r['state_mb_per_rank']:.1f} "
+                  f"| {r['max_loss_diff']:.1e} | {r['loss_first']:.3f} → {r['loss_last']:.3f} |")
     rows = data["ray"]
     if rows:
         print("\nRay Train (run_training: shards → Ray Data → DDP/gloo, 1 CPU per worker), samples/s = the job's "
@@ -231,6 +323,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ray-repeats", type=int, default=None,
                     help="each Ray Train job this many times, alternating the 1/2-worker order (default 2; quick 1)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--parallel-only", action="store_true", help="only the DDP vs FSDP part (3)")
+    ap.add_argument("--no-parallel", action="store_true", help="skip the DDP vs FSDP part (3)")
+    ap.add_argument("--parallel-steps", type=int, default=None, help="steps per variant in part 3 (default 30)")
     ap.add_argument("--json", type=Path, help="also write the measurements as JSON here")
     ap.add_argument("--from-json", type=Path, help="only print the tables of a run saved with --json")
     args = ap.parse_args(argv)
@@ -250,13 +345,23 @@ def main(argv: list[str] | None = None) -> int:
                      platform.machine(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
                      "python": platform.python_version(), "loadavg_start": load0,
                      "loss_window": args.loss_window},
-            "in_process": [], "ray": []}
-    for config in args.configs:
+            "in_process": [], "ray": [], "parallel": []}
+    args.parallel_steps = args.parallel_steps or (12 if args.quick else 30)
+    if args.parallel_only:
+        args.no_ray = True
+    for config in ([] if args.parallel_only else args.configs):
         t0 = time.perf_counter()
         data["in_process"] += in_process(config, args)
         if args.json:  # partial results survive an interrupted run
             args.json.write_text(json.dumps(data, indent=2))
         print(f"in-process {config}: {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
+    if not args.no_parallel:
+        for config in args.configs:
+            t0 = time.perf_counter()
+            data["parallel"] += ddp_vs_fsdp(config, args)
+            if args.json:
+                args.json.write_text(json.dumps(data, indent=2))
+            print(f"ddp vs fsdp {config}: {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
     if not args.no_ray:
         import ray
 

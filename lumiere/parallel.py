@@ -122,3 +122,13 @@ def load_sharded(directory: Path, model: nn.Module, optimizer: torch.optim.Optim
     for name, value in state["ema"].items():  # loaded in place for DTensors; copied for plain tensors
         if value is not ema_shadow[name]:
             ema_shadow[name].copy_(value)
+
+
+def set_activation_checkpointing(model: nn.Module, on: bool) -> None:
+    """Recompute activations in backward for every U-Net in `model` (for a STUNet: its prior's spatial blocks
+    and, through the inflation hooks, its temporal blocks)."""
+    from .unet2d import UNet2D
+
+    for m in model.modules():
+        if isinstance(m, UNet2D):
+            m.activation_checkpointing = on

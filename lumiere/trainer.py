@@ -5,8 +5,9 @@ of clips becomes the model's target and condition (`model_input(kind, cfg)`: a r
 prior; the whole clip for the STUNet; the clip with a random ⟨C, M⟩ condition for the conditional STUNet; the
 high-resolution window with its degraded, re-upsampled copy for the SSR). Optimisation is the same for all:
 AdamW on the parameters that require grad (the STUNet's prior is frozen, so it is not even in the optimizer),
-linear warm-up then cosine decay, gradient clipping, an EMA of the trained weights, classifier-free-guidance text
-dropout.
+linear warm-up then cosine decay to 10 % of the peak (`lr_lambda`: diffusers' `get_scheduler("cosine")` decays
+to 0, so it is not the same schedule and checkpoints' LambdaLR state is kept), gradient clipping, an EMA of the
+trained weights (diffusers' `EMAModel`), classifier-free-guidance text dropout.
 
 Axes: b batch, c channels, t frames, h w height/width, l text tokens, d text width, e pooled width.
 """
@@ -74,18 +75,27 @@ def model_input(kind: str, cfg: LumiereConfig) -> Callable[..., ModelInput]:
 
 
 class EMA:
-    """Exponential moving average of the trainable parameters (frozen ones are their own average)."""
+    """Exponential moving average of the trainable parameters (frozen ones are their own average), by name.
+
+    The averaging is diffusers' `EMAModel` (decay min(decay, (1 + k) / (10 + k)) at update k: a short warm-up so
+    early checkpoints are usable); this class keeps the shadow weights addressable by parameter name, which is how
+    checkpoints (`ema.safetensors`), FSDP's sharded checkpoint and `load_shadow` store them."""
 
     def __init__(self, model: nn.Module, decay: float):
+        from diffusers.training_utils import EMAModel
+
         self.decay = decay
-        self.shadow = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        names, params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad], strict=True)
+        # foreach=False: the per-tensor update also runs on FSDP's DTensor shards
+        self.average = EMAModel(params, decay=decay, foreach=False)
+        self.shadow = dict(zip(names, self.average.shadow_params, strict=True))
 
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
-        decay = min(self.decay, (1 + step) / (10 + step))  # short warm-up so early checkpoints are usable
-        for n, p in model.named_parameters():
-            if n in self.shadow:
-                self.shadow[n].lerp_(p.detach(), 1 - decay)
+        """Fold in the weights after optimizer step `step` (0-based); the decay follows the step, so a resumed
+        run continues the same warm-up."""
+        self.average.optimization_step = step
+        self.average.step([p for n, p in model.named_parameters() if n in self.shadow])
 
     def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The model's full state dict with the trained entries replaced by their averages."""

@@ -239,3 +239,23 @@ def test_every_process_builds_the_same_stunet_whatever_its_hash_seed(tmp_path):
         assert [n for n, _ in other] == [n for n, _ in built[0]], "the parameter order depends on the hash seed"
         for (name, a), (_, b) in zip(built[0], other, strict=True):
             assert torch.equal(a, b), f"{name} initialised differently under another hash seed"
+
+
+def test_ema_follows_the_warmup_decay_by_step_and_resumes_in_step():
+    from lumiere.trainer import EMA
+
+    model = torch.nn.Linear(1, 1, bias=False)
+    ema = EMA(model, decay=0.5)
+    expected = model.weight.detach().clone()
+    for step in range(6):
+        with torch.no_grad():
+            model.weight.fill_(float(step + 1))
+        ema.update(model, step)
+        decay = 0.0 if step == 0 else min(0.5, (1 + step) / (10 + step))  # the first update copies the weights
+        expected = decay * expected + (1 - decay) * model.weight.detach()
+        torch.testing.assert_close(ema.shadow["weight"], expected)
+    resumed = EMA(model, decay=0.5)  # a resume: the shadow from the checkpoint, the decay from the step
+    resumed.load_shadow({"weight": ema.shadow["weight"].clone()})
+    for e in (ema, resumed):
+        e.update(model, 6)
+    torch.testing.assert_close(resumed.shadow["weight"], ema.shadow["weight"])
