@@ -159,9 +159,11 @@ def train(
     kind: str = typer.Argument(..., help="t2i (the 2D prior), stunet (inflate a t2i checkpoint) or ssr "
                                "(the super-resolution model, on the high-resolution copies)."),
     data: str = typer.Option(..., help="An ingestion output (directory or s3:// prefix with manifest.json)."),
-    output: Path = typer.Option(..., help="Run directory: Ray Train state and checkpoints/latest."),
+    output: str = typer.Option(..., help="Run directory or s3://bucket/prefix (AWS_* settings as for ingest): Ray "
+                               "Train state and checkpoints/latest."),
     config: str = typer.Option("small", help="A named config (tiny, small, base) or a YAML path."),
-    init_from: str | None = typer.Option(None, help="Checkpoint dir, a run's output dir, or a models:/ URI."),
+    init_from: str | None = typer.Option(None, help="Checkpoint dir, a run's output dir (local or s3://), or a "
+                                         "models:/ URI."),
     num_workers: int = typer.Option(1, min=1, help="Ray Train workers (DDP)."),
     gpu: bool = typer.Option(False, help="One GPU per worker, bf16 autocast, nccl."),
     compile: bool = typer.Option(False, help="torch.compile the model (GPU only)."),
@@ -201,7 +203,7 @@ def train(
         raise typer.Exit(submit_and_follow(address, argv))
     from pipelines.train.job import run_training
 
-    run_training(kind, data, str(output), cfg, init_from=init_from, num_workers=num_workers, gpu=gpu,
+    run_training(kind, data, output, cfg, init_from=init_from, num_workers=num_workers, gpu=gpu,
                  run_name=run_name, address=address, compile=compile, max_failures=max_failures,
                  sample_every=sample_every, sample_num_gpus=sample_gpus, resource_timeout_s=resource_timeout)
 

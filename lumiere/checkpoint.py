@@ -93,7 +93,18 @@ def save_checkpoint(
     return path
 
 
-def read_meta(path: str | os.PathLike) -> tuple[LumiereConfig, dict[str, Any]]:
+def read_meta(path: str | os.PathLike, options=None) -> tuple[LumiereConfig, dict[str, Any]]:
+    """(config, meta) of a checkpoint directory, local or an s3:// one (read in place: two small files; `options`:
+    lumiere.storage.StorageOptions, default from the environment)."""
+    if str(path).startswith("s3://"):
+        from . import storage
+
+        uri = str(path).rstrip("/")
+        if not storage.exists(storage.join(uri, "meta.json"), options) or not storage.exists(
+                storage.join(uri, "model.safetensors"), options):
+            raise LumiereError(f"{uri} is not a Lumiere checkpoint (expected meta.json and model.safetensors in it)")
+        meta = json.loads(storage.read_bytes(storage.join(uri, "meta.json"), options))
+        return build_config(yaml.safe_load(storage.read_bytes(storage.join(uri, "config.yaml"), options))), meta
     path = Path(path)
     if not (path / "meta.json").exists() or not (path / "model.safetensors").exists():
         raise LumiereError(

@@ -136,3 +136,26 @@ def local_copy(uri: str, options: StorageOptions | None = None, directory: str |
 
 
 _COPY_BLOCK = 8 * 2**20
+
+
+def upload_dir(local_dir: str | os.PathLike, uri: str, options: StorageOptions | None = None,
+               replace: bool = False) -> None:
+    """Copy a local directory's files to `uri` (a directory or an s3:// prefix); `replace`: what was under `uri`
+    goes first, so no file of an earlier upload is left beside the new ones."""
+    fs, path = resolve(uri, options)
+    if replace and fs.get_file_info(path).type == pafs.FileType.Directory:
+        fs.delete_dir_contents(path, missing_dir_ok=True)
+    if not is_s3(uri):
+        fs.create_dir(path, recursive=True)
+    pafs.copy_files(str(Path(local_dir).resolve()), path, source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=fs)
+
+
+def download_dir(uri: str, local_dir: str | os.PathLike, options: StorageOptions | None = None) -> None:
+    """Copy every file under `uri` into `local_dir` (created if missing); a missing `uri` is FileNotFoundError."""
+    fs, path = resolve(uri, options)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        raise FileNotFoundError(f"{uri} is not a directory")
+    Path(local_dir).mkdir(parents=True, exist_ok=True)
+    pafs.copy_files(path, str(Path(local_dir).resolve()), source_filesystem=fs,
+                    destination_filesystem=pafs.LocalFileSystem())

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from lumiere import storage
 from lumiere.checkpoint import (
     build_prior,
     build_ssr,
@@ -46,7 +47,7 @@ from lumiere.checkpoint import (
 )
 from lumiere.config import LumiereConfig, build_config
 from lumiere.errors import LumiereError
-from lumiere.model_uri import resolve_model
+from lumiere.model_uri import fetch, publish, resolve_model, s3_checkpoint
 
 from .shards import DataPosition, check_manifest, check_shard_files, clip_datasets, read_manifest
 
@@ -78,6 +79,9 @@ class TrainJob:
 # --- the worker side ---------------------------------------------------------------------------------------
 def build_for_training(kind: str, cfg: LumiereConfig, init_from: str | None) -> torch.nn.Module:
     """t2i: a fresh prior (or one to fine-tune); stunet: the t2i prior inflated (or a stunet to continue)."""
+    if init_from and storage.is_s3(init_from):  # each worker downloads its own copy: no volume shared with the driver
+        with tempfile.TemporaryDirectory(prefix="lumiere-init-") as d:
+            return build_for_training(kind, cfg, fetch(init_from, d, _worker_storage))
     if kind == "t2i":
         model = build_prior(cfg)
         if init_from:
@@ -163,6 +167,18 @@ class SampleRenderer:
             ray.get(self.pending, timeout=timeout_s)
         except Exception as e:  # noqa: BLE001 - a failed sample never fails the training run
             _say(f"[train] the last sample render did not finish: {type(e).__name__}: {str(e)[:300]}")
+
+
+_worker_storage = None  # lumiere.storage.StorageOptions from the driver, in a worker process (_train_loop_entry)
+
+
+def _train_loop_entry(config: dict) -> None:
+    """The workers' entry point: the driver's S3 settings (for an s3:// init checkpoint) travel in the config, as
+    the data's filesystem does, so workers never depend on their own environment; then the training loop."""
+    global _worker_storage
+    config = dict(config)
+    _worker_storage = config.pop("storage_options", None)
+    train_loop_per_worker(config)
 
 
 def _say(line: str) -> None:
@@ -408,15 +424,20 @@ def run_training(kind: str, data: str, output: str, cfg: LumiereConfig, *, init_
         raise LumiereError(f"unknown model kind {kind!r}; choose one of {', '.join(KINDS)}")
     if num_workers < 1:
         raise LumiereError("--num-workers must be >= 1")
-    output_dir = Path(output).resolve()
+    # --output s3://…: Ray Train writes the checkpoints there from every worker (no shared volume needed)
+    options = storage.StorageOptions.from_env()
+    output_dir = None if storage.is_s3(output) else Path(output).resolve()
+    output = output.rstrip("/") if output_dir is None else output
     run_name = run_name or f"{kind}-{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     manifest = read_manifest(data)
     fingerprint = TextEncoder(cfg.text).fingerprint()
     check_manifest(manifest, cfg, data, fingerprint, kind)
     check_shard_files(manifest, data)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    init = resolve_model(init_from, output_dir)
-    check_init(kind, init, cfg)
+    if output_dir is None:
+        _check_bucket(output, options)
+    else:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    init = _init_for_workers(kind, init_from, cfg, output, output_dir, run_name, options)
     # on a cluster (--address, or RAY_ADDRESS as a submitted job's driver has) the workers run elsewhere: the GPUs
     # are theirs, not this process's, and an autoscaling GPU group may have none until the job asks for them
     on_cluster = bool(address or os.environ.get("RAY_ADDRESS"))
@@ -457,12 +478,12 @@ def run_training(kind: str, data: str, output: str, cfg: LumiereConfig, *, init_
     spare = max(1.0, have.get("CPU", 0) - num_workers)  # a Train worker holds 1 CPU (GPU workers too)
     ingest.resource_limits = ingest.resource_limits.copy(cpu=spare / num_workers)
     trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={**asdict(job), "data_position": position},
+        _train_loop_entry,
+        train_loop_config={**asdict(job), "data_position": position, "storage_options": options},
         scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=gpu,
                                                resources_per_worker={"CPU": 1} if not gpu else None),
         run_config=ray.train.RunConfig(
-            name=run_name, storage_path=str(output_dir / "ray"),
+            name=run_name, **_ray_storage(output, output_dir, options),
             # a worker group that cannot be placed is retried every WORKER_GROUP_START_TIMEOUT_S: bounded here,
             # so a cluster that never gets the resources ends the run with a message instead of waiting forever
             failure_config=ray.train.FailureConfig(
@@ -484,6 +505,12 @@ def run_training(kind: str, data: str, output: str, cfg: LumiereConfig, *, init_
         raise
     if result.checkpoint is None:
         raise LumiereError(f"training run '{run_name}' ended without a checkpoint: {result.error}")
+    if output_dir is None:
+        final, meta, model_uri = _publish_s3(result.checkpoint, kind, output, run_name, tracking_uri, run_id, options)
+        log(f"[train] done at step {meta['step']}: checkpoint {final} ({output}/checkpoints/latest points at it); "
+            f"registered {model_uri}")
+        return {"checkpoint": final, "model_uri": model_uri, "step": meta["step"], "run_id": run_id,
+                "run_name": run_name}
     final = output_dir / "checkpoints" / "latest"
     with result.checkpoint.as_directory() as d:
         tmp = output_dir / "checkpoints" / f".tmp-{run_name}"
@@ -496,6 +523,69 @@ def run_training(kind: str, data: str, output: str, cfg: LumiereConfig, *, init_
     log(f"[train] done at step {meta['step']}: checkpoint {final}; registered {model_uri}")
     return {"checkpoint": str(final), "model_uri": model_uri, "step": meta["step"], "run_id": run_id,
             "run_name": run_name}
+
+
+def _check_bucket(output: str, options: storage.StorageOptions) -> None:
+    """A one-line error now for an s3:// --output whose bucket is missing or unreachable (not deep in Ray Train)."""
+    import pyarrow.fs as pafs
+
+    fs, path = storage.resolve(output, options)
+    bucket = path.split("/", 1)[0]
+    try:
+        missing = fs.get_file_info(bucket).type == pafs.FileType.NotFound
+    except OSError as e:
+        raise LumiereError(f"--output {output}: cannot reach S3 ({str(e).splitlines()[0]}); check AWS_ENDPOINT_URL "
+                           "and the credentials") from None
+    if missing:
+        raise LumiereError(f"--output {output}: the bucket '{bucket}' does not exist (create it, or check "
+                           "AWS_ENDPOINT_URL)")
+
+
+def _init_for_workers(kind: str, init_from: str | None, cfg: LumiereConfig, output: str, output_dir: Path | None,
+                      run_name: str, options: storage.StorageOptions) -> str | None:
+    """--init-from, checked (check_init), as the workers will load it. A local --output: a local checkpoint
+    directory, as before (the workers see the driver's paths: one machine or a shared volume). An s3:// source:
+    the s3:// checkpoint directory it names (a `latest` pointer followed now, so every worker, and a restarted
+    one, loads the same version); each worker downloads it (build_for_training). An s3:// --output and a local or
+    models:/ source: staged under OUTPUT/init/RUN_NAME/ on S3, since the workers share no volume with this driver."""
+    if init_from is not None and storage.is_s3(init_from):
+        init = s3_checkpoint(init_from, options)
+        check_init(kind, init, cfg)
+        return init
+    if output_dir is not None or init_from is None:
+        init = resolve_model(init_from, output_dir)
+        check_init(kind, init, cfg)
+        return init
+    with tempfile.TemporaryDirectory(prefix="lumiere-init-") as d:
+        init = resolve_model(init_from, Path(d))
+        check_init(kind, init, cfg)
+        staged = storage.join(output, "init", run_name)
+        storage.upload_dir(init, staged, options, replace=True)
+    return staged
+
+
+def _ray_storage(output: str, output_dir: Path | None, options: storage.StorageOptions) -> dict:
+    """RunConfig's storage, OUTPUT/ray: a local directory, or on S3 the path inside the bucket with pyarrow's S3
+    filesystem built from the driver's settings (Ray Train pickles it to its controller and every worker, which
+    upload checkpoints and restore them from there)."""
+    if output_dir is not None:
+        return {"storage_path": str(output_dir / "ray")}
+    fs, path = storage.resolve(storage.join(output, "ray"), options)
+    return {"storage_path": path, "storage_filesystem": fs}
+
+
+def _publish_s3(checkpoint, kind: str, output: str, run_name: str, tracking_uri: str, run_id: str,
+                options: storage.StorageOptions) -> tuple[str, dict, str]:
+    """The final checkpoint of an s3:// run: a local copy (Ray downloads it) is published as
+    OUTPUT/checkpoints/<run>-step<N>-<id>/ with OUTPUT/checkpoints/latest pointing at it (lumiere.model_uri.publish:
+    an atomic pointer, never a half-written `latest`), and registered in MLflow from the same local copy.
+    Returns (the version's s3:// URI, its meta, the registered model URI)."""
+    with checkpoint.as_directory() as d:
+        _, meta = read_meta(d)
+        version = f"{run_name}-step{int(meta['step']):07d}-{os.urandom(3).hex()}"
+        uri = publish(d, output, version, options, step=int(meta["step"]), kind=kind, run_name=run_name)
+        model_uri = register(kind, Path(d), tracking_uri, run_id)
+    return uri, meta, model_uri
 
 
 CANDIDATE, PRODUCTION = "candidate", "production"
