@@ -70,13 +70,16 @@ def save_checkpoint(
     ema_state: dict[str, torch.Tensor] | None = None,
     train_state: dict[str, Any] | None = None,
     extra_meta: dict[str, Any] | None = None,
+    model_state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write a checkpoint directory atomically (a temp dir renamed into place)."""
+    """Write a checkpoint directory atomically (a temp dir renamed into place). `model_state`: the full weights
+    when `model` is sharded (gathered by the caller), instead of `model.state_dict()`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        save_file(_contiguous(model.state_dict()), tmp / "model.safetensors")
+        save_file(_contiguous(model_state if model_state is not None else model.state_dict()),
+                  tmp / "model.safetensors")
         if ema_state is not None:
             save_file(_contiguous(ema_state), tmp / "ema.safetensors")
         if train_state is not None:

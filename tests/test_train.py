@@ -461,3 +461,39 @@ def test_gpu_training_on_a_cluster_without_gpus_yet_is_submitted_not_refused(sha
         proc.wait()
         log.close()
     _wait_for(lambda: not gpu_request_pending(), timeout=120, what="the killed driver's GPU request to go")
+
+
+def test_fsdp_run_with_grad_accum_shards_its_checkpoint_and_resumes_on_another_worker_count(shards, mlflow_uri,
+                                                                                              tmp_path):
+    """train.parallelism=fsdp through Ray Train (2 gloo workers), with grad_accum and activation checkpointing: every
+    rank writes its shard of the optimizer state into the one checkpoint Ray Train assembles, rank 0 the full
+    weights; the same run then resumes on 1 worker (the shards resharded) and a DDP resume is refused. System
+    metrics and the data-wait time are in the run."""
+    import mlflow
+
+    from lumiere.checkpoint import load_model, read_meta
+    from pipelines.train.job import run_training
+
+    fsdp = ["train.parallelism=fsdp", "train.grad_accum=2", "train.activation_checkpointing=true"]
+    first = run_training("t2i", str(shards), str(tmp_path), _cfg("train.max_steps=8", *fsdp), num_workers=2,
+                         run_name="t2i-fsdp", system_metrics_interval_s=0.5, log=lambda *a: None)
+    latest = Path(first["checkpoint"])
+    assert first["step"] == 8 and read_meta(latest)[1]["parallelism"] == "fsdp"
+    # both ranks' shards in the one checkpoint directory Ray Train assembled, beside rank 0's full weights
+    assert sorted(p.name for p in (latest / "train_dcp").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    model, _, _ = load_model(latest)  # the full weights (for serving / --init-from), not shards
+    assert sum(p.numel() for p in model.parameters()) > 0
+
+    again = run_training("t2i", str(shards), str(tmp_path), _cfg("train.max_steps=12", *fsdp), num_workers=1,
+                         run_name="t2i-fsdp", system_metrics_interval_s=0, log=lambda *a: None)
+    assert again["step"] == 12 and again["run_id"] == first["run_id"]
+    client = mlflow.MlflowClient(tracking_uri=mlflow_uri)
+    steps = [m.step for m in client.get_metric_history(first["run_id"], "loss")]
+    assert sorted(steps) == [2, 4, 6, 8, 10, 12], steps  # resumed at step 8, nothing trained twice
+    metrics = client.get_run(first["run_id"]).data.metrics
+    assert "data_wait_s" in metrics and 0 <= metrics["data_wait_fraction"] <= 1
+    assert any(k.startswith("system/node0/") and "cpu_utilization" in k for k in metrics), sorted(metrics)[:20]
+
+    with pytest.raises(Exception, match="train.parallelism=fsdp"):  # DDP cannot read FSDP's optimizer layout
+        run_training("t2i", str(shards), str(tmp_path), _cfg("train.max_steps=14"), num_workers=1,
+                     run_name="t2i-fsdp", max_failures=0, system_metrics_interval_s=0, log=lambda *a: None)

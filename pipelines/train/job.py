@@ -21,6 +21,7 @@ before it are never read again. A killed worker costs at most the steps since th
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -48,6 +49,7 @@ from lumiere.checkpoint import (
 from lumiere.config import LumiereConfig, build_config
 from lumiere.errors import LumiereError
 from lumiere.model_uri import fetch, publish, resolve_model, s3_checkpoint
+from lumiere.parallel import set_activation_checkpointing, shard_model
 
 from .shards import DataPosition, check_manifest, check_shard_files, clip_datasets, read_manifest
 
@@ -74,6 +76,7 @@ class TrainJob:
     data_position: Any = None  # the DataPosition actor's handle (pipelines.train.shards)
     plan_rows: int = 0  # rows in each worker's data plan
     data_trace: str | None = None  # a directory: each worker appends the plan rows of every step (tests)
+    system_metrics_interval_s: float = 10.0  # MLflow system metrics, sampled per node; 0: off
 
 
 # --- the worker side ---------------------------------------------------------------------------------------
@@ -146,16 +149,21 @@ class SampleRenderer:
     def __init__(self, job: TrainJob):
         self.job, self.pending = job, None
 
-    def start(self, model, step_fn) -> None:
+    def busy(self) -> bool:
         import ray
 
-        if self.pending is not None and not ray.wait([self.pending], timeout=0)[0]:
-            _say(f"[train] step {step_fn.step}: the last sample render is still running; this one is skipped")
+        return self.pending is not None and not ray.wait([self.pending], timeout=0)[0]
+
+    def start(self, state: dict, step: int) -> None:
+        """Render from `state` (the EMA weights on the CPU) in a task of its own; skipped while one runs."""
+        import ray
+
+        if self.busy():
+            _say(f"[train] step {step}: the last sample render is still running; this one is skipped")
             return
-        state = {k: v.detach().to("cpu", copy=True) for k, v in step_fn.ema.state_dict(model).items()}
         task = ray.remote(render_samples).options(num_cpus=1, num_gpus=self.job.sample_num_gpus or 0,
                                                   max_retries=1)
-        self.pending = task.remote(self.job.kind, self.job.cfg, state, step_fn.step, self.job.sample_prompts,
+        self.pending = task.remote(self.job.kind, self.job.cfg, state, step, self.job.sample_prompts,
                                    self.job.mlflow_uri, self.job.mlflow_run_id)
 
     def finish(self, timeout_s: float = 1800) -> None:
@@ -203,24 +211,37 @@ def train_loop_per_worker(job_dict: dict) -> None:
     torch.manual_seed(cfg.train.seed + rank)
 
     model = build_for_training(job.kind, cfg, job.init_from).to(device)
-    forward = ray.train.torch.prepare_model(model, move_to_device=False)  # DDP: gloo on CPU, nccl on GPU
-    if job.compile and job.use_gpu:
-        forward = torch.compile(forward)
-    amp = torch.bfloat16 if job.use_gpu else None
-    step_fn = TrainStep(model, cfg, job.kind, forward=forward, amp_dtype=amp, rank=rank)
-
+    set_activation_checkpointing(model, cfg.train.activation_checkpointing)
     world = ctx.get_world_size()
     plan = {"workers": world, "seed": cfg.train.seed, "version": PLAN_VERSION}
     consumed = 0  # rows of this worker's plan trained on: the data position
+    fsdp = cfg.train.parallelism == "fsdp"
     restored = ray.train.get_checkpoint()
-    if restored is not None:
-        with restored.as_directory() as d:
-            load_weights(model, Path(d), use_ema=False)
+    with contextlib.ExitStack() as open_checkpoint:
+        d = Path(open_checkpoint.enter_context(restored.as_directory())) if restored is not None else None
+        if d is not None:
+            written_with = read_meta(d)[1].get("parallelism", "ddp")
+            if written_with != cfg.train.parallelism:
+                raise LumiereError(f"the run's checkpoint was written with train.parallelism={written_with}; resume "
+                                   f"it with --set train.parallelism={written_with} (its optimizer state is laid "
+                                   "out for that)")
+            load_weights(model, d, use_ema=False)  # the full weights, before sharding: any worker count
+        if fsdp:  # FSDP2: weights, grads, optimizer state and EMA sharded over the ranks (gloo on CPU, nccl on GPU)
+            forward = shard_model(model, device, torch.bfloat16 if job.use_gpu else None)
+        else:  # DDP (a plain module for one worker)
+            forward = ray.train.torch.prepare_model(model, move_to_device=False)
+        if job.compile and job.use_gpu:
+            forward = torch.compile(forward)
+        amp = torch.bfloat16 if job.use_gpu else None
+        step_fn = TrainStep(model, cfg, job.kind, forward=forward, amp_dtype=amp, rank=rank)
+        if d is not None:
             from safetensors.torch import load_file
 
-            ema = load_file(Path(d) / "ema.safetensors") if (Path(d) / "ema.safetensors").exists() else None
+            ema = load_file(d / "ema.safetensors") if not fsdp and (d / "ema.safetensors").exists() else None
             rng = step_fn.load_state_dict(load_train_state(d), ema)
+            step_fn.load_shards(d)  # FSDP: optimizer state and EMA, resharded to this worker count (a collective)
             saved = read_meta(d)[1].get("data_position") or {}
+    if restored is not None:
         if {k: saved.get(k) for k in plan} == plan:
             consumed = int(saved["rows_per_worker"])
             where = f"data position {consumed} rows per worker"
@@ -245,24 +266,37 @@ def train_loop_per_worker(job_dict: dict) -> None:
 
     def checkpoint_and_report(metrics: dict) -> None:
         generators = step_fn.gather_generators()  # a collective: every rank's random state goes into the checkpoint
+        # the full weights and EMA for serving, on rank 0; under FSDP gathered shard by shard (every rank takes part)
+        ema = step_fn.full_ema_state(keep=rank == 0)
+        weights = step_fn.full_model_state(keep=rank == 0) if fsdp else None
         with tempfile.TemporaryDirectory() as d:
-            ckpt = None
+            path = Path(d) / "ckpt"
             if rank == 0:
-                path = save_checkpoint(
-                    Path(d) / "ckpt", model, cfg, job.kind, step=step_fn.step, ema_state=step_fn.ema.state_dict(model),
+                save_checkpoint(
+                    path, model, cfg, job.kind, step=step_fn.step, ema_state=ema, model_state=weights,
                     train_state=step_fn.state_dict(generators),
-                    extra_meta={"text_fingerprint": job.text_fingerprint,
+                    extra_meta={"text_fingerprint": job.text_fingerprint, "parallelism": cfg.train.parallelism,
                                 "data_position": {**plan, "rows_per_worker": consumed}},
                 )
-                ckpt = ray.train.Checkpoint.from_directory(str(path))
+            # FSDP: every rank writes its shard of the optimizer state and EMA; Ray Train merges the ranks'
+            # directories into one checkpoint, so no rank ever holds the whole optimizer state
+            step_fn.save_shards(path)
+            ckpt = ray.train.Checkpoint.from_directory(str(path)) if path.exists() else None
             ray.train.report(metrics, checkpoint=ckpt)
+
+    def ema_for_samples() -> dict | None:
+        """The EMA weights a sample render gets (on rank 0); under FSDP gathered, so every rank calls this."""
+        return step_fn.full_ema_state(keep=rank == 0) if fsdp or rank == 0 else None
 
     shard = ray.train.get_dataset_shard(f"train_rank{rank}")
     max_steps, t_last, window, bs = cfg.train.max_steps, time.perf_counter(), [], cfg.train.batch_size
     metrics = {"step": step_fn.step}
     trace = open(Path(job.data_trace) / f"rank{rank}.jsonl", "a") if job.data_trace else None  # noqa: SIM115
+    monitor = _system_metrics(job, ctx, resumed=restored is not None)
+    waits, t_ready = [], time.perf_counter()  # data wait: from the end of one step until the next batch is here
     if step_fn.step < max_steps:
         for batch in shard.iter_torch_batches(batch_size=bs, drop_last=True):
+            waits.append(time.perf_counter() - t_ready)
             index = batch["plan_index"].tolist()
             if index != list(range(consumed, consumed + bs)):
                 raise LumiereError(f"worker {rank} expected rows {consumed}..{consumed + bs - 1} of its data plan and "
@@ -288,7 +322,11 @@ def train_loop_per_worker(job_dict: dict) -> None:
                     "loss": loss, "lr": metrics["lr"], "grad_norm": metrics["grad_norm"],
                     "step_time_s": metrics["step_time_s"],
                     "samples_per_s": n_window * cfg.train.batch_size * world / (now - t_last),
+                    # rank 0's wait for its loader since the last log: > 0.1 means the input pipeline is behind
+                    "data_wait_s": sum(waits) / max(1, len(waits)),
+                    "data_wait_fraction": sum(waits) / max(1e-9, now - t_last),
                 }
+                waits = []
                 if device.type == "cuda":
                     logged["gpu_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
                 else:
@@ -303,21 +341,49 @@ def train_loop_per_worker(job_dict: dict) -> None:
                 _say(f"[train] {job.kind} step {step}/{max_steps} loss {logged['loss']:.4f} "
                      f"lr {logged['lr']:.2e} {logged['samples_per_s']:.1f} samples/s")
                 t_last = now
-            if renderer is not None and step % job.sample_every == 0 and step < max_steps:
-                renderer.start(model, step_fn)
+            if job.sample_every and step % job.sample_every == 0 and step < max_steps:
+                # (FSDP: the gather is a collective, so every rank runs it, busy renderer or not)
+                if fsdp or (renderer is not None and not renderer.busy()):
+                    state = ema_for_samples()
+                    if renderer is not None:
+                        renderer.start(state, step)
             if step % cfg.train.checkpoint_every == 0 and step < max_steps:
                 checkpoint_and_report({"step": step, "loss": metrics["loss"]})
             if step >= max_steps:
                 break
+            t_ready = time.perf_counter()
     if step_fn.step < max_steps:
         raise LumiereError(f"worker {rank}'s data plan ran out at step {step_fn.step} of {max_steps} (position "
                            f"{consumed} of {job.plan_rows} rows)")
-    if renderer is not None:  # the final weights' samples; the other ranks are done and wait in the last report
-        renderer.finish()
-        renderer.pending = None
-        renderer.start(model, step_fn)
-        renderer.finish()
+    if job.sample_every:  # the final weights' samples; the other ranks are done and wait in the last report
+        state = ema_for_samples()
+        if renderer is not None:
+            renderer.finish()
+            renderer.pending = None
+            renderer.start(state, step_fn.step)
+            renderer.finish()
     checkpoint_and_report({"step": step_fn.step, "loss": metrics.get("loss", float("nan")), "final": 1})
+    if monitor is not None:
+        monitor.finish()
+
+
+def _system_metrics(job: TrainJob, ctx, resumed: bool):
+    """MLflow's system metrics (CPU, memory, disk, network; GPU utilisation and memory per GPU with nvidia-ml-py,
+    in the `cluster` extra) from one worker per node, as `system/node<N>/…` in the run: pynvml sees every GPU of
+    the node, so one sampler per node covers them all."""
+    if not job.system_metrics_interval_s or ctx.get_local_rank() != 0:
+        return None
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(job.mlflow_run_id, sampling_interval=job.system_metrics_interval_s,
+                                       node_id=f"node{ctx.get_node_rank()}", tracking_uri=job.mlflow_uri,
+                                       resume_logging=resumed)
+        monitor.start()
+        return monitor
+    except Exception as e:  # noqa: BLE001 - metrics about the machine never stop training
+        _say(f"[train] system metrics are off on this node: {type(e).__name__}: {str(e)[:200]}")
+        return None
 
 
 def _mean_over_ranks(value: float, device: torch.device, world: int) -> float:
@@ -411,7 +477,8 @@ def plan_rows(cfg: LumiereConfig) -> int:
 def run_training(kind: str, data: str, output: str, cfg: LumiereConfig, *, init_from: str | None = None,
                  num_workers: int = 1, gpu: bool = False, run_name: str | None = None, address: str | None = None,
                  compile: bool = False, max_failures: int = 3, sample_every: int | None = None,
-                 sample_num_gpus: float = 0.0, resource_timeout_s: float = 1800, log=print) -> dict:
+                 sample_num_gpus: float = 0.0, resource_timeout_s: float = 1800,
+                 system_metrics_interval_s: float = 10.0, log=print) -> dict:
     """Train (or resume) and return {"checkpoint": path, "model_uri": ..., "step": ...}."""
     import ray
     import ray.data
@@ -465,7 +532,7 @@ def run_training(kind: str, data: str, output: str, cfg: LumiereConfig, *, init_
                    # SSR samples need a base video to upsample: none are logged during SSR training
                    sample_every=0 if kind == "ssr" else cfg.train.checkpoint_every if sample_every is None
                    else sample_every,
-                   sample_num_gpus=sample_num_gpus,
+                   sample_num_gpus=sample_num_gpus, system_metrics_interval_s=system_metrics_interval_s,
                    data_trace=os.environ.get("LUMIERE_DATA_TRACE"), plan_rows=plan_rows(cfg))
     # the data: one plan per worker, fixed by (seed, workers) alone, read unsplit and in order so a checkpoint's
     # data position (rows trained per worker) is exact; the position actor lets the read stage skip those rows
