@@ -164,7 +164,8 @@ def train(
     config: str = typer.Option("small", help="A named config (tiny, small, base) or a YAML path."),
     init_from: str | None = typer.Option(None, help="Checkpoint dir, a run's output dir (local or s3://), or a "
                                          "models:/ URI."),
-    num_workers: int = typer.Option(1, min=1, help="Ray Train workers (DDP)."),
+    num_workers: int = typer.Option(1, min=1, help="Ray Train workers (DDP, or FSDP with "
+                                    "--set train.parallelism=fsdp)."),
     gpu: bool = typer.Option(False, help="One GPU per worker, bf16 autocast, nccl."),
     compile: bool = typer.Option(False, help="torch.compile the model (GPU only)."),
     max_steps: int | None = typer.Option(None, min=1, help="Shorthand for --set train.max_steps=N."),
@@ -182,6 +183,9 @@ def train(
     resource_timeout: float = typer.Option(
         1800, min=1, help="On a cluster: seconds to wait for the workers' CPUs/GPUs (e.g. an autoscaling GPU group "
         "starting nodes) before the run fails with a message."),
+    system_metrics: float = typer.Option(
+        10.0, "--system-metrics-every", min=0.0, help="Seconds between MLflow system-metric samples (CPU, memory, GPU), one sampler per node; "
+        "0: off."),
     conditional: bool = typer.Option(False, help="stunet: the 7-channel ⟨J, C, M⟩ model for i2v, inpainting, "
                                      "cinemagraphs and extension (stunet.conditional=true)."),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
@@ -205,7 +209,8 @@ def train(
 
     run_training(kind, data, output, cfg, init_from=init_from, num_workers=num_workers, gpu=gpu,
                  run_name=run_name, address=address, compile=compile, max_failures=max_failures,
-                 sample_every=sample_every, sample_num_gpus=sample_gpus, resource_timeout_s=resource_timeout)
+                 sample_every=sample_every, sample_num_gpus=sample_gpus, resource_timeout_s=resource_timeout,
+                 system_metrics_interval_s=system_metrics)
 
 
 def _load_media(path: Path | None, what: str, cfg, kind: str):
