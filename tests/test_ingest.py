@@ -399,3 +399,19 @@ def test_exact_duplicates_are_rejected_pointing_at_the_kept_file_also_across_a_r
     rows, _ = _clips(off)
     assert Counter(Path(r["source"]).name for r in rows) == {
         "0-late-copy.mp4": 2, "b-original.mp4": 2, "c-copy.mp4": 2, "other.mp4": 2}
+
+
+def test_report_has_per_stage_timings_counted_per_file_and_part(ingested):
+    out, expected, report = ingested
+    timings = json.loads((out / "report.json").read_text())["timings"]
+    assert timings == report["timings"]
+    files = len(set(expected["clips"]) | set(expected["rejects"]))
+    assert timings["decode"]["count"] == files  # one value per file, from its done record
+    # a write task names its part (in shards/, rejects/, done/) by its batch's ids: one name per task
+    parts = {p.name for f in ("shards", "rejects", "done") for p in (out / f).iterdir() if p.suffix == ".parquet"}
+    assert timings["write"]["count"] == len(parts)
+    assert timings["embed"]["count"] >= 1
+    for stage in ("decode", "embed", "write"):
+        assert timings[stage]["total_s"] > 0 and timings[stage]["mean_s"] > 0, stage
+    assert timings["decode"]["p50_s"] <= timings["decode"]["p95_s"]
+    assert timings["job_wall_s"] > 0

@@ -240,6 +240,7 @@ def run_ingest(input_uri: str, output_uri: str, captions_uri: str | None = None,
         return plan
 
     written = Counter()
+    write_seconds: list[float] = []
     # the manifest's encoder record, built on a driver thread while Ray runs (off the critical path at the end)
     pool = ThreadPoolExecutor(1, thread_name_prefix="lumiere-encoder-info")
     encoder_info = pool.submit(_encoder_info, cfg)
@@ -266,6 +267,10 @@ def run_ingest(input_uri: str, output_uri: str, captions_uri: str | None = None,
                             batch_size=cfg.shard_clips, num_cpus=0.5)
         last, started = 0.0, time.time()
         for part in ds.iter_rows():
+            if int(part.get("write_batches", 0)):  # one small number per write task: flat driver memory
+                write_seconds.append(float(part["write_s"]))
+                written["embed_s"] += float(part["embed_s"])
+                written["embed_batches"] += int(part["embed_batches"])
             written[part["kind"] + "_rows"] += int(part["rows"])
             written[part["kind"] + "_files"] += 1
             written["frames"] += int(part["frames"])
@@ -274,7 +279,36 @@ def run_ingest(input_uri: str, output_uri: str, captions_uri: str | None = None,
                 log(_progress_line(written, len(todo), last - started))
         log(_progress_line(written, len(todo), time.time() - started))
     return finalize(input_uri, output_uri, captions_uri, files, skipped, cfg, options, t0, written, log,
-                    encoder_info=encoder_info.result())
+                    encoder_info=encoder_info.result(), write_seconds=write_seconds)
+
+
+def _timing(values, count: int | None = None) -> dict:
+    """total/count/mean (and p50/p95 when the single values are known) of a stage's wall seconds."""
+    import numpy as np
+
+    values = np.asarray(values, dtype=np.float64)
+    n = len(values) if count is None else count
+    total = float(values.sum())
+    out = {"total_s": round(total, 4), "count": int(n), "mean_s": round(total / n, 4) if n else 0.0}
+    if count is None and n:
+        out["p50_s"] = round(float(np.percentile(values, 50)), 4)
+        out["p95_s"] = round(float(np.percentile(values, 95)), 4)
+    return out
+
+
+def _timings(done_parts: list[tuple[str, pa.Table]], sources: set[str], written: Counter,
+             write_seconds: list[float], elapsed: float) -> dict:
+    """report.json's `timings`: decode (+cut, per file; from the done records, so it covers every file of the
+    output, retries counted once), embed (per batch) and write (per write task) of this run, and the job's wall
+    seconds."""
+    decode = [s for _, t in done_parts if "decode_s" in t.column_names
+              for s, src in zip(t["decode_s"].to_pylist(), t["source"].to_pylist(), strict=True)
+              if src in sources and s is not None]
+    return {"decode": {**_timing(decode), "per": "file"},
+            "embed": {**_timing([written["embed_s"]], count=written["embed_batches"]), "per": "batch"},
+            "write": {**_timing(write_seconds), "per": "write task (one part in each of shards/, rejects/, "
+                                                       "done/)"},
+            "job_wall_s": round(elapsed, 2)}
 
 
 def _histograms(shard_parts: list[tuple[str, pa.Table]], sources: set[str], bins: int = 10) -> dict:
@@ -333,13 +367,14 @@ def _progress_line(written: Counter, todo: int, elapsed: float) -> str:
 
 
 def finalize(input_uri, output_uri, captions_uri, files, skipped, cfg: IngestConfig, options, t0, written,
-             log=print, encoder_info: dict | None = None) -> dict:
+             log=print, encoder_info: dict | None = None, write_seconds: list[float] | None = None) -> dict:
     """Check completeness, write rejects.parquet, report.json and — last — manifest.json."""
     # each part is read once, only the columns needed (REJECT_SCHEMA has the state columns)
     shard_parts = _read_parts(output_uri, "shards", [*_STATE_COLUMNS, "num_frames", "motion_score", "clip_score"],
                               options)
     reject_parts = _read_parts(output_uri, "rejects", REJECT_SCHEMA.names, options)
-    done_parts = _read_parts(output_uri, "done", _STATE_COLUMNS, options)
+    # done parts are small (one row per file), read whole: parts made before decode_s existed lack it
+    done_parts = _read_parts(output_uri, "done", None, options)
     committed = _committed_state([t for _, t in shard_parts + reject_parts + done_parts])
     sources = {f["source"] for f in files}
     incomplete = [s for s in sources if not is_done(committed.get(s))]
@@ -382,6 +417,7 @@ def finalize(input_uri, output_uri, captions_uri, files, skipped, cfg: IngestCon
                      "clips_per_s": round(written["shard_rows"] / elapsed, 3) if elapsed else 0.0,
                      "frames_per_s": round(written["frames"] / elapsed, 1) if elapsed else 0.0},
         "scores": _histograms(shard_parts, sources),
+        "timings": _timings(done_parts, sources, written, write_seconds or [], elapsed),
         "reason_codes": REASONS,
     }
     storage.write_bytes(storage.join(output_uri, "report.json"), json.dumps(report, indent=2).encode(), options)

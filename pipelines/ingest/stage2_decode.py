@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -53,7 +54,7 @@ CANDIDATE_DEFAULTS = {
     "shot_index": -1, "clip_index": -1, "start_frame": -1, "start_time_s": -1.0, "fps": 0.0, "num_frames": 0,
     "height": 0, "width": 0, "frames_format": "", "frames": b"", "hr_size": 0, "hr_frames": b"", "keyframe": b"",
     "caption": "", "motion_score": 0.0, "brightness": 0.0, "src_width": 0, "src_height": 0, "src_fps": 0.0,
-    "src_codec": "", "content_hash": "", "duplicate_of": "",
+    "src_codec": "", "content_hash": "", "duplicate_of": "", "decode_s": 0.0,
 }
 
 
@@ -71,15 +72,21 @@ def decode_and_cut(row: dict, cfg: IngestConfig, options: StorageOptions) -> Ite
     skip = set(row.get("skip_ids") or ())
     fid = file_id(row["source"])
     count = 0
+    # the file's decode+cut wall seconds, not counting the time Ray spends between our yields; carried on the
+    # done record (one per file, overwritten, never added, when a task is retried) to report.json's timings
+    seconds, since = 0.0, time.perf_counter()
     for c in _candidates(row, cfg, options):
         count += 1
         if c["clip_id"] not in skip:
+            seconds += time.perf_counter() - since
             yield {**CANDIDATE_DEFAULTS, **c, "file_id": fid, "file_candidates": 0}
+            since = time.perf_counter()
+    seconds += time.perf_counter() - since
     done = done_id(row["source"])
     if done not in skip:
         yield {**CANDIDATE_DEFAULTS, "status": "done", "clip_id": done, "source": row["source"], "file_id": fid,
                "file_candidates": count + 1, "content_hash": row.get("content_hash") or "",
-               "duplicate_of": row.get("duplicate_of") or ""}
+               "duplicate_of": row.get("duplicate_of") or "", "decode_s": seconds}
 
 
 def _candidates(row: dict, cfg: IngestConfig, options: StorageOptions) -> Iterator[dict]:

@@ -4,6 +4,8 @@ accepted clip's caption, the image embedding of its keyframe, their CLIP score (
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 
@@ -23,6 +25,7 @@ class CaptionEmbedder:
             self.dim = int(self.encoder.encode_text([""])[1].shape[1])  # text and image share CLIP's embedding space
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        started = time.perf_counter()
         n = len(batch["clip_id"])
         ok = np.array([s == "ok" for s in batch["status"]])
         tokens = np.empty(n, dtype=object)
@@ -51,5 +54,11 @@ class CaptionEmbedder:
                     batch["status"][i] = "reject"
                     batch["reason"][i] = "low_clip_score"
                     batch["detail"][i] = f"CLIP score {score[i]:.3f} < min_clip_score={self.cfg.min_clip_score}"
-        batch.update(text_tokens=tokens, text_pooled=pooled, image_embedding=image, clip_score=score)
+        # this batch's seconds on its first row only, so sums over rows count each batch once (report.json)
+        embed_s = np.zeros(n, dtype=np.float64)
+        embed_batches = np.zeros(n, dtype=np.int32)
+        if n:
+            embed_s[0], embed_batches[0] = time.perf_counter() - started, 1
+        batch.update(text_tokens=tokens, text_pooled=pooled, image_embedding=image, clip_score=score,
+                     embed_s=embed_s, embed_batches=embed_batches)
         return batch

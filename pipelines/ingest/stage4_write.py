@@ -70,6 +70,7 @@ DONE_SCHEMA = pa.schema([
     ("file_candidates", pa.int32()),
     ("content_hash", pa.string()),  # SHA-256 of the file's bytes ("" when not hashed: dedup off, unreadable)
     ("duplicate_of", pa.string()),  # the kept file this one duplicates, or ""
+    ("decode_s", pa.float64()),  # the file's decode+cut wall seconds (report.json timings)
 ])
 
 
@@ -97,6 +98,7 @@ def _table(rows_idx: np.ndarray, batch: dict, schema: pa.Schema) -> pa.Table:
 def write_shard(batch: dict[str, np.ndarray], output_uri: str, options: StorageOptions) -> dict[str, np.ndarray]:
     """Write the batch's accepted clips as one shard and its rejects as one part; each file atomically.
     Returns one summary row per written file (what the driver counts for progress)."""
+    started = time.perf_counter()
     statuses = np.asarray(batch["status"])
     # named by its content: a task Ray retries writes the same batch under the same name, so it overwrites its own
     # earlier (possibly committed) part instead of adding a second copy of every clip
@@ -121,4 +123,14 @@ def write_shard(batch: dict[str, np.ndarray], output_uri: str, options: StorageO
         summary["frames"].append(int(np.sum(np.asarray(batch["num_frames"])[idx])) if kind == "shard" else 0)
         summary["sources"].append(len(set(np.asarray(batch["source"])[idx].tolist())))
     summary["written_at"] = [time.time()] * len(summary["kind"])
+    # this task's timings on its first summary row only (the driver sums them into report.json's timings); a
+    # retried task's rows reach the driver once, from the attempt that succeeded
+    n = len(summary["kind"])
+    first = [1] + [0] * (n - 1) if n else []
+    summary["write_s"] = [(time.perf_counter() - started) * f for f in first]
+    summary["write_batches"] = first
+    embed_s = float(np.sum(np.asarray(batch["embed_s"], dtype=np.float64))) if "embed_s" in batch else 0.0
+    embed_n = int(np.sum(np.asarray(batch["embed_batches"]))) if "embed_batches" in batch else 0
+    summary["embed_s"] = [embed_s * f for f in first]
+    summary["embed_batches"] = [embed_n * f for f in first]
     return {k: np.asarray(v) for k, v in summary.items()}
