@@ -1,5 +1,6 @@
 """Shared fixtures. Model tests use the `tiny` config (a few channels, 8 frames, 32×32) on CPU."""
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -85,3 +86,31 @@ def db_url(request, tmp_path):
         return f"sqlite:///{tmp_path / 'jobs.db'}"
     server = request.getfixturevalue("postgres_server")
     return server.create_database(f"t_{os.urandom(6).hex()}")
+
+
+@contextlib.contextmanager
+def mlflow_tracking_env(directory):
+    """MLFLOW_TRACKING_URI set to a fresh SQLite store in `directory` for the block, restored after."""
+    uri = f"sqlite:///{directory / 'mlflow.db'}"
+    old = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    try:
+        yield uri
+    finally:
+        if old is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = old
+
+
+def ingest_shapes(root, count: int, seed: int, overrides: list[str]):
+    """`count` 88-frame 128×128 moving-shapes videos ingested into standard shards at root/shards (the tiny
+    config's text encoder, plus `overrides`); returns the shards directory."""
+    from lumiere.shapes import make_corpus
+    from pipelines.ingest.config import load_ingest_config
+    from pipelines.ingest.job import run_ingest
+
+    make_corpus(root / "corpus", count, frames=88, size=128, seed=seed)
+    run_ingest(str(root / "corpus"), str(root / "shards"), str(root / "corpus" / "captions.jsonl"),
+               load_ingest_config(None, ["encoder_from=tiny", *overrides]), log=lambda *a: None)
+    return root / "shards"

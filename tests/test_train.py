@@ -20,10 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_cli, run_clis
-from lumiere.shapes import make_corpus
-from pipelines.ingest.config import load_ingest_config
-from pipelines.ingest.job import run_ingest
+from conftest import ingest_shapes, mlflow_tracking_env, run_cli, run_clis
 
 pytestmark = pytest.mark.timeout(900)
 TINY = ["train.checkpoint_every=4", "train.log_every=2", "train.batch_size=2"]
@@ -33,23 +30,13 @@ TINY = ["train.checkpoint_every=4", "train.log_every=2", "train.batch_size=2"]
 def shards(tmp_path_factory, ray_session):
     """Standard 80-frame 128×128 shards of moving shapes (with 128×128 high-resolution copies for the SSR),
     embedded with the tiny config's text encoder."""
-    root = tmp_path_factory.mktemp("train-data")
-    make_corpus(root / "corpus", 6, frames=88, size=128, seed=3)
-    run_ingest(str(root / "corpus"), str(root / "shards"), str(root / "corpus" / "captions.jsonl"),
-               load_ingest_config(None, ["encoder_from=tiny", "hr_size=128", "shard_clips=3"]), log=lambda *a: None)
-    return root / "shards"
+    return ingest_shapes(tmp_path_factory.mktemp("train-data"), 6, seed=3, overrides=["hr_size=128", "shard_clips=3"])
 
 
 @pytest.fixture(scope="module")
 def mlflow_uri(tmp_path_factory):
-    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
-    old = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    yield uri
-    if old is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = old
+    with mlflow_tracking_env(tmp_path_factory.mktemp("mlflow")) as uri:
+        yield uri
 
 
 def _cfg(*extra):

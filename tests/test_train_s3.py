@@ -13,10 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load as load_safetensors
 
-from conftest import run_cli
-from lumiere.shapes import make_corpus
-from pipelines.ingest.config import load_ingest_config
-from pipelines.ingest.job import run_ingest
+from conftest import ingest_shapes, mlflow_tracking_env, run_cli
 
 pytestmark = pytest.mark.timeout(600)
 BUCKET = "lumiere-ckpt"
@@ -33,11 +30,8 @@ def _cfg(*extra):
 def shards(tmp_path_factory, ray_session):
     """Standard 80-frame shards of moving shapes, embedded with the tiny config's text encoder (local: only the
     training output is on S3 here; S3 input is the ingest tests' subject)."""
-    root = tmp_path_factory.mktemp("train-s3-data")
-    make_corpus(root / "corpus", 4, frames=88, size=128, seed=5)
-    run_ingest(str(root / "corpus"), str(root / "shards"), str(root / "corpus" / "captions.jsonl"),
-               load_ingest_config(None, ["encoder_from=tiny", "hr_size=null", "shard_clips=2"]), log=lambda *a: None)
-    return root / "shards"
+    return ingest_shapes(tmp_path_factory.mktemp("train-s3-data"), 4, seed=5,
+                         overrides=["hr_size=null", "shard_clips=2"])
 
 
 @pytest.fixture(scope="module")
@@ -70,14 +64,8 @@ def s3(ray_session):
 
 @pytest.fixture(scope="module")
 def mlflow_uri(tmp_path_factory):
-    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow-s3') / 'mlflow.db'}"
-    old = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    yield uri
-    if old is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = old
+    with mlflow_tracking_env(tmp_path_factory.mktemp("mlflow-s3")) as uri:
+        yield uri
 
 
 @pytest.fixture
