@@ -403,8 +403,9 @@ def test_exact_duplicates_are_rejected_pointing_at_the_kept_file_also_across_a_r
 
 def test_report_has_per_stage_timings_counted_per_file_and_part(ingested):
     out, expected, report = ingested
-    timings = json.loads((out / "report.json").read_text())["timings"]
-    assert timings == report["timings"]
+    # the run's own report: a later test re-runs into this output, and a resume reports the work it did itself
+    timings = report["timings"]
+    assert json.loads((out / "report.json").read_text())["timings"].keys() == timings.keys()
     files = len(set(expected["clips"]) | set(expected["rejects"]))
     assert timings["decode"]["count"] == files  # one value per file, from its done record
     # a write task names its part (in shards/, rejects/, done/) by its batch's ids: one name per task
