@@ -249,7 +249,7 @@ def test_embedder_scores_and_low_clip_score_filter(built):
 def test_shot_stream_cuts_and_clips_exactly_as_the_whole_video_does(chunk):
     """Streaming in chunks of any size (a cut landing on a chunk's first frame included, chunk 40) gives the same
     shots, clips (frames and ids) and too-short rejects as shot_boundaries over the whole array."""
-    from pipelines.ingest.curation import ShotStream
+    from pipelines.ingest.shots import ShotStream
 
     shots = [corpus.moving(40, 64, 64, seed=0, background=30),
              corpus.moving(10, 64, 64, seed=1, spec=("circle", "blue", "up"), background=200),
@@ -272,6 +272,67 @@ def test_shot_stream_cuts_and_clips_exactly_as_the_whole_video_does(chunk):
     assert [e[1:] for e in events if e[0] == "short"] == want_short
     for _, _, _, start, frames, _ in clips:
         assert np.array_equal(frames, video[start:start + clip_frames])
+
+
+def _events(stream, video: np.ndarray, chunk: int) -> list:
+    events = []
+    for i in range(0, len(video), chunk):
+        events += stream.push(video[i:i + chunk])
+    return events + stream.finish()
+
+
+def test_shot_stream_trims_frames_at_detected_boundaries_only():
+    """trim=3: no clip starts within 3 frames after a cut or ends within 3 frames before it, while the video's own
+    first and last frames (no boundary) are used."""
+    from pipelines.ingest.shots import ShotStream
+
+    a = corpus.moving(35, 64, 64, seed=0, background=30)
+    b = corpus.moving(35, 64, 64, seed=1, spec=("circle", "blue", "up"), background=200)
+    video = np.concatenate([a, b])  # one cut, before frame 35
+    clips = [e for e in _events(ShotStream(16, 0.5, trim=3), video, 9) if e[0] == "clip"]
+    # shot 0: frames 0..31 usable (32 = 35 - 3) -> clips at 0 and 16; shot 1: 38..69 -> clips at 38 and 54
+    assert [(s, start) for _, s, _, start, _, _ in clips] == [(0, 0), (0, 16), (1, 38), (1, 54)]
+    for _, _, _, start, frames, _ in clips:
+        assert np.array_equal(frames, video[start:start + 16])
+    untrimmed = [e for e in _events(ShotStream(16, 0.5, trim=0), video, 9) if e[0] == "clip"]
+    assert [start for _, _, _, start, _, _ in untrimmed] == [0, 16, 35, 51]
+
+
+def test_transnetv2_streamed_is_the_whole_video_prediction_and_finds_what_histograms_miss():
+    """The learned detector over chunks of any size gives the package's whole-video probabilities exactly; on a
+    video with a hard cut and a dissolve it marks both, where the colour histogram misses the dissolve (it changes
+    the palette gradually), and no clip it lets through spans either."""
+    import torch
+
+    from pipelines.ingest.shots import CUT, TRANSITION, HistogramCuts, ShotStream, TransNetV2Cuts, _transnet_input
+    from pipelines.ingest.shots import load_transnetv2
+
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    video, spans = corpus.transitions_video(48, ["cut", "dissolve"], transition_frames=12, seed=3)
+    assert torch.are_deterministic_algorithms_enabled() == deterministic  # loading changed no global setting
+    single, every = load_transnetv2().predict_frames(_transnet_input(video), quiet=True)
+    want = np.maximum(single.numpy(), every.numpy())
+    for chunk in (7, 64):
+        detector = TransNetV2Cuts(0.5)
+        detector.keep_probabilities = True
+        labels = np.concatenate([detector.push(video[i:i + chunk]) for i in range(0, len(video), chunk)]
+                                + [detector.finish()])
+        assert len(labels) == len(video)
+        np.testing.assert_allclose(np.concatenate(detector.probabilities), want, atol=1e-6)
+    boundary = np.flatnonzero(labels != 0)
+    for a, b in spans:
+        assert any(a - 2 <= i <= b + 2 for i in boundary), (a, b, boundary)
+    assert set(labels[labels != 0]) <= {CUT, TRANSITION}
+    hist = HistogramCuts(0.5)
+    from pipelines.ingest.curation import thumbnails
+
+    cuts = np.flatnonzero(hist.push(video, thumbnails(video)))
+    (a, b) = spans[1]
+    assert not any(a - 2 <= i <= b + 2 for i in cuts), cuts  # the baseline misses the dissolve
+    clips = [e for e in _events(ShotStream(16, detector=TransNetV2Cuts(0.5), trim=2), video, 64) if e[0] == "clip"]
+    assert len(clips) >= 3
+    for _, _, _, start, _, _ in clips:
+        assert not any(start <= b and a <= start + 15 for a, b in spans), (start, spans)
 
 
 def _write_long_video(path, seconds: int, fps: int = 16, size=(320, 240)) -> None:

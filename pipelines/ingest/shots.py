@@ -173,8 +173,8 @@ class ShotStream:
 
     `push(chunk)` and `finish()` return events: ("clip", shot, k, start, frames, thumbs64) for the k-th clip of a
     shot, starting at stream frame `start`, and ("short", shot, start, length) for a shot (of `length` frames from
-    `start`) with no whole clip after trimming. Each shot loses `trim` frames at both ends, and its remainder
-    after the last whole clip is dropped. With the histogram detector and trim=0 the shots are exactly
+    `start`) with no whole clip after trimming. Each shot loses `trim` frames at each end that is a detected
+    boundary (not at the video's first and last frame), and its remainder after the last whole clip is dropped. With the histogram detector and trim=0 the shots are exactly
     `curation.shot_boundaries` over the whole video. Memory: the detector's undecided frames, `trim` frames and
     less than one clip, at the decode size."""
 
@@ -185,7 +185,7 @@ class ShotStream:
         self.labelled = 0  # frames labelled by the detector
         self.pending: deque = deque()  # (frames, thumbs64) of frames given and not yet labelled, in order
         self.shot = -1  # index of the open shot (-1: none yet)
-        self.shot_start, self.shot_len, self.clips_in_shot = 0, 0, 0
+        self.shot_start, self.shot_len, self.clips_in_shot, self.trim_start = 0, 0, 0, 0
         self.tail: deque = deque()  # the shot's last `trim` frames: (index, frame, thumb), not yet in a clip
         self.frames: list[np.ndarray] = []  # frames of the next clip (fewer than clip_frames)
         self.thumbs: list[torch.Tensor] = []
@@ -194,6 +194,7 @@ class ShotStream:
     def _open_shot(self, at: int) -> None:
         self.shot += 1
         self.shot_start, self.shot_len, self.clips_in_shot = at, 0, 0
+        self.trim_start = self.trim if at > 0 else 0  # the video's first frame is no boundary
         self.tail.clear()
         self.frames, self.thumbs, self.clip_start = [], [], -1
 
@@ -206,12 +207,14 @@ class ShotStream:
 
     def _add(self, index: int, frame: np.ndarray, thumb: torch.Tensor, events: list) -> None:
         self.shot_len += 1
-        if self.shot_len <= self.trim:  # the shot's first frames
+        if self.shot_len <= self.trim_start:  # the first frames after a boundary
             return
         self.tail.append((index, frame, thumb))
         if len(self.tail) <= self.trim:  # a frame is used once `trim` later frames of the same shot are known
             return
-        index, frame, thumb = self.tail.popleft()
+        self._use(*self.tail.popleft(), events)
+
+    def _use(self, index: int, frame: np.ndarray, thumb: torch.Tensor, events: list) -> None:
         if not self.frames:
             self.clip_start = index
         self.frames.append(frame)
@@ -257,5 +260,8 @@ class ShotStream:
         self._consume(self.detector.finish(), events)
         if self.labelled != self.n:
             raise RuntimeError(f"the shot detector labelled {self.labelled} of {self.n} frames")
+        if self.shot_start >= 0:  # the video's last frames end no shot at a boundary: they are used
+            while self.tail:
+                self._use(*self.tail.popleft(), events)
         self._close_shot(events)
         return events
