@@ -26,7 +26,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the corpus generator
 
 import corpus  # noqa: E402
-
 from pipelines.ingest.curation import multi_thumbnails  # noqa: E402
 from pipelines.ingest.shots import CUT, TRANSITION, HistogramCuts, ShotStream, TransNetV2Cuts  # noqa: E402
 

@@ -184,8 +184,8 @@ def train(
         1800, min=1, help="On a cluster: seconds to wait for the workers' CPUs/GPUs (e.g. an autoscaling GPU group "
         "starting nodes) before the run fails with a message."),
     system_metrics: float = typer.Option(
-        10.0, "--system-metrics-every", min=0.0, help="Seconds between MLflow system-metric samples (CPU, memory, GPU), one sampler per node; "
-        "0: off."),
+        10.0, "--system-metrics-every", min=0.0,
+        help="Seconds between MLflow system-metric samples (CPU, memory, GPU), one sampler per node; 0: off."),
     conditional: bool = typer.Option(False, help="stunet: the 7-channel ⟨J, C, M⟩ model for i2v, inpainting, "
                                      "cinemagraphs and extension (stunet.conditional=true)."),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),

@@ -304,8 +304,15 @@ def test_transnetv2_streamed_is_the_whole_video_prediction_and_finds_what_histog
     the palette gradually), and no clip it lets through spans either."""
     import torch
 
-    from pipelines.ingest.shots import CUT, TRANSITION, HistogramCuts, ShotStream, TransNetV2Cuts, _transnet_input
-    from pipelines.ingest.shots import load_transnetv2
+    from pipelines.ingest.shots import (
+        CUT,
+        TRANSITION,
+        HistogramCuts,
+        ShotStream,
+        TransNetV2Cuts,
+        _transnet_input,
+        load_transnetv2,
+    )
 
     deterministic = torch.are_deterministic_algorithms_enabled()
     video, spans = corpus.transitions_video(48, ["cut", "dissolve"], transition_frames=12, seed=3)

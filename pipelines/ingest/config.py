@@ -91,7 +91,8 @@ class IngestConfig(BaseModel):
         short = max(self.size, self.hr_size or 0)
         frame = short * (short * 16 // 9) * 3
         # + the frames the shot detector has not decided yet (TransNetV2: up to 75 behind, and one chunk)
-        frames = (4 * 64 + (139 if self.shot_detector == "transnetv2" else 0)) * frame + self.clip_frames * (frame + 3 * self.size**2 + 3 * (self.hr_size or 0) ** 2)
+        held = 4 * 64 + (139 if self.shot_detector == "transnetv2" else 0)
+        frames = held * frame + self.clip_frames * (frame + 3 * self.size**2 + 3 * (self.hr_size or 0) ** 2)
         return int(800 * 2**20 + 2 * frames + 128 * 2**20)
 
     def text_encoder(self) -> TextEncoderConfig:

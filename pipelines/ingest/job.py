@@ -4,7 +4,7 @@ composes the four stages of this package (stage1_list … stage4_write) in order
     files  = list_inputs(input, captions)                        driver: listing + captions
     todo   = files not yet fully committed (resume)              driver: scan of the output's parts
     ds     = ray.data.from_items(todo)                           one block per file
-      .flat_map(decode_and_cut)                                  CPU tasks: probe/decode/shots (TransNetV2)/filters/crops
+      .flat_map(decode_and_cut)                                  CPU tasks: decode/shots (TransNetV2)/filters/crops
       .map_batches(CaptionEmbedder, ActorPoolStrategy)           actors (GPU when configured): embeddings
       .map_batches(write_shard)                                  CPU tasks: shards/ + rejects/ parts
       (shards/, rejects/, done/ parts; named by their clip ids)

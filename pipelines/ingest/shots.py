@@ -97,8 +97,8 @@ class TransNetV2Cuts:
     """TransNetV2's per-frame transition probability over the stream, the package's windowing exactly (100-frame
     windows every 50 frames, each deciding its central 50; the video's first and last frames repeated as
     padding), so the probabilities are those of `predict_frames` over the whole video. A frame whose probability
-    (the larger of the model's two heads) is above `threshold` is a TRANSITION; the first frame after a run of them starts a new shot (CUT). Holds at
-    most one window of 48x27 thumbnails (~400 KB)."""
+    (the larger of the model's two heads) is above `threshold` is a TRANSITION; the first frame after a run of
+    them starts a new shot (CUT). Holds at most one window of 48x27 thumbnails (~400 KB)."""
 
     lag = _WINDOW - _CONTEXT  # frames given but not yet decided, at most (plus one chunk)
 
@@ -174,9 +174,9 @@ class ShotStream:
     `push(chunk)` and `finish()` return events: ("clip", shot, k, start, frames, thumbs64) for the k-th clip of a
     shot, starting at stream frame `start`, and ("short", shot, start, length) for a shot (of `length` frames from
     `start`) with no whole clip after trimming. Each shot loses `trim` frames at each end that is a detected
-    boundary (not at the video's first and last frame), and its remainder after the last whole clip is dropped. With the histogram detector and trim=0 the shots are exactly
-    `curation.shot_boundaries` over the whole video. Memory: the detector's undecided frames, `trim` frames and
-    less than one clip, at the decode size."""
+    boundary (not at the video's first and last frame), and its remainder after the last whole clip is dropped.
+    With the histogram detector and trim=0 the shots are exactly `curation.shot_boundaries` over the whole video.
+    Memory: the detector's undecided frames, `trim` frames and less than one clip, at the decode size."""
 
     def __init__(self, clip_frames: int, threshold: float = 0.5, detector=None, trim: int = 0):
         self.clip_frames, self.trim = clip_frames, trim

@@ -23,7 +23,6 @@ from lumiere.storage import StorageOptions
 from lumiere.video import X264_FAST_ANALYSIS, encode_mp4_bytes
 
 from .config import IngestConfig
-from .shots import ShotStream, make_detector
 from .curation import (
     Reject,
     clip_scores,
@@ -31,6 +30,7 @@ from .curation import (
     resize_center_crop,
     stream_resampled,
 )
+from .shots import ShotStream, make_detector
 
 
 def file_id(source: str) -> str:
