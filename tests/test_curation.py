@@ -269,7 +269,7 @@ def test_shot_stream_cuts_and_clips_exactly_as_the_whole_video_does(chunk):
     events += stream.finish()
     clips = [e for e in events if e[0] == "clip"]
     assert [(s, k, start) for _, s, k, start, _, _ in clips] == want_clips
-    assert [e[1:] for e in events if e[0] == "short"] == want_short
+    assert [e[1:4] for e in events if e[0] == "short"] == want_short
     for _, _, _, start, frames, _ in clips:
         assert np.array_equal(frames, video[start:start + clip_frames])
 

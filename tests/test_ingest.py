@@ -93,12 +93,41 @@ def test_every_clip_has_80_frames_at_the_base_size(ingested):
 def test_no_clip_spans_the_hard_cut(ingested):
     rows, _ = _clips(ingested[0])
     cut = sorted((r for r in rows if Path(r["source"]).name == "cut.mp4"), key=lambda r: r["start_frame"])
-    assert [r["start_frame"] for r in cut] == [0, 88]  # the second shot starts at 5.5 s × 16 fps = frame 88
+    # the default detector, TransNetV2, found the cut at 5.5 s × 16 fps = frame 88; the shot after it starts
+    # shot_trim_frames (2) later, while the video's own first frame is no boundary and is kept
+    _, manifest = _clips(ingested[0])
+    assert manifest["config"]["shot_detector"] == "transnetv2" and manifest["config"]["shot_trim_frames"] == 2
+    assert [r["start_frame"] for r in cut] == [0, 90]
     assert [r["shot_index"] for r in cut] == [0, 1]
     for r, background in zip(cut, (30, 200), strict=True):
         frames = decode_mp4_bytes(r["frames"]).astype(int)
         corners = frames[:, :4, :4].reshape(80, -1).mean(axis=1)  # every frame's background is its shot's
         assert np.all(np.abs(corners - background) < 20), (r["start_frame"], corners.min(), corners.max())
+
+
+def test_contact_sheets_show_accepted_clips_and_each_reject_reason(ingested):
+    """One PNG of accepted clips and one per reject reason; a clip-level reject's tile shows its frames (a strip
+    from the thumbnails it carries), a file rejected before decoding gets a grey tile."""
+    from PIL import Image
+
+    out, expected, report = ingested
+    sheets = report["contact_sheets"]
+    assert set(sheets) == {"accepted", *report["rejects"]}
+    sizes = {}
+    for name, path in sheets.items():
+        image = Image.open(out / path)
+        image.load()
+        sizes[name] = image.size
+        assert image.width >= 4 * 192 and image.height > 64
+    # the static reject's strip is the still red square: a red tile, not the grey "no frames" one
+    static = np.asarray(Image.open(out / sheets["static"]).convert("RGB")).astype(int)
+    tile = static[18:18 + 64, 4:4 + 192]
+    assert (tile[..., 0] - tile[..., 2]).max() > 100, "no red in the static clip's tile"
+    empty = np.asarray(Image.open(out / sheets["unreadable"]).convert("RGB")).astype(int)[18 + 40:18 + 64, 4:4 + 192]
+    assert np.abs(empty - 90).max() < 5  # grey: no frames for a file that could not be read
+    shards = [pq.read_table(out / s["path"], columns=["thumb"]) for s in _clips(out)[1]["shards"]]
+    thumbs = [t for table in shards for t in table["thumb"].to_pylist()]
+    assert len(thumbs) == report["clips"] and all(t[:2] == b"\xff\xd8" for t in thumbs)  # a JPEG per clip
 
 
 def test_frame_timing_picks_the_nearest_source_frame(ingested):

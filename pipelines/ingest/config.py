@@ -55,6 +55,9 @@ class IngestConfig(BaseModel):
     # text/image encoder: must be the one the models train with (its fingerprint goes into the manifest)
     encoder_from: str | None = "small"  # take `text` from this Lumiere config (tiny/small/base/…)
     text: TextEncoderConfig | None = None  # or give it explicitly (wins over encoder_from)
+    # report: contact_sheets/accepted.png and one PNG per reject reason with up to this many sampled candidates
+    # (each candidate with frames carries a ~4 KB thumbnail strip for them); 0: no sheets, no thumbnails
+    contact_sheet_tiles: int = Field(48, ge=0, le=1024)
     # execution
     shard_clips: int = Field(64, ge=1)  # clips per Parquet shard
     embed_batch_size: int = Field(32, ge=1)

@@ -38,11 +38,14 @@ from lumiere.errors import LumiereError
 from lumiere.storage import StorageOptions
 
 from .config import IngestConfig
+from .contact_sheets import write_contact_sheets
 from .curation import REASONS
 from .stage1_list import content_hash, list_inputs, mark_duplicates
 from .stage2_decode import decode_and_cut
 from .stage3_embed import CaptionEmbedder
 from .stage4_write import REJECT_SCHEMA, SCHEMA_VERSION, write_shard
+
+REJECTS_FILE_SCHEMA = pa.schema([f for f in REJECT_SCHEMA if f.name != "thumb"])  # rejects.parquet's columns
 
 
 def _read_parts(output_uri: str, folder: str, columns: list[str],
@@ -383,9 +386,10 @@ def finalize(input_uri, output_uri, captions_uri, files, skipped, cfg: IngestCon
              log=print, encoder_info: dict | None = None, write_seconds: list[float] | None = None) -> dict:
     """Check completeness, write rejects.parquet, report.json and — last — manifest.json."""
     # each part is read once, only the columns needed (REJECT_SCHEMA has the state columns)
-    shard_parts = _read_parts(output_uri, "shards", [*_STATE_COLUMNS, "num_frames", "motion_score", "clip_score"],
-                              options)
-    reject_parts = _read_parts(output_uri, "rejects", REJECT_SCHEMA.names, options)
+    shard_parts = _read_parts(output_uri, "shards", [*_STATE_COLUMNS, "num_frames", "motion_score", "clip_score",
+                                                     "start_time_s", "caption"], options)
+    # the thumbnails stay in the parts: the contact sheets read a sample of them
+    reject_parts = _read_parts(output_uri, "rejects", REJECTS_FILE_SCHEMA.names, options)
     # done parts are small (one row per file), read whole: parts made before decode_s existed lack it
     done_parts = _read_parts(output_uri, "done", None, options)
     committed = _committed_state([t for _, t in shard_parts + reject_parts + done_parts])
@@ -400,7 +404,7 @@ def finalize(input_uri, output_uri, captions_uri, files, skipped, cfg: IngestCon
                            "re-run the same command to finish them")
 
     rejects = (pa.concat_tables([t for _, t in reject_parts]) if reject_parts
-               else REJECT_SCHEMA.empty_table())
+               else REJECTS_FILE_SCHEMA.empty_table())
     rejects = rejects.filter(pa.compute.is_in(rejects["source"], pa.array(sorted(sources))))
     sink = io.BytesIO()
     pq.write_table(rejects, sink)
@@ -417,6 +421,12 @@ def finalize(input_uri, output_uri, captions_uri, files, skipped, cfg: IngestCon
     reasons = Counter(rejects["reason"].to_pylist())
     file_rejects = Counter(r for r, cid in zip(rejects["reason"].to_pylist(), rejects["clip_id"].to_pylist(),
                                                strict=True) if cid.endswith("-file"))
+    parts_by_id = {cid: uri for uri, t in shard_parts + reject_parts for cid in t["clip_id"].to_pylist()}
+    clip_rows = [row for _, t in shard_parts
+                 for row in t.select(["clip_id", "source", "start_time_s", "caption"]).to_pylist()
+                 if row["source"] in sources]
+    sheets = write_contact_sheets(output_uri, clip_rows, rejects.to_pylist(), parts_by_id, cfg.contact_sheet_tiles,
+                                  options)
     elapsed = time.time() - t0
     report = {
         "input": str(input_uri), "output": str(output_uri),
@@ -431,6 +441,7 @@ def finalize(input_uri, output_uri, captions_uri, files, skipped, cfg: IngestCon
                      "frames_per_s": round(written["frames"] / elapsed, 1) if elapsed else 0.0},
         "scores": _histograms(shard_parts, sources),
         "timings": _timings(done_parts, sources, written, write_seconds or [], elapsed),
+        "contact_sheets": sheets,
         "reason_codes": REASONS,
     }
     storage.write_bytes(storage.join(output_uri, "report.json"), json.dumps(report, indent=2).encode(), options)
@@ -461,4 +472,6 @@ def _print_summary(report: dict, log=print) -> None:
              ("this run: frames/s", run["frames_per_s"])]
     width = max(len(k) for k, _ in rows)
     log("\n" + "\n".join(f"  {k:<{width}}  {v:>10}" for k, v in rows))
-    log(f"\nshards, rejects.parquet, report.json and manifest.json in {report['output']}")
+    log(f"\nshards, rejects.parquet, report.json and manifest.json in {report['output']}"
+        + (f"; contact sheets (accepted, one per reject reason) in {report['output']}/contact_sheets/"
+           if report.get("contact_sheets") else ""))

@@ -172,9 +172,10 @@ class ShotStream:
     """Shots and fixed-length clips over a stream of frame chunks, as they complete.
 
     `push(chunk)` and `finish()` return events: ("clip", shot, k, start, frames, thumbs64) for the k-th clip of a
-    shot, starting at stream frame `start`, and ("short", shot, start, length) for a shot (of `length` frames from
-    `start`) with no whole clip after trimming. Each shot loses `trim` frames at each end that is a detected
-    boundary (not at the video's first and last frame), and its remainder after the last whole clip is dropped.
+    shot, starting at stream frame `start`, and ("short", shot, start, length, thumbs64) for a shot (of `length`
+    frames from `start`; the thumbnails of its first and last frame) with no whole clip after trimming. Each shot
+    loses `trim` frames at each end that is a detected boundary (not at the video's first and last frame), and its
+    remainder after the last whole clip is dropped.
     With the histogram detector and trim=0 the shots are exactly `curation.shot_boundaries` over the whole video.
     Memory: the detector's undecided frames, `trim` frames and less than one clip, at the decode size."""
 
@@ -200,13 +201,17 @@ class ShotStream:
 
     def _close_shot(self, events: list) -> None:
         if self.shot >= 0 and self.shot_len and self.clips_in_shot == 0:
-            events.append(("short", self.shot, self.shot_start, self.shot_len))
+            events.append(("short", self.shot, self.shot_start, self.shot_len,
+                           torch.stack([self.first_thumb, self.last_thumb])))
         self.shot_len = 0
         self.tail.clear()
         self.frames, self.thumbs, self.clip_start = [], [], -1
 
     def _add(self, index: int, frame: np.ndarray, thumb: torch.Tensor, events: list) -> None:
         self.shot_len += 1
+        if self.shot_len == 1:
+            self.first_thumb = thumb
+        self.last_thumb = thumb
         if self.shot_len <= self.trim_start:  # the first frames after a boundary
             return
         self.tail.append((index, frame, thumb))

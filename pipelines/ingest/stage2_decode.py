@@ -23,6 +23,7 @@ from lumiere.storage import StorageOptions
 from lumiere.video import X264_FAST_ANALYSIS, encode_mp4_bytes
 
 from .config import IngestConfig
+from .contact_sheets import thumb_strip
 from .curation import (
     Reject,
     clip_scores,
@@ -55,7 +56,7 @@ CANDIDATE_DEFAULTS = {
     "shot_index": -1, "clip_index": -1, "start_frame": -1, "start_time_s": -1.0, "fps": 0.0, "num_frames": 0,
     "height": 0, "width": 0, "frames_format": "", "frames": b"", "hr_size": 0, "hr_frames": b"", "keyframe": b"",
     "caption": "", "motion_score": 0.0, "brightness": 0.0, "src_width": 0, "src_height": 0, "src_fps": 0.0,
-    "src_codec": "", "content_hash": "", "duplicate_of": "", "decode_s": 0.0,
+    "src_codec": "", "content_hash": "", "duplicate_of": "", "decode_s": 0.0, "thumb": b"",
 }
 
 
@@ -171,13 +172,14 @@ def _cut(path: str, row: dict, fid: str, whole_file: str, cfg: IngestConfig) -> 
 
 def _event_row(event: tuple, row: dict, fid: str, meta, src_fps: float, src_short: int, cfg: IngestConfig) -> dict:
     source = row["source"]
+    strip = thumb_strip if cfg.contact_sheet_tiles else (lambda thumbs: b"")
     if event[0] == "short":
-        _, shot, start, length = event
-        return _reject_row(source, f"{fid}-s{shot:03d}", "too_short",
+        _, shot, start, length, thumbs = event
+        return {**_reject_row(source, f"{fid}-s{shot:03d}", "too_short",
                            f"shot of {length} frames at {cfg.fps:g} fps; a clip needs {cfg.clip_frames}"
                            + (f" plus {cfg.shot_trim_frames} trimmed at each end of the shot" if cfg.shot_trim_frames
                               else ""),
-                           shot, start, length)
+                           shot, start, length), "thumb": strip(thumbs)}
     _, shot, k, start, clip, thumbs = event
     clip_id = f"{fid}-{start:07d}"
     scores = clip_scores(clip, thumbs=thumbs)
@@ -189,7 +191,7 @@ def _event_row(event: tuple, row: dict, fid: str, meta, src_fps: float, src_shor
     elif scores["motion_score"] < cfg.static_threshold:
         reason = ("static", f"motion score {scores['motion_score']:.3f} < {cfg.static_threshold}")
     if reason:
-        return _reject_row(source, clip_id, *reason, shot, start, len(clip))
+        return {**_reject_row(source, clip_id, *reason, shot, start, len(clip)), "thumb": strip(thumbs)}
     base = resize_center_crop(clip, cfg.size)
     # the high-resolution copy is only worth keeping when the source has that resolution
     hr = resize_center_crop(clip, cfg.hr_size) if cfg.hr_size and src_short >= cfg.hr_size else None
@@ -203,5 +205,5 @@ def _event_row(event: tuple, row: dict, fid: str, meta, src_fps: float, src_shor
         "keyframe": base[len(base) // 2].tobytes(), "caption": row["caption"],
         "motion_score": scores["motion_score"], "brightness": scores["brightness"],
         "src_width": meta.width, "src_height": meta.height, "src_fps": src_fps,
-        "src_codec": meta.codec,
+        "src_codec": meta.codec, "thumb": strip(thumbs),
     }

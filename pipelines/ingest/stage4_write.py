@@ -48,6 +48,7 @@ CLIP_SCHEMA = pa.schema([
     ("src_height", pa.int32()),
     ("src_fps", pa.float32()),
     ("src_codec", pa.string()),
+    ("thumb", pa.binary()),  # JPEG strip of the first, middle and last frame at 64x64 (contact sheets); or b""
 ])
 REJECT_SCHEMA = pa.schema([
     ("clip_id", pa.string()),
@@ -59,6 +60,7 @@ REJECT_SCHEMA = pa.schema([
     ("shot_index", pa.int32()),
     ("start_frame", pa.int64()),
     ("num_frames", pa.int32()),
+    ("thumb", pa.binary()),  # as in shards; b"" for files rejected before decoding
 ])
 
 
