@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -58,6 +59,122 @@ def test_resampling_picks_nearest_source_frame(src_fps):
     assert len(idx) == 160
 
 
+def test_resample_by_time_is_resample_indices_at_a_constant_rate_and_nearest_by_time_otherwise():
+    from pipelines.ingest.curation import resample_by_time
+
+    for src_fps in (24.0, 25.0, 30000 / 1001, 30.0, 60.0, 12.0):
+        n = int(src_fps * 7) + 3
+        starts = np.arange(n) / src_fps
+        assert np.array_equal(resample_by_time(starts, n / src_fps, 16), resample_indices(n, src_fps, 16)), src_fps
+    # 2 s at 30 fps, then 4 s at 10 fps: each output time gets the source frame shown nearest it
+    starts = np.concatenate([np.arange(60) / 30, 2 + np.arange(40) / 10])
+    idx = resample_by_time(starts, 6.0, 16)
+    t = np.arange(len(idx)) / 16
+    assert len(idx) == 96
+    nearest = np.abs(starts[None, :] - t[:, None]).min(axis=1)
+    assert np.allclose(np.abs(starts[idx] - t), nearest)
+    assert idx[16] == 30 and idx[48] == 70  # t = 1 s is frame 30; t = 3 s is frame 60 + 10
+
+
+def _write_video(path, frames, times_ms=None, fps=30, rotation=0, sample_aspect=None):
+    """frames (t h w c) with PyAV: at presentation times `times_ms` (variable rate) or at `fps`; a display
+    rotation (counter-clockwise degrees) and a sample aspect ratio in the stream when given."""
+    import fractions
+
+    import av
+
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=fps)
+        stream.height, stream.width = frames.shape[1:3]
+        stream.pix_fmt, stream.options = "yuv420p", {"crf": "12"}
+        if times_ms is not None:
+            stream.codec_context.time_base = stream.time_base = fractions.Fraction(1, 1000)
+        if rotation:
+            stream.set_display_rotation(rotation)
+        if sample_aspect:
+            stream.codec_context.sample_aspect_ratio = fractions.Fraction(sample_aspect)
+        for i, image in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
+            if times_ms is not None:
+                frame.pts, frame.time_base = int(times_ms[i]), fractions.Fraction(1, 1000)
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+
+
+def _ingest_one(path, **overrides) -> list[dict]:
+    """decode_and_cut over one local file (no Ray), raw frames, the histogram detector: its candidate rows."""
+    from pipelines.ingest.config import IngestConfig
+
+    cfg = IngestConfig(**{"clip_frames": 16, "size": 64, "min_side": 64, "hr_size": None, "frame_format": "raw",
+                          "shot_detector": "histogram", "encoder_from": "tiny", **overrides})
+    row = {"source": str(path), "size": os.path.getsize(path), "caption": "x", "has_caption": True}
+    return list(decode_and_cut(row, cfg, StorageOptions()))
+
+
+def test_variable_frame_rate_source_is_sampled_by_presentation_time(tmp_path):
+    """A phone-style variable-rate file (2 s at 30 fps, then 4 s at 10 fps; a patch codes each source frame's
+    index): every 16 fps output frame is the source frame shown nearest its time. Index × average rate (17 fps
+    here) was up to 0.45 s off."""
+    times = np.concatenate([np.arange(60) * 1000 / 30, 2000 + np.arange(40) * 100])
+    frames = np.full((len(times), 128, 128, 3), 60, np.uint8)
+    for i in range(len(frames)):
+        frames[i, :32, :32] = (6 * i) % 256
+    _write_video(tmp_path / "vfr.mp4", frames, times_ms=times)
+    rows = [r for r in _ingest_one(tmp_path / "vfr.mp4", static_threshold=0.0) if r["status"] == "ok"]
+    # 95 output frames at 16 fps (the stream ends at 5.93 s: decord gives the last frame the nominal 1/30 s)
+    assert len(rows) == 5
+    starts = times / 1000
+    for r in rows:
+        clip = np.frombuffer(r["frames"], np.uint8).reshape(16, 64, 64, 3).astype(int)
+        level = clip[:, 2:14, 2:14].mean(axis=(1, 2, 3))  # the patch, scaled 128 -> 64
+        t = (r["start_frame"] + np.arange(16)) / 16
+        want = np.argmin(np.abs(starts[None, :] - t[:, None]), axis=1)
+        assert r["start_time_s"] == r["start_frame"] / 16
+        assert np.all(np.abs(level - (6 * want) % 256) < 6), (r["start_frame"], level.round(), want)
+
+
+def test_rotation_and_pixel_aspect_are_applied_as_a_player_shows_them(tmp_path):
+    """A landscape-coded phone video with a 90° display rotation comes out portrait (left half red, right half
+    blue in the stored frames -> bottom red, top blue as shown), and an anamorphic 2:1 sample aspect is widened:
+    the source size in the clip rows is the displayed one, and min_side is checked against it."""
+    frames = np.zeros((24, 96, 160, 3), np.uint8)
+    frames[:, :, :80] = (220, 30, 30)
+    frames[:, :, 80:] = (30, 30, 220)
+    for i in range(24):  # a white square crossing the picture (motion: not a static clip)
+        frames[i, 40:56, 20 + 5 * i:36 + 5 * i] = 255
+    _write_video(tmp_path / "rot.mp4", frames, fps=16, rotation=90)
+    meta = probe(str(tmp_path / "rot.mp4"))
+    assert (meta.rotation, meta.width, meta.height, meta.coded_width, meta.coded_height) == (90, 96, 160, 160, 96)
+    (row,) = [r for r in _ingest_one(tmp_path / "rot.mp4") if r["status"] == "ok"]
+    assert (row["src_width"], row["src_height"]) == (96, 160)
+    clip = np.frombuffer(row["frames"], np.uint8).reshape(16, 64, 64, 3).astype(int)
+    top, bottom = clip[:, :20].mean(axis=(0, 1, 2)), clip[:, -20:].mean(axis=(0, 1, 2))
+    assert top[2] > 150 > top[0] and bottom[0] > 150 > bottom[2], (top, bottom)
+    ys, xs = np.nonzero(clip[10].min(axis=-1) > 200)  # the 16x16 square, 2/3 scale: still square, not squashed
+    assert 9 <= np.ptp(ys) + 1 <= 13 and 9 <= np.ptp(xs) + 1 <= 13, (np.ptp(ys), np.ptp(xs))
+
+    # 2:1 pixels: stored 80x96, shown 160x96; a square drawn 20 stored pixels wide is 40 wide as shown
+    wide = np.full((24, 96, 80, 3), 40, np.uint8)
+    for i in range(24):
+        wide[i, 38:58, 30 + (i % 4):50 + (i % 4)] = 230
+    _write_video(tmp_path / "sar.mp4", wide, fps=16, sample_aspect="2/1")
+    meta = probe(str(tmp_path / "sar.mp4"))
+    assert (meta.width, meta.height, meta.sample_aspect) == (160, 96, 2.0)
+    from pipelines.ingest.curation import iter_resampled
+
+    stream = iter_resampled(str(tmp_path / "sar.mp4"), 16, 96, src_size=(80, 96), geometry=(2.0, 0))
+    next(stream)
+    chunk = next(stream)
+    assert chunk.shape[1:3] == (96, 160)
+    bright = np.flatnonzero(chunk[0, 48, :, 0] > 150)
+    assert 36 <= len(bright) <= 44, len(bright)  # 20 stored pixels, shown 40 wide
+    too_small = _ingest_one(tmp_path / "sar.mp4", min_side=100)
+    assert [r["reason"] for r in too_small if r["status"] == "reject"] == ["too_small"]
+    assert "160x96" in too_small[0]["detail"]
+
+
 def test_shot_boundaries_split_at_hard_cuts_only():
     a = corpus.moving(40, 64, 64, seed=0, background=30)
     b = corpus.moving(30, 64, 64, seed=1, spec=("circle", "blue", "up"), background=200)
@@ -102,7 +219,7 @@ def test_a_decoder_that_never_returns_is_still_bounded(built, monkeypatch):
 
     release = threading.Event()
 
-    def stuck(path, fps, short_side, cancel=None, threads=0, src_size=None):
+    def stuck(path, fps, short_side, cancel=None, threads=0, src_size=None, geometry=(1.0, 0)):
         release.wait(30)  # like a native call that never checks for cancellation
         raise Reject("unreadable", "released")
 

@@ -48,15 +48,27 @@ REASONS = {
 @dataclass
 class Probe:
     codec: str
-    width: int
+    width: int  # as displayed: rotation and pixel aspect ratio applied
     height: int
     fps: float
     frames: int  # as declared by the container (may be 0 if unknown)
     duration_s: float
+    coded_width: int = 0  # as stored in the stream (what the decoder outputs before rotation / aspect)
+    coded_height: int = 0
+    sample_aspect: float = 1.0  # width of a stored pixel over its height (anamorphic sources: != 1)
+    rotation: int = 0  # counter-clockwise degrees the player turns the picture (phone videos: 90, 270)
+
+
+def display_size(coded_w: int, coded_h: int, sample_aspect: float, rotation: int) -> tuple[int, int]:
+    """(width, height) as a player shows the picture: stored pixels widened by the sample aspect ratio, then
+    turned by the rotation."""
+    w, h = max(1, round(coded_w * sample_aspect)), coded_h
+    return (h, w) if rotation % 180 == 90 else (w, h)
 
 
 def probe(path: str) -> Probe:
-    """Read stream metadata with PyAV (no decoding). Raises Reject('unreadable') on anything odd."""
+    """Read stream metadata with PyAV (and decode the first frame for its display matrix: the rotation a phone
+    records). Raises Reject('unreadable') on anything odd."""
     import av
 
     if os.path.getsize(path) == 0:
@@ -68,8 +80,16 @@ def probe(path: str) -> Probe:
             s = container.streams.video[0]
             fps = float(s.average_rate or s.guessed_rate or 0)
             duration = float(s.duration * s.time_base) if s.duration else float(container.duration or 0) / 1e6
-            return Probe(s.codec_context.name, s.codec_context.width, s.codec_context.height, fps,
-                         int(s.frames or 0), duration)
+            sar = s.sample_aspect_ratio or s.codec_context.sample_aspect_ratio
+            sample_aspect = float(sar) if sar and float(sar) > 0 else 1.0
+            rotation = 0
+            for frame in container.decode(s):
+                rotation = int(round(getattr(frame, "rotation", 0) or 0)) % 360
+                break
+            w, h = s.codec_context.width, s.codec_context.height
+            dw, dh = display_size(w, h, sample_aspect, rotation)
+            return Probe(s.codec_context.name, dw, dh, fps, int(s.frames or 0), duration, w, h, sample_aspect,
+                         rotation)
     except Reject:
         raise
     except Exception as e:  # PyAV raises many error types for malformed input; all mean "unreadable"
@@ -77,10 +97,30 @@ def probe(path: str) -> Probe:
 
 
 def resample_indices(n: int, src_fps: float, fps: float) -> np.ndarray:
-    """For output frame k at time k/fps, the index of the nearest source frame (round(k·src/fps))."""
+    """For output frame k at time k/fps, the index of the nearest source frame (round(k·src/fps)), for a source of
+    constant frame rate."""
     count = max(1, math.ceil(n * fps / src_fps - 1e-9))
     idx = np.floor(np.arange(count) * src_fps / fps + 0.5).astype(np.int64)
     return np.minimum(idx, n - 1)
+
+
+def resample_by_time(starts: np.ndarray, end: float, fps: float) -> np.ndarray:
+    """For output frame k at time starts[0] + k/fps (up to `end`, the last frame's end), the index of the source
+    frame shown nearest that time, from the frames' own presentation times `starts` (seconds, ascending): right
+    for variable-frame-rate sources, where index × average fps drifts. Ties go to the later frame, so a constant
+    rate gives exactly `resample_indices`."""
+    starts = np.asarray(starts, dtype=np.float64)
+    n = len(starts)
+    t0 = starts[0]
+    count = max(1, math.ceil((end - t0) * fps - 1e-6))
+    t = t0 + np.arange(count) / fps
+    j = np.clip(np.searchsorted(starts, t, side="left"), 1, max(1, n - 1))
+    if n == 1:
+        return np.zeros(count, np.int64)
+    earlier = (t - starts[j - 1]) < (starts[j] - t) - 1e-6
+    idx = np.where(earlier, j - 1, j)
+    idx = np.where(t <= starts[0], 0, idx)
+    return np.minimum(idx, n - 1).astype(np.int64)
 
 
 class _Cancelled(Exception):
@@ -91,27 +131,58 @@ _CHUNK = 64  # frames per decord get_batch call; a cancelled decode stops at the
 
 
 def _open_resampled(path: str, fps: float, short_side: int, threads: int = 0,
-                    src_size: tuple[int, int] | None = None):
-    """(decord reader, source frame indices of the output frames at `fps`, src_fps, n_src): see decode_resampled."""
+                    src_size: tuple[int, int] | None = None, geometry: tuple[float, int] = (1.0, 0)):
+    """(decord reader, source frame indices of the output frames at `fps`, src_fps, n_src, (h, w) to resize each
+    decoded frame to or None): see decode_resampled. `src_size`: the coded (width, height); `geometry`: the
+    (sample aspect, rotation) of `probe`."""
     import decord
 
+    sample_aspect, rotation = geometry
     if src_size is None or min(src_size) <= 0:  # no (usable) size from the caller's probe
         probe_reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=threads)
         h, w = probe_reader[0].shape[:2]
         del probe_reader
+        sample_aspect, rotation = 1.0, 0  # decord has applied what it knows
     else:
         w, h = src_size
-    scale = short_side / min(h, w)
-    if scale < 1:
-        # even sizes, aspect preserved; decord resizes while decoding
-        new_w, new_h = 2 * round(w * scale / 2), 2 * round(h * scale / 2)
-        reader = decord.VideoReader(path, ctx=decord.cpu(0), width=new_w, height=new_h, num_threads=threads)
-    else:
+    resize_after = None
+    if rotation:
+        # decord turns the picture by the display matrix itself, but only at full size: with a decode size it
+        # squashes the turned picture into it (or returns 4 channels). So: full size, then resized here.
+        dw, dh = display_size(w, h, sample_aspect, rotation)
+        scale = min(1.0, short_side / min(dw, dh))
+        resize_after = (2 * round(dh * scale / 2), 2 * round(dw * scale / 2))
         reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=threads)
+    else:
+        dw = w * sample_aspect  # anamorphic: stored pixels are this much wider than tall
+        scale = short_side / min(h, dw)
+        if scale < 1 or abs(sample_aspect - 1) > 1e-3:
+            # even sizes, display aspect; decord resizes while decoding
+            new_w, new_h = 2 * round(dw * min(1.0, scale) / 2), 2 * round(h * min(1.0, scale) / 2)
+            reader = decord.VideoReader(path, ctx=decord.cpu(0), width=new_w, height=new_h, num_threads=threads)
+        else:
+            reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=threads)
     n, src_fps = len(reader), float(reader.get_avg_fps())
     if n == 0 or not src_fps > 0:
         raise Reject("unreadable", f"no frames or no frame rate (frames={n}, fps={src_fps})")
-    return reader, resample_indices(n, src_fps, fps), src_fps, n
+    try:
+        # the frames' presentation times (from the index, no decoding): variable frame rates come out right
+        stamps = reader.get_frame_timestamp(np.arange(n))
+        if not (np.all(np.diff(stamps[:, 0]) >= 0) and stamps[-1, 1] > stamps[0, 0]):
+            raise ValueError("timestamps out of order")
+        idx = resample_by_time(stamps[:, 0], float(stamps[-1, 1]), fps)
+    except Exception:  # noqa: BLE001 - a container without usable timestamps: index × average rate
+        idx = resample_indices(n, src_fps, fps)
+    return reader, idx, src_fps, n, resize_after
+
+
+def _resize_frames(frames: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """t h w c uint8 -> t size[0] size[1] c (antialiased bilinear on the uint8 frames)."""
+    if frames.shape[1:3] == size:
+        return frames
+    x = rearrange(torch.from_numpy(frames), "t h w c -> t c h w")
+    x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+    return np.ascontiguousarray(rearrange(x, "t c h w -> t h w c").numpy())
 
 
 def _decode_error(e: Exception) -> Reject:
@@ -120,28 +191,35 @@ def _decode_error(e: Exception) -> Reject:
 
 
 def iter_resampled(path: str, fps: float, short_side: int, cancel: threading.Event | None = None,
-                   threads: int = 0, src_size: tuple[int, int] | None = None):
+                   threads: int = 0, src_size: tuple[int, int] | None = None,
+                   geometry: tuple[float, int] = (1.0, 0)):
     """decode_resampled as a stream: yields (src_fps, n_src) first, then the frames in chunks of _CHUNK
     (t h w c uint8), so a caller holds one chunk at a time whatever the video's length."""
     try:
-        reader, idx, src_fps, n = _open_resampled(path, fps, short_side, threads, src_size)
+        reader, idx, src_fps, n, resize_after = _open_resampled(path, fps, short_side, threads, src_size, geometry)
     except Reject:
         raise
     except Exception as e:
         raise _decode_error(e) from None
     yield src_fps, n
-    for i in range(0, len(idx), _CHUNK):
+    # full-size chunks (a rotated source) are cut smaller so a chunk stays ~_CHUNK frames of the decode size
+    chunk_len = _CHUNK
+    if resize_after is not None and src_size:
+        full = src_size[0] * src_size[1]
+        chunk_len = max(4, min(_CHUNK, int(_CHUNK * resize_after[0] * resize_after[1] / max(1, full))))
+    for i in range(0, len(idx), chunk_len):
         if cancel is not None and cancel.is_set():
             raise _Cancelled
         try:
-            chunk = reader.get_batch(idx[i:i + _CHUNK].tolist()).asnumpy()
+            chunk = reader.get_batch(idx[i:i + chunk_len].tolist()).asnumpy()
         except Exception as e:
             raise _decode_error(e) from None
-        yield chunk
+        yield chunk if resize_after is None else _resize_frames(chunk, resize_after)
 
 
 def decode_resampled(path: str, fps: float, short_side: int, cancel: threading.Event | None = None,
-                     threads: int = 0, src_size: tuple[int, int] | None = None) -> tuple[np.ndarray, float, int]:
+                     threads: int = 0, src_size: tuple[int, int] | None = None,
+                     geometry: tuple[float, int] = (1.0, 0)) -> tuple[np.ndarray, float, int]:
     """Decode with decord at `fps` (nearest source frame) and, if larger, scaled so the shorter side is
     `short_side` (decoding smaller keeps memory bounded for HD sources). Returns (frames, src_fps, n_src).
     With `cancel`, the decode stops (raising _Cancelled) at the next chunk of frames once it is set.
@@ -149,14 +227,15 @@ def decode_resampled(path: str, fps: float, short_side: int, cancel: threading.E
     `src_size`: the source's (width, height) when the caller has probed it (`probe`); otherwise decord is
     opened once more to read it from the first frame, which costs ~24 ms of CPU on a 640×360 file.
     The whole video in one array: ingestion streams it instead (`stream_resampled`)."""
-    stream = iter_resampled(path, fps, short_side, cancel, threads, src_size)
+    stream = iter_resampled(path, fps, short_side, cancel, threads, src_size, geometry)
     src_fps, n = next(stream)
     return np.ascontiguousarray(np.concatenate(list(stream))), src_fps, n
 
 
-def _child(conn, path, fps, short_side, tmpdir, threads, src_size):
+def _child(conn, path, fps, short_side, tmpdir, threads, src_size, geometry):
     try:
-        frames, src_fps, n = decode_resampled(path, fps, short_side, threads=threads, src_size=src_size)
+        frames, src_fps, n = decode_resampled(path, fps, short_side, threads=threads, src_size=src_size,
+                                              geometry=geometry)
         out = os.path.join(tmpdir, "frames.npy")
         np.save(out, frames)  # through a file, not the pipe: clips can be hundreds of MB
         conn.send(("ok", out, src_fps, n))
@@ -169,13 +248,14 @@ def _child(conn, path, fps, short_side, tmpdir, threads, src_size):
 
 
 def decode_in_child(path: str, fps: float, short_side: int, timeout_s: float,
-                    threads: int = 0, src_size: tuple[int, int] | None = None) -> tuple[np.ndarray, float, int]:
+                    threads: int = 0, src_size: tuple[int, int] | None = None,
+                    geometry: tuple[float, int] = (1.0, 0)) -> tuple[np.ndarray, float, int]:
     """`decode_resampled` in a forked child that is killed after `timeout_s` (the fully isolated path:
     50–160 ms of fork + frame transfer per file). Used once a decode in this process has hung."""
     ctx = mp.get_context("fork")
     with tempfile.TemporaryDirectory(prefix="lumiere-decode-") as tmpdir:
         recv, send = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=_child, args=(send, path, fps, short_side, tmpdir, threads, src_size),
+        proc = ctx.Process(target=_child, args=(send, path, fps, short_side, tmpdir, threads, src_size, geometry),
                            daemon=True)
         proc.start()
         send.close()
@@ -251,7 +331,7 @@ def decode_with_timeout(path: str, fps: float, short_side: int, timeout_s: float
 
 
 def stream_resampled(path: str, fps: float, short_side: int, timeout_s: float, threads: int = 0,
-                     src_size: tuple[int, int] | None = None):
+                     src_size: tuple[int, int] | None = None, geometry: tuple[float, int] = (1.0, 0)):
     """The frames of `decode_resampled` as a stream, decoded ahead on a helper thread (at most two chunks
     ahead, so memory is bounded by a few chunks whatever the video's length). Yields (src_fps, n_src), then
     chunks (t h w c uint8). `timeout_s` bounds the wait for each next chunk, not the whole file: a long film
@@ -262,10 +342,10 @@ def stream_resampled(path: str, fps: float, short_side: int, timeout_s: float, t
     decodes in this process run in a forked child (`decode_in_child`; that isolated path returns the whole
     video at once, so only then does memory grow with length)."""
     if timeout_s <= 0:
-        yield from iter_resampled(path, fps, short_side, threads=threads, src_size=src_size)
+        yield from iter_resampled(path, fps, short_side, threads=threads, src_size=src_size, geometry=geometry)
         return
     if _stuck_decoders():
-        frames, src_fps, n = decode_in_child(path, fps, short_side, timeout_s, threads, src_size)
+        frames, src_fps, n = decode_in_child(path, fps, short_side, timeout_s, threads, src_size, geometry)
         yield src_fps, n
         for i in range(0, len(frames), _CHUNK):
             yield frames[i:i + _CHUNK]
@@ -285,7 +365,7 @@ def stream_resampled(path: str, fps: float, short_side: int, timeout_s: float, t
 
     def work():
         try:
-            for item in iter_resampled(path, fps, short_side, cancel, threads, src_size):
+            for item in iter_resampled(path, fps, short_side, cancel, threads, src_size, geometry):
                 if not put(("ok", item)):
                     return
             put(("ok", end))

@@ -134,7 +134,7 @@ def _cut(path: str, row: dict, fid: str, whole_file: str, cfg: IngestConfig) -> 
                          "--set hr_size=null")
         short_side = max(cfg.size, cfg.hr_size or 0)
         stream = stream_resampled(path, cfg.fps, short_side, cfg.decode_timeout_s, cfg.codec_threads,
-                                  (meta.width, meta.height))
+                                  (meta.coded_width, meta.coded_height), (meta.sample_aspect, meta.rotation))
         src_fps, _ = next(stream)
     except Reject as r:
         yield _reject_row(source, whole_file, r.reason, r.detail)
