@@ -15,7 +15,7 @@ import pytest
 import corpus
 from lumiere.storage import StorageOptions
 from lumiere.video import decode_mp4_bytes, encode_mp4_bytes
-from pipelines.ingest.config import load_ingest_config
+from pipelines.ingest.config import IngestConfig, load_ingest_config
 from pipelines.ingest.curation import (
     Reject,
     clip_scores,
@@ -105,8 +105,6 @@ def _write_video(path, frames, times_ms=None, fps=30, rotation=0, sample_aspect=
 
 def _ingest_one(path, **overrides) -> list[dict]:
     """decode_and_cut over one local file (no Ray), raw frames, the histogram detector: its candidate rows."""
-    from pipelines.ingest.config import IngestConfig
-
     cfg = IngestConfig(**{"clip_frames": 16, "size": 64, "min_side": 64, "hr_size": None, "frame_format": "raw",
                           "shot_detector": "histogram", "encoder_from": "tiny", **overrides})
     row = {"source": str(path), "size": os.path.getsize(path), "caption": "x", "has_caption": True}
@@ -482,7 +480,7 @@ def _write_long_video(path, seconds: int, fps: int = 16, size=(320, 240)) -> Non
 _PEAK_MEMORY = """
 import json, resource, sys, tracemalloc
 from lumiere.storage import StorageOptions
-from pipelines.ingest.config import load_ingest_config
+from pipelines.ingest.config import IngestConfig, load_ingest_config
 from pipelines.ingest.stage2_decode import decode_and_cut
 cfg = load_ingest_config(None, ["encoder_from=tiny", "clip_frames=32"])
 row = {"source": sys.argv[1], "size": 1, "caption": "a red square moving right", "has_caption": True}
@@ -518,3 +516,50 @@ def test_decode_memory_does_not_grow_with_video_length(tmp_path):
     assert counts == {20: 20 * 16 // 32, 160: 160 * 16 // 32}, counts  # every clip of both videos was made
     # measured: 86 MB at both lengths; the whole-file decode it replaced: 156 MB at 20 s, 1,125 MB at 160 s
     assert peaks[160] < 200 and peaks[160] < 1.25 * peaks[20] + 5, peaks
+
+
+def test_near_duplicate_filter_rejects_copies_against_kept_clips_and_repeats_its_answers(tmp_path):
+    """Re-encoded and brightened copies of a clip are near_duplicate rejects naming the kept clip, a different
+    clip is kept; the same batch again (a Ray retry) gets the same answers (no clip is a duplicate of itself);
+    and a new filter over an output with committed shards compares new clips with those."""
+    from lumiere.video import read_video, write_mp4
+    from pipelines.ingest.near_dedup import NearDuplicateFilter
+    from pipelines.ingest.stage4_write import write_shard
+
+    original = corpus.scene(40, 96, 128, seed=7)
+    write_mp4(tmp_path / "a.mp4", original, fps=16)
+    v, _ = read_video(tmp_path / "a.mp4")
+    write_mp4(tmp_path / "a_crf32.mp4", v, fps=16, crf=32)
+    write_mp4(tmp_path / "a_bright.mp4", np.clip(v.astype(int) + 30, 0, 255).astype(np.uint8), fps=16)
+    write_mp4(tmp_path / "b.mp4", corpus.scene(40, 96, 128, seed=8), fps=16)
+
+    def batch_of(*names):
+        rows = [r for n in names for r in _ingest_one(tmp_path / n, clip_frames=32) if r["status"] == "ok"]
+        return {k: np.array([r[k] for r in rows], dtype=object) for k in rows[0]}
+
+    cfg = IngestConfig(near_dedup="frames", near_dedup_threshold=0.97, encoder_from="tiny")
+    out = tmp_path / "out"
+    first = NearDuplicateFilter(cfg, str(out), StorageOptions())
+    batch = batch_of("a.mp4", "a_crf32.mp4", "a_bright.mp4", "b.mp4")
+    result = first({k: v.copy() for k, v in batch.items()})
+    rows = list(zip([Path(s).name for s in result["source"]], result["clip_id"], result["status"],
+                    result["reason"], result["detail"], strict=True))
+    family = [r for r in rows if r[0].startswith("a")]
+    assert len(rows) == 4 and [r[2] for r in rows if r[0] == "b.mp4"] == ["ok"]
+    (kept_a,) = [cid for _, cid, status, _, _ in family if status == "ok"]  # one of the three copies is kept
+    for name, _, status, reason, detail in family:
+        if status != "ok":
+            assert reason == "near_duplicate" and kept_a in detail, (name, detail)
+    again = first({k: v.copy() for k, v in batch.items()})
+    assert list(again["status"]) == list(result["status"]) and list(again["detail"]) == list(result["detail"])
+
+    # commit what was kept, then a later run's filter knows it: a new copy is rejected against the committed clip
+    kept = {k: v[[s == "ok" for s in result["status"]]] for k, v in result.items()}
+    kept.update(text_pooled=np.zeros((len(kept["clip_id"]), 4), np.float32),
+                image_embedding=np.zeros((len(kept["clip_id"]), 4), np.float32))
+    write_shard(kept, str(out), StorageOptions())
+    write_mp4(tmp_path / "a_again.mp4", v, fps=16, crf=26)
+    later = NearDuplicateFilter(cfg, str(out), StorageOptions())
+    assert later.size == 2
+    result = later(batch_of("a_again.mp4"))
+    assert list(result["reason"]) == ["near_duplicate"] and kept_a in result["detail"][0]

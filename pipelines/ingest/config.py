@@ -47,6 +47,12 @@ class IngestConfig(BaseModel):
     # duplicate: a file with the same bytes (SHA-256) as another is rejected, pointing at the kept one (the first
     # committed, else the first in listing order); "none" ingests every copy
     dedup: Literal["exact", "none"] = "exact"
+    # near_duplicate: a clip whose content matches a clip already kept (in this run or committed before) is
+    # rejected, pointing at the kept one. "frames": a fingerprint of the clip's frames (curation.clip_signature;
+    # needs no model); "clip": the CLIP image embedding of its keyframe (meaningful with a pretrained encoder
+    # only); "none": off. Similar when the cosine is at least near_dedup_threshold.
+    near_dedup: Literal["frames", "clip", "none"] = "frames"
+    near_dedup_threshold: float = Field(0.97, gt=0, le=1)
     # the longest wait for the decoder's next chunk of frames (a hung or pathologically slow decoder), not a
     # limit on the file's length; 0 decodes in-process without a timeout
     decode_timeout_s: float = Field(120.0, ge=0)

@@ -37,6 +37,7 @@ REASONS = {
     "bad_caption": "the caption file beside the video is not UTF-8 text / a JSON object with a caption",
     "too_large": "file bigger than max_file_bytes",
     "duplicate": "the same bytes as another input file (dedup: exact); the detail names the kept file",
+    "near_duplicate": "a clip whose content matches an already kept clip (near_dedup); the detail names it",
     "static": "motion score below static_threshold",
     "black": "most frames are black",
     "blank": "most frames are a single flat colour",
@@ -459,6 +460,22 @@ def clip_scores(frames: np.ndarray, stride: int = 4, thumbs: torch.Tensor | None
         "black_fraction": (p99 < 24).float().mean().item(),
         "blank_fraction": (flat.std(dim=1) < 3).float().mean().item(),
     }
+
+
+SIGNATURE_FRAMES, SIGNATURE_SIDE = 8, 8
+
+
+def clip_signature(thumbs: torch.Tensor) -> np.ndarray:
+    """A clip's content fingerprint for near-duplicate detection, from its 64x64 thumbnails (t c h w, 0-255):
+    8 frames evenly spaced, each grey, area-pooled to 8x8 and normalised to zero mean and unit norm (so a
+    re-encode, a resize or a brightness shift changes little), concatenated and L2-normalised: 512 float16.
+    Cosine between two signatures: 1.0000 for re-encoded, 2x-resized or brightened copies of a clip, <= 0.92
+    between different clips of the test corpora (benchmarks/RESULTS.md, "Near-duplicate clips")."""
+    idx = np.linspace(0, len(thumbs) - 1, SIGNATURE_FRAMES).round().astype(np.int64)
+    grey = F.adaptive_avg_pool2d(thumbs[idx].float().mean(dim=1, keepdim=True), SIGNATURE_SIDE).flatten(1)
+    grey = grey - grey.mean(dim=1, keepdim=True)
+    grey = grey / (grey.norm(dim=1, keepdim=True) + 1e-6)
+    return F.normalize(grey.flatten(), dim=0).numpy().astype(np.float16)
 
 
 def resize_center_crop(frames: np.ndarray, size: int) -> np.ndarray:

@@ -6,6 +6,7 @@ composes the four stages of this package (stage1_list … stage4_write) in order
     ds     = ray.data.from_items(todo)                           one block per file
       .flat_map(decode_and_cut)                                  CPU tasks: decode/shots (TransNetV2)/filters/crops
       .map_batches(CaptionEmbedder, ActorPoolStrategy)           actors (GPU when configured): embeddings
+      .map_batches(NearDuplicateFilter, one actor)               near-duplicate clips against the kept ones
       .map_batches(write_shard)                                  CPU tasks: shards/ + rejects/ parts
       (shards/, rejects/, done/ parts; named by their clip ids)
     finalize: rejects.parquet, report.json, then manifest.json   committed last
@@ -40,6 +41,7 @@ from lumiere.storage import StorageOptions
 from .config import IngestConfig
 from .contact_sheets import write_contact_sheets
 from .curation import REASONS
+from .near_dedup import NearDuplicateFilter
 from .stage1_list import content_hash, list_inputs, mark_duplicates
 from .stage2_decode import decode_and_cut
 from .stage3_embed import CaptionEmbedder
@@ -268,6 +270,13 @@ def run_ingest(input_uri: str, output_uri: str, captions_uri: str | None = None,
             compute=ray.data.ActorPoolStrategy(size=cfg.embed_actors), num_gpus=cfg.embed_num_gpus or None,
             num_cpus=0.5,
         )
+        if cfg.near_dedup != "none":
+            # one actor: the index of kept clips must see every clip (near_dedup.py says what it costs)
+            ds = ds.map_batches(
+                NearDuplicateFilter, fn_constructor_kwargs={"cfg": worker_cfg, "output_uri": output_uri,
+                                                            "options": options},
+                batch_size=cfg.embed_batch_size, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.25,
+            )
         ds = ds.map_batches(write_shard, fn_kwargs={"output_uri": output_uri, "options": options},
                             batch_size=cfg.shard_clips, num_cpus=0.5)
         last, started = 0.0, time.time()

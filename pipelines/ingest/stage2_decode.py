@@ -27,6 +27,7 @@ from .contact_sheets import thumb_strip
 from .curation import (
     Reject,
     clip_scores,
+    clip_signature,
     probe,
     resize_center_crop,
     stream_resampled,
@@ -57,6 +58,7 @@ CANDIDATE_DEFAULTS = {
     "height": 0, "width": 0, "frames_format": "", "frames": b"", "hr_size": 0, "hr_frames": b"", "keyframe": b"",
     "caption": "", "motion_score": 0.0, "brightness": 0.0, "src_width": 0, "src_height": 0, "src_fps": 0.0,
     "src_codec": "", "content_hash": "", "duplicate_of": "", "decode_s": 0.0, "thumb": b"",
+    "signature": b"",
 }
 
 
@@ -206,4 +208,5 @@ def _event_row(event: tuple, row: dict, fid: str, meta, src_fps: float, src_shor
         "motion_score": scores["motion_score"], "brightness": scores["brightness"],
         "src_width": meta.width, "src_height": meta.height, "src_fps": src_fps,
         "src_codec": meta.codec, "thumb": strip(thumbs),
+        "signature": clip_signature(thumbs).tobytes() if cfg.near_dedup == "frames" else b"",
     }
