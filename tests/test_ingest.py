@@ -422,12 +422,51 @@ def test_exact_duplicates_are_rejected_pointing_at_the_kept_file_also_across_a_r
     late = [r for r in rejects if Path(r["source"]).name == "0-late-copy.mp4"]
     assert [r["reason"] for r in late] == ["duplicate"] and "b-original.mp4" in late[0]["detail"]
     assert report["rejected_files_by_reason"]["duplicate"] == 3
-    # dedup off: every captioned copy gives its clips
+    # dedup off (exact and near): every captioned copy gives its clips
     off = tmp_path / "off"
-    run_ingest(str(videos), str(off), None, load_ingest_config(None, [*OVERRIDES, "clip_frames=16", "dedup=none"]))
+    run_ingest(str(videos), str(off), None,
+               load_ingest_config(None, [*OVERRIDES, "clip_frames=16", "dedup=none", "near_dedup=none"]))
     rows, _ = _clips(off)
     assert Counter(Path(r["source"]).name for r in rows) == {
         "0-late-copy.mp4": 2, "b-original.mp4": 2, "c-copy.mp4": 2, "other.mp4": 2}
+
+
+def test_near_duplicates_across_files_and_runs_are_rejected_naming_the_kept_clip(ray_session, tmp_path):
+    """A re-encoded copy of a video (other bytes: exact dedup cannot see it) gives near_duplicate rejects, one per
+    clip, each naming a kept clip of the original; a different video keeps all its clips; a copy added before a
+    resume is rejected against the committed clips. Clips are counted per id."""
+    from lumiere.video import read_video, write_mp4
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    write_mp4(videos / "a.mp4", corpus.scene(96, 144, 256, seed=21), fps=16)
+    frames, _ = read_video(videos / "a.mp4")
+    write_mp4(videos / "a-reencoded.mp4", frames, fps=16, crf=30)
+    write_mp4(videos / "b.mp4", corpus.scene(96, 144, 256, seed=22), fps=16)
+    cfg = load_ingest_config(None, [*OVERRIDES, "missing_caption=keep", "clip_frames=32", "size=64", "min_side=64",
+                                    "hr_size=null", "shot_detector=histogram"])
+    out = tmp_path / "out"
+
+    def state():
+        rows, _ = _clips(out)
+        rejects = pq.read_table(out / "rejects.parquet").to_pylist()
+        return rows, [r for r in rejects if r["reason"] == "near_duplicate"]
+
+    run_ingest(str(videos), str(out), None, cfg)
+    rows, near = state()
+    assert set(Counter(r["clip_id"] for r in rows).values()) == {1}
+    per_file = Counter(Path(r["source"]).name for r in rows)
+    assert per_file["b.mp4"] == 3 and per_file["a.mp4"] + per_file["a-reencoded.mp4"] == 3  # one copy's clips
+    kept = {r["clip_id"] for r in rows}
+    assert len(near) == 3 and all(any(k in r["detail"] for k in kept) for r in near), near
+    assert {Path(r["source"]).name for r in near} | {Path(r["source"]).name for r in rows} >= {"a.mp4",
+                                                                                              "a-reencoded.mp4"}
+    write_mp4(videos / "0-late.mp4", frames, fps=16, crf=24)  # sorts first; the committed clips stay kept
+    run_ingest(str(videos), str(out), None, cfg)
+    rows2, near2 = state()
+    assert sorted(r["clip_id"] for r in rows2) == sorted(kept)
+    late = [r for r in near2 if Path(r["source"]).name == "0-late.mp4"]
+    assert len(late) == 3 and all(any(k in r["detail"] for k in kept) for r in late)
 
 
 def test_report_has_per_stage_timings_counted_per_file_and_part(ingested):

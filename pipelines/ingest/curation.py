@@ -467,15 +467,16 @@ SIGNATURE_FRAMES, SIGNATURE_SIDE = 8, 8
 
 def clip_signature(thumbs: torch.Tensor) -> np.ndarray:
     """A clip's content fingerprint for near-duplicate detection, from its 64x64 thumbnails (t c h w, 0-255):
-    8 frames evenly spaced, each grey, area-pooled to 8x8 and normalised to zero mean and unit norm (so a
-    re-encode, a resize or a brightness shift changes little), concatenated and L2-normalised: 512 float16.
-    Cosine between two signatures: 1.0000 for re-encoded, 2x-resized or brightened copies of a clip, <= 0.92
-    between different clips of the test corpora (benchmarks/RESULTS.md, "Near-duplicate clips")."""
+    8 frames evenly spaced, each area-pooled to 8x8 in colour and normalised to zero mean and unit norm (so a
+    re-encode, a resize or a brightness shift changes little, while a red and a blue square on the same path
+    differ), concatenated and L2-normalised: 1536 float16. Cosine between two signatures: 0.9999 for
+    re-encoded, 2x-resized or brightened copies of a clip, <= 0.93 between different clips of the test corpora
+    (benchmarks/RESULTS.md, "Near-duplicate clips")."""
     idx = np.linspace(0, len(thumbs) - 1, SIGNATURE_FRAMES).round().astype(np.int64)
-    grey = F.adaptive_avg_pool2d(thumbs[idx].float().mean(dim=1, keepdim=True), SIGNATURE_SIDE).flatten(1)
-    grey = grey - grey.mean(dim=1, keepdim=True)
-    grey = grey / (grey.norm(dim=1, keepdim=True) + 1e-6)
-    return F.normalize(grey.flatten(), dim=0).numpy().astype(np.float16)
+    pooled = F.adaptive_avg_pool2d(thumbs[idx].float(), SIGNATURE_SIDE).flatten(1)  # k (c s s)
+    pooled = pooled - pooled.mean(dim=1, keepdim=True)
+    pooled = pooled / (pooled.norm(dim=1, keepdim=True) + 1e-6)
+    return F.normalize(pooled.flatten(), dim=0).numpy().astype(np.float16)
 
 
 def resize_center_crop(frames: np.ndarray, size: int) -> np.ndarray:

@@ -9,9 +9,10 @@ names the kept clip; otherwise it is kept and joins the index.
 One actor holds the index, so a clip is compared with every kept clip, whichever decode task made it. Which of
 two near-duplicates is kept is the one that reaches the actor first. Decisions are remembered by clip id: a batch
 Ray re-runs (lineage reconstruction, a retried task) gets the same answers, so a retry neither rejects a clip as
-a duplicate of itself nor keeps both copies. Memory: 4 bytes x dimension per kept clip (2 KB for the 512-d
-fingerprint: 2 GB per million kept clips); each batch costs one (batch x kept) matrix product. Past a few
-million kept clips per job an approximate index (e.g. faiss) sharded by signature would take this actor's place.
+a duplicate of itself nor keeps both copies. Memory: 2 bytes x dimension per kept clip (float16: 3 KB for the
+1536-d fingerprint, 3 GB per million kept clips); each batch costs one (batch x kept) matrix product, in float32
+chunks. Past a few million kept clips per job an approximate index (e.g. faiss) sharded by signature would take
+this actor's place.
 """
 
 from __future__ import annotations
@@ -82,33 +83,54 @@ class NearDuplicateFilter:
         if len(vectors) == 0:
             return
         if self.index.numel() == 0:
-            self.index = torch.zeros(max(1024, len(vectors)), vectors.shape[1])
+            self.index = torch.zeros(max(1024, len(vectors)), vectors.shape[1], dtype=torch.float16)
         while self.size + len(vectors) > len(self.index):  # grown by doubling: amortised O(1) per clip
             self.index = torch.cat([self.index, torch.zeros_like(self.index)])
-        self.index[self.size:self.size + len(vectors)] = vectors
+        self.index[self.size:self.size + len(vectors)] = vectors.to(torch.float16)
         self.size += len(vectors)
         self.kept_ids += ids
         self.kept_sources += sources
+
+    _CHUNK = 65536  # kept vectors per float32 product: the index itself stays float16
+
+    def _search(self, vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """For each row of `vectors`, the highest cosine to a kept clip and that clip's position (-inf, -1: none)."""
+        best = torch.full((len(vectors),), float("-inf"))
+        where = torch.full((len(vectors),), -1, dtype=torch.long)
+        for start in range(0, self.size, self._CHUNK):
+            sims = vectors @ self.index[start:min(self.size, start + self._CHUNK)].float().T  # b k
+            value, pos = sims.max(dim=1)
+            better = value > best
+            best, where = torch.where(better, value, best), torch.where(better, pos + start, where)
+        return best, where
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         status = batch["status"]
         ok = [i for i in range(len(status)) if status[i] == "ok"]
         ok.sort(key=lambda i: str(batch["clip_id"][i]))  # the batch's own order does not decide
-        vectors = _vectors(self.cfg, batch.get("signature"), batch.get("image_embedding"), ok)
-        for j, i in enumerate(ok):
-            cid = str(batch["clip_id"][i])
-            if cid not in self.decisions:
-                v = vectors[j]
+        new = [i for i in ok if str(batch["clip_id"][i]) not in self.decisions]
+        if new:
+            vectors = _vectors(self.cfg, batch.get("signature"), batch.get("image_embedding"), new)
+            best, where = self._search(vectors)
+            fresh: list[int] = []  # rows of `vectors` kept from this batch (a copy can be in the same batch)
+            for r, i in enumerate(new):
                 match = None
-                if self.size:
-                    sims = self.index[:self.size] @ v
-                    best = int(torch.argmax(sims))
-                    if float(sims[best]) >= self.cfg.near_dedup_threshold:
-                        match = (self.kept_ids[best], self.kept_sources[best], float(sims[best]))
-                self.decisions[cid] = match
+                if float(best[r]) >= self.cfg.near_dedup_threshold:
+                    k = int(where[r])
+                    match = (self.kept_ids[k], self.kept_sources[k], float(best[r]))
+                elif fresh:
+                    sims = vectors[fresh] @ vectors[r]
+                    k = int(torch.argmax(sims))
+                    if float(sims[k]) >= self.cfg.near_dedup_threshold:
+                        match = (str(batch["clip_id"][new[fresh[k]]]), str(batch["source"][new[fresh[k]]]),
+                                 float(sims[k]))
                 if match is None:
-                    self._add(v[None], [cid], [str(batch["source"][i])])
-            match = self.decisions[cid]
+                    fresh.append(r)
+                self.decisions[str(batch["clip_id"][i])] = match
+            self._add(vectors[fresh], [str(batch["clip_id"][new[r]]) for r in fresh],
+                      [str(batch["source"][new[r]]) for r in fresh])
+        for i in ok:
+            match = self.decisions[str(batch["clip_id"][i])]
             if match is not None:
                 kept, source, cos = match
                 status[i] = "reject"

@@ -49,7 +49,7 @@ CLIP_SCHEMA = pa.schema([
     ("src_fps", pa.float32()),
     ("src_codec", pa.string()),
     ("thumb", pa.binary()),  # JPEG strip of the first, middle and last frame at 64x64 (contact sheets); or b""
-    ("signature", pa.binary()),  # near_dedup=frames: 512 float16, curation.clip_signature; or b""
+    ("signature", pa.binary()),  # near_dedup=frames: 1536 float16, curation.clip_signature; or b""
 ])
 REJECT_SCHEMA = pa.schema([
     ("clip_id", pa.string()),
