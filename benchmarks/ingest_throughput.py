@@ -221,6 +221,8 @@ def stage_breakdown(files: list[dict], cfg: IngestConfig, out_dir: str) -> dict:
               short_side, cfg.decode_timeout_s, 0, src_size)
         thumbs = T("multi_thumbnails", curation.multi_thumbnails, frames, (32, 64))
         shots = T("shot_boundaries", curation.shot_boundaries, frames, cfg.cut_threshold, thumbs[32])
+        if cfg.shot_detector == "transnetv2":  # what decode_and_cut runs instead of the histogram then
+            T("TransNetV2Cuts (push + finish)", _transnet_labels, frames)
         for a, b in shots:
             for k in range((b - a) // cfg.clip_frames):
                 start = a + k * cfg.clip_frames
@@ -264,6 +266,14 @@ def stage_breakdown(files: list[dict], cfg: IngestConfig, out_dir: str) -> dict:
 
 
 # --- 4. end to end on Ray -----------------------------------------------------------------------------------
+def _transnet_labels(frames: np.ndarray) -> np.ndarray:
+    from pipelines.ingest.shots import TransNetV2Cuts
+
+    detector = TransNetV2Cuts()
+    labels = [detector.push(frames[i:i + 64]) for i in range(0, len(frames), 64)]
+    return np.concatenate([*labels, detector.finish()])
+
+
 def _candidates_list(row, cfg, options) -> list[dict]:
     # decode_and_cut yields its candidates as it makes them: consume them all, so the timing covers the work
     return list(stage2_decode.decode_and_cut(row, cfg, options))
@@ -359,6 +369,46 @@ def _cpu_by_role(before: dict, after: dict, driver_pid: int) -> dict[str, float]
     return dict(roles)
 
 
+def _ray_worker_rss() -> dict[int, int]:
+    """Resident bytes of every Ray worker process (ray::…: task workers and actors), by pid (Linux /proc)."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    out = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+            if not text[text.index("(") + 1:text.rindex(")")].startswith("ray::"):
+                continue
+            out[int(stat.parent.name)] = int((stat.parent / "statm").read_text().split()[1]) * page
+        except (OSError, ValueError):  # the process ended meanwhile
+            continue
+    return out
+
+
+class RssSampler:
+    """Samples the Ray workers' resident memory every `every` s during a run: the peak of any one worker (a
+    decode task's process, the embedding actor) and the peak of their sum."""
+
+    def __init__(self, every: float = 0.2):
+        self.every, self.peak_one, self.peak_sum = every, 0, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.wait(self.every):
+            rss = _ray_worker_rss()
+            if rss:
+                self.peak_one = max(self.peak_one, max(rss.values()))
+                self.peak_sum = max(self.peak_sum, sum(rss.values()))
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
 def _one_run(root: Path, cfg: IngestConfig, out: Path, timeout: float, log_dir: str) -> dict:
     """One traced run_ingest on the already started Ray; stopped by a watchdog after `timeout` s."""
     saved = ingest.decode_and_cut, ingest.CaptionEmbedder, ingest.write_shard
@@ -377,9 +427,11 @@ def _one_run(root: Path, cfg: IngestConfig, out: Path, timeout: float, log_dir: 
     procs_before, machine_before = _process_cpu(), _machine_cpu()
     start = time.time()
     t0 = time.perf_counter()
+    sampler = RssSampler()
     try:
-        report = ingest.run_ingest(str(root), str(out), str(root / "captions.jsonl"), cfg,
-                                   log=lambda m: lines.append((time.time() - start, m)))
+        with sampler:
+            report = ingest.run_ingest(str(root), str(out), str(root / "captions.jsonl"), cfg,
+                                       log=lambda m: lines.append((time.time() - start, m)))
         result.update(seconds=time.perf_counter() - t0, clips=report["clips"], rejects=report["rejects"],
                       status="ok")
     except KeyboardInterrupt:
@@ -388,6 +440,8 @@ def _one_run(root: Path, cfg: IngestConfig, out: Path, timeout: float, log_dir: 
         done.set()
         ingest.decode_and_cut, ingest.CaptionEmbedder, ingest.write_shard = saved
     result["loadavg_after"] = os.getloadavg()[0]
+    result["peak_worker_rss_mib"] = round(sampler.peak_one / 2**20, 1)
+    result["peak_workers_rss_sum_mib"] = round(sampler.peak_sum / 2**20, 1)
     (all1, idle1), (all0, idle0) = _machine_cpu(), machine_before
     result["machine_busy_cpu_s"] = (all1 - all0) - (idle1 - idle0)
     result["cpu_by_role"] = _cpu_by_role(procs_before, _process_cpu(), os.getpid())
@@ -582,7 +636,9 @@ def report(data: dict) -> None:
             print(f"| {what} | {r['status']} | | | | | |")
             continue
         s = r["seconds"]
-        print(f"| {what} (≤{r.get('decode_max_concurrent', '?')} decode tasks at once) | {s:.2f} "
+        rss = (f"; peak RSS: one worker {r['peak_worker_rss_mib']:.0f} MiB, all workers "
+               f"{r['peak_workers_rss_sum_mib']:.0f} MiB" if "peak_worker_rss_mib" in r else "")
+        print(f"| {what} (≤{r.get('decode_max_concurrent', '?')} decode tasks at once{rss}) | {s:.2f} "
               f"| {r['clips'] / s:.2f} | {src_frames / s:.0f} | {src_frames / s / cores:.0f} (whole machine) "
               f"| {s / base:.2f}× | {s / limit_all:.2f}× |")
 
