@@ -563,3 +563,52 @@ def test_near_duplicate_filter_rejects_copies_against_kept_clips_and_repeats_its
     assert later.size == 2
     result = later(batch_of("a_again.mp4"))
     assert list(result["reason"]) == ["near_duplicate"] and kept_a in result["detail"][0]
+
+
+def test_long_files_are_split_into_time_ranges_and_a_resume_knows_each_range():
+    """split_into_ranges: a 35 s file at range_seconds=10 -> 4 tasks over output frames [0,160) [160,320)
+    [320,480) [480, end); a short file, or one rejected before decoding, stays one task. The committed state
+    tells a range done only when its done record and every candidate it counts are committed, and a file done
+    only when all its ranges are."""
+    import pyarrow as pa
+
+    from pipelines.ingest.job import _committed_state, is_done, range_is_done
+    from pipelines.ingest.stage1_list import split_into_ranges
+
+    cfg = IngestConfig(range_seconds=10, fps=16, encoder_from="tiny")
+    row = {"source": "/v/long.mp4", "size": 1, "has_caption": True, "duration_s": 35.0}
+    ranges = split_into_ranges(row, cfg)
+    assert [(r["range_index"], r["ranges"], r["range_first"], r["range_end"]) for r in ranges] == [
+        (0, 4, 0, 160), (1, 4, 160, 320), (2, 4, 320, 480), (3, 4, 480, -1)]
+    assert len(split_into_ranges({**row, "duration_s": 9.5}, cfg)) == 1
+    assert len(split_into_ranges({**row, "duplicate_of": "/v/other.mp4"}, cfg)) == 1
+    assert len(split_into_ranges({**row, "has_caption": False}, cfg)) == 1  # a no_caption reject: one task
+
+    from pipelines.ingest.stage2_decode import done_id, range_key
+
+    keys = [range_key(row["source"], r) for r in ranges]
+    assert len(set(keys)) == 4 and all(k.endswith(f"-r{i:03d}") for i, k in enumerate(keys))
+
+    def table(ids, counts, ranges_col=None):
+        cols = {"clip_id": ids, "source": [row["source"]] * len(ids), "file_candidates": counts}
+        if ranges_col is not None:
+            cols["file_ranges"] = ranges_col
+        return pa.table(cols)
+
+    # ranges 0 and 1 complete (2 clips + done record each); range 2's done record without one of its clips
+    ids, counts = [], []
+    for r, have in ((ranges[0], 2), (ranges[1], 2), (ranges[2], 1)):
+        key = range_key(row["source"], r)
+        ids += [f"{key}-{i:07d}" for i in range(have)] + [done_id(row["source"], r)]
+        counts += [0] * have + [3]
+    state = _committed_state([table(ids, counts, [0] * (len(ids) - 3) + [4, 4, 4])])[row["source"]]
+    assert [range_is_done(state, r) for r in ranges] == [True, True, False, False]
+    assert not is_done(state)
+    for r in ranges[2:]:
+        key = range_key(row["source"], r)
+        ids += [f"{key}-{i:07d}" for i in range(2)] + [done_id(row["source"], r)]
+    state = _committed_state([table(ids, [0] * len(ids))])[row["source"]]
+    assert not is_done(state)  # the counts come from the done records: the table above has none with a count
+    full = _committed_state([table(ids, [3 if i.endswith("-done") else 0 for i in ids],
+                                   [4 if i.endswith("-done") else 0 for i in ids])])[row["source"]]
+    assert is_done(full) and all(range_is_done(full, r) for r in ranges)

@@ -469,6 +469,41 @@ def test_near_duplicates_across_files_and_runs_are_rejected_naming_the_kept_clip
     assert len(late) == 3 and all(any(k in r["detail"] for k in kept) for r in late)
 
 
+def test_a_long_file_is_cut_into_time_ranges_with_the_clips_of_one_task(ray_session, tmp_path):
+    """A 40 s video at range_seconds=10 runs as 4 decode tasks (4 done records, each saying 4 ranges) and gives
+    the clips (start frames, frames) that one task over the whole file gives, since 160-frame ranges hold whole
+    32-frame clips; no clip id twice; the progress line counts file ranges."""
+    from lumiere.video import write_mp4
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    video = corpus.moving(640, 96, 96, seed=5, spec=("circle", "green", "right"))
+    video[:, :8, :8] = (np.arange(640) % 200)[:, None, None, None]  # a counter: every frame distinct
+    write_mp4(videos / "long.mp4", video, fps=16)
+    base = [*OVERRIDES, "missing_caption=keep", "clip_frames=32", "size=64", "min_side=64", "hr_size=null",
+            "shot_detector=histogram", "near_dedup=none", "frame_format=raw", "static_threshold=0"]
+    lines = []
+    split = run_ingest(str(videos), str(tmp_path / "split"), None,
+                       load_ingest_config(None, [*base, "range_seconds=10"]), log=lines.append)
+    whole = run_ingest(str(videos), str(tmp_path / "whole"), None, load_ingest_config(None, base))
+    assert any("file ranges 4/4" in line for line in lines), lines
+    done = [r for p in sorted((tmp_path / "split" / "done").iterdir()) for r in pq.read_table(p).to_pylist()]
+    assert sorted(r["clip_id"].rsplit("-", 2)[1] for r in done) == ["r000", "r001", "r002", "r003"]
+    assert {r["file_ranges"] for r in done} == {4}
+    rows_split, _ = _clips(tmp_path / "split")
+    rows_whole, _ = _clips(tmp_path / "whole")
+    assert set(Counter(r["clip_id"] for r in rows_split).values()) == {1}
+    assert split["clips"] == whole["clips"] == 20
+    by_start = {r["start_frame"]: r["frames"] for r in rows_whole}
+    assert sorted(by_start) == sorted(r["start_frame"] for r in rows_split)
+    for r in rows_split:
+        assert r["frames"] == by_start[r["start_frame"]] and r["start_time_s"] == r["start_frame"] / 16
+        assert r["start_frame"] // 160 == (r["start_frame"] + 31) // 160  # no clip crosses a range edge
+    rerun = run_ingest(str(videos), str(tmp_path / "split"), None,
+                       load_ingest_config(None, [*base, "range_seconds=10"]))
+    assert rerun["this_run"]["clips_written"] == 0 and rerun["clips"] == 20
+
+
 def test_report_has_per_stage_timings_counted_per_file_and_part(ingested):
     out, expected, report = ingested
     # the run's own report: a later test re-runs into this output, and a resume reports the work it did itself

@@ -53,6 +53,10 @@ class IngestConfig(BaseModel):
     # only); "none": off. Similar when the cosine is at least near_dedup_threshold.
     near_dedup: Literal["frames", "clip", "none"] = "frames"
     near_dedup_threshold: float = Field(0.97, gt=0, le=1)
+    # a file longer than this is cut into time ranges of this length, each its own decode task, so a long film is
+    # spread over the cluster's cores instead of being one straggler; clips do not cross a range's edge (at most
+    # one clip's frames are lost per edge)
+    range_seconds: float = Field(300.0, ge=10)
     # the longest wait for the decoder's next chunk of frames (a hung or pathologically slow decoder), not a
     # limit on the file's length; 0 decodes in-process without a timeout
     decode_timeout_s: float = Field(120.0, ge=0)

@@ -193,15 +193,18 @@ def _decode_error(e: Exception) -> Reject:
 
 def iter_resampled(path: str, fps: float, short_side: int, cancel: threading.Event | None = None,
                    threads: int = 0, src_size: tuple[int, int] | None = None,
-                   geometry: tuple[float, int] = (1.0, 0)):
+                   geometry: tuple[float, int] = (1.0, 0), frames: tuple[int, int | None] | None = None):
     """decode_resampled as a stream: yields (src_fps, n_src) first, then the frames in chunks of _CHUNK
-    (t h w c uint8), so a caller holds one chunk at a time whatever the video's length."""
+    (t h w c uint8), so a caller holds one chunk at a time whatever the video's length. `frames`: only the
+    output frames [first, end) (end None: to the end), e.g. one time range of a long file."""
     try:
         reader, idx, src_fps, n, resize_after = _open_resampled(path, fps, short_side, threads, src_size, geometry)
     except Reject:
         raise
     except Exception as e:
         raise _decode_error(e) from None
+    if frames is not None:
+        idx = idx[frames[0]:frames[1]]
     yield src_fps, n
     # full-size chunks (a rotated source) are cut smaller so a chunk stays ~_CHUNK frames of the decode size
     chunk_len = _CHUNK
@@ -332,7 +335,8 @@ def decode_with_timeout(path: str, fps: float, short_side: int, timeout_s: float
 
 
 def stream_resampled(path: str, fps: float, short_side: int, timeout_s: float, threads: int = 0,
-                     src_size: tuple[int, int] | None = None, geometry: tuple[float, int] = (1.0, 0)):
+                     src_size: tuple[int, int] | None = None, geometry: tuple[float, int] = (1.0, 0),
+                     frames: tuple[int, int | None] | None = None):
     """The frames of `decode_resampled` as a stream, decoded ahead on a helper thread (at most two chunks
     ahead, so memory is bounded by a few chunks whatever the video's length). Yields (src_fps, n_src), then
     chunks (t h w c uint8). `timeout_s` bounds the wait for each next chunk, not the whole file: a long film
@@ -343,13 +347,16 @@ def stream_resampled(path: str, fps: float, short_side: int, timeout_s: float, t
     decodes in this process run in a forked child (`decode_in_child`; that isolated path returns the whole
     video at once, so only then does memory grow with length)."""
     if timeout_s <= 0:
-        yield from iter_resampled(path, fps, short_side, threads=threads, src_size=src_size, geometry=geometry)
+        yield from iter_resampled(path, fps, short_side, threads=threads, src_size=src_size, geometry=geometry,
+                                  frames=frames)
         return
     if _stuck_decoders():
-        frames, src_fps, n = decode_in_child(path, fps, short_side, timeout_s, threads, src_size, geometry)
+        video, src_fps, n = decode_in_child(path, fps, short_side, timeout_s, threads, src_size, geometry)
+        if frames is not None:
+            video = video[frames[0]:frames[1]]
         yield src_fps, n
-        for i in range(0, len(frames), _CHUNK):
-            yield frames[i:i + _CHUNK]
+        for i in range(0, len(video), _CHUNK):
+            yield video[i:i + _CHUNK]
         return
     cancel = threading.Event()
     items: queue.Queue = queue.Queue(maxsize=2)
@@ -366,7 +373,7 @@ def stream_resampled(path: str, fps: float, short_side: int, timeout_s: float, t
 
     def work():
         try:
-            for item in iter_resampled(path, fps, short_side, cancel, threads, src_size, geometry):
+            for item in iter_resampled(path, fps, short_side, cancel, threads, src_size, geometry, frames):
                 if not put(("ok", item)):
                     return
             put(("ok", end))

@@ -42,52 +42,82 @@ from .config import IngestConfig
 from .contact_sheets import write_contact_sheets
 from .curation import REASONS
 from .near_dedup import NearDuplicateFilter
-from .stage1_list import content_hash, list_inputs, mark_duplicates
-from .stage2_decode import decode_and_cut
+from .stage1_list import inspect_file, list_inputs, mark_duplicates, split_into_ranges
+from .stage2_decode import decode_and_cut, range_key
 from .stage3_embed import CaptionEmbedder
 from .stage4_write import REJECT_SCHEMA, SCHEMA_VERSION, write_shard
 
 REJECTS_FILE_SCHEMA = pa.schema([f for f in REJECT_SCHEMA if f.name != "thumb"])  # rejects.parquet's columns
 
 
-def _read_parts(output_uri: str, folder: str, columns: list[str],
+def _read_parts(output_uri: str, folder: str, columns: list[str] | None,
                 options: StorageOptions) -> list[tuple[str, pa.Table]]:
+    """(uri, table) of every part in `folder`, with those of `columns` each part has (parts written by an
+    older version lack newer columns), in parallel: on S3 every part is a GET."""
     root = storage.join(output_uri, folder)
     if not storage.exists(root, options):
         return []
-    out = []
-    for uri, _ in storage.list_files(root, options):
-        if uri.endswith(".parquet"):
-            out.append((uri, pq.read_table(io.BytesIO(storage.read_bytes(uri, options)), columns=columns)))
-    return out
+
+    def read(uri: str) -> tuple[str, pa.Table]:
+        part = pq.ParquetFile(io.BytesIO(storage.read_bytes(uri, options)))
+        have = part.schema_arrow.names
+        return uri, part.read(columns=None if columns is None else [c for c in columns if c in have])
+
+    uris = [uri for uri, _ in storage.list_files(root, options) if uri.endswith(".parquet")]
+    with ThreadPoolExecutor(16) as pool:
+        return list(pool.map(read, uris))
 
 
-_STATE_COLUMNS = ["clip_id", "source", "file_candidates"]
+_STATE_COLUMNS = ["clip_id", "source", "file_candidates", "file_ranges"]
 
 
 def _committed_state(tables: list[pa.Table]) -> dict[str, dict]:
-    """source -> {"ids": committed candidate ids, "expected": candidates the file produces}, from parts that
-    have (at least) the columns clip_id, source and file_candidates."""
-    state: dict[str, dict] = defaultdict(lambda: {"ids": set(), "expected": None})
+    """source -> {"ids": committed candidate ids, "done": {done record id: candidates of its task, the record
+    included}, "ranges": the file's decode tasks (time ranges), "legacy": a count from outputs made before done
+    records existed (every row carried it)}, from parts with (at least) clip_id, source and file_candidates."""
+    state: dict[str, dict] = defaultdict(lambda: {"ids": set(), "done": {}, "ranges": 1, "legacy": None})
     for table in tables:
-        for cid, src, n in zip(*(table[c].to_pylist() for c in _STATE_COLUMNS), strict=True):
-            state[src]["ids"].add(cid)
-            if n:  # the done record carries the count (outputs made before it existed: every row did)
-                state[src]["expected"] = max(n, state[src]["expected"] or 0)
+        ranges = (table["file_ranges"].to_pylist() if "file_ranges" in table.column_names
+                  else [None] * table.num_rows)
+        for cid, src, n, k in zip(*(table[c].to_pylist() for c in _STATE_COLUMNS[:3]), ranges, strict=True):
+            st = state[src]
+            st["ids"].add(cid)
+            if cid.endswith("-done"):
+                st["done"][cid] = n or 0
+                st["ranges"] = max(st["ranges"], k or 1)
+            elif n:
+                st["legacy"] = max(n, st["legacy"] or 0)
     return state
 
 
 def is_done(state: dict | None) -> bool:
-    """A file is done when the count of its candidates is known (its done record is committed) and all are."""
-    return bool(state) and bool(state["expected"]) and len(state["ids"]) >= state["expected"]
+    """A file is done when the done records of all its tasks are committed and so are all the candidates they
+    count (outputs from before done records: the count every row carried)."""
+    if not state:
+        return False
+    if state["done"]:
+        counts = state["done"].values()
+        return (len(state["done"]) >= state["ranges"] and all(n > 0 for n in counts)
+                and len(state["ids"]) >= sum(counts))
+    return bool(state["legacy"]) and len(state["ids"]) >= state["legacy"]
+
+
+def range_is_done(state: dict | None, row: dict) -> bool:
+    """One time range of a file (a row of `split_into_ranges`) is complete: its done record is committed and so
+    are all the candidates it counts (their ids start with the range's key)."""
+    if not state:
+        return False
+    key = range_key(row["source"], row)
+    n = state["done"].get(f"{key}-done")
+    return bool(n) and sum(1 for c in state["ids"] if c.startswith(key + "-")) >= n
 
 
 _FOLDERS = ("shards", "rejects", "done")
 
 
 def scan_committed(output_uri: str, options: StorageOptions) -> dict[str, dict]:
-    """source -> {"ids": committed candidate ids, "expected": candidates the file produces}; the parts of the
-    three folders are read in parallel, only the three columns needed (never the frames)."""
+    """source -> committed state (`_committed_state`); the parts of the three folders are read in parallel, only
+    the columns needed (never the frames)."""
     with ThreadPoolExecutor(len(_FOLDERS)) as pool:
         parts = pool.map(lambda f: _read_parts(output_uri, f, _STATE_COLUMNS, options), _FOLDERS)
         return _committed_state([t for ps in parts for _, t in ps])
@@ -253,15 +283,22 @@ def run_ingest(input_uri: str, output_uri: str, captions_uri: str | None = None,
     pool.shutdown(wait=False)  # the submitted call still runs to the end
     if todo:
         _init_ray(address)
+        todo = _inspect_files(todo, cfg, options)
         if cfg.dedup == "exact":
-            todo = _hash_files(todo, cfg, options)
             marked = mark_duplicates(todo, _kept_hashes(output_uri, options))
             if marked:
                 log(f"[ingest] {marked} files have the same bytes as another (rejected as duplicate)")
+        # long files -> one decode task per time range; ranges a killed run completed are not decoded again
+        items = [r for f in todo for r in split_into_ranges(f, cfg)
+                 if not range_is_done(committed.get(f["source"]), r)]
+        split = sum(1 for f in todo if f.get("duration_s", 0) > cfg.range_seconds)
+        if split:
+            log(f"[ingest] {split} files longer than range_seconds={cfg.range_seconds:g} are cut into time ranges: "
+                f"{len(items)} decode tasks for {len(todo)} files")
         # the encoder config resolved here once: resolving `encoder_from` imports lumiere.config (diffusers,
         # scipy: ~2 s of CPU), which each embedding actor would otherwise pay while decode tasks need the cores
         worker_cfg = cfg.model_copy(update={"text": cfg.text_encoder()})
-        ds = ray.data.from_items(todo, override_num_blocks=decode_tasks(len(todo), cfg, ray.cluster_resources()))
+        ds = ray.data.from_items(items, override_num_blocks=decode_tasks(len(items), cfg, ray.cluster_resources()))
         ds = ds.flat_map(decode_and_cut, fn_kwargs={"cfg": worker_cfg, "options": options},
                          num_cpus=cfg.decode_num_cpus, num_gpus=cfg.shot_num_gpus or None,
                          memory=cfg.decode_task_memory())
@@ -290,8 +327,8 @@ def run_ingest(input_uri: str, output_uri: str, captions_uri: str | None = None,
             written["frames"] += int(part["frames"])
             if time.time() - last > 2:
                 last = time.time()
-                log(_progress_line(written, len(todo), last - started))
-        log(_progress_line(written, len(todo), time.time() - started))
+                log(_progress_line(written, len(items), last - started, "files" if not split else "file ranges"))
+        log(_progress_line(written, len(items), time.time() - started, "files" if not split else "file ranges"))
     return finalize(input_uri, output_uri, captions_uri, files, skipped, cfg, options, t0, written, log,
                     encoder_info=encoder_info.result(), write_seconds=write_seconds)
 
@@ -329,7 +366,7 @@ def _timings(done_parts: list[tuple[str, pa.Table]], sources: set[str], written:
     decode = [s for _, t in done_parts if "decode_s" in t.column_names
               for s, src in zip(t["decode_s"].to_pylist(), t["source"].to_pylist(), strict=True)
               if src in sources and s is not None]
-    return {"decode": {**_timing(decode), "per": "file"},
+    return {"decode": {**_timing(decode), "per": "file (or time range of a long file)"},
             "embed": {**_timing([written["embed_s"]], count=written["embed_batches"]), "per": "batch"},
             "write": {**_timing(write_seconds), "per": "write task (one part in each of shards/, rejects/, "
                                                        "done/)"},
@@ -356,16 +393,18 @@ def _histograms(shard_parts: list[tuple[str, pa.Table]], sources: set[str], bins
     return out
 
 
-def _hash_files(todo: list[dict], cfg: IngestConfig, options: StorageOptions) -> list[dict]:
-    """The SHA-256 of every file to process, in parallel Ray tasks (each reads its files in blocks); one small
-    row per file comes back to the driver. Listing order is kept."""
+def _inspect_files(todo: list[dict], cfg: IngestConfig, options: StorageOptions) -> list[dict]:
+    """Every file to process looked at in parallel Ray tasks before decoding: its duration (to cut long files into
+    time ranges) and, with dedup=exact, the SHA-256 of its bytes (read in blocks); one small row per file comes
+    back to the driver. Listing order is kept."""
     import ray
 
     ds = ray.data.from_items(todo, override_num_blocks=decode_tasks(len(todo), cfg, ray.cluster_resources()))
-    hashed = ds.map(content_hash, fn_kwargs={"options": options, "max_file_bytes": cfg.max_file_bytes},
-                    num_cpus=0.5).take_all()
-    by_source = {r["source"]: r["content_hash"] for r in hashed}
-    return [{**r, "content_hash": by_source.get(r["source"], "")} for r in todo]
+    seen = ds.map(inspect_file, fn_kwargs={"options": options, "max_file_bytes": cfg.max_file_bytes,
+                                           "hash_bytes": cfg.dedup == "exact"}, num_cpus=0.5).take_all()
+    by_source = {r["source"]: r for r in seen}
+    return [{**r, "content_hash": by_source[r["source"]]["content_hash"],
+             "duration_s": by_source[r["source"]]["duration_s"]} for r in todo]
 
 
 def _kept_hashes(output_uri: str, options: StorageOptions) -> dict[str, str]:
@@ -381,13 +420,14 @@ def _kept_hashes(output_uri: str, options: StorageOptions) -> dict[str, str]:
     return kept
 
 
-def _progress_line(written: Counter, todo: int, elapsed: float) -> str:
-    """'[ingest] files 12/40 (30%), 96 clips, 7 rejects, 1.9 clips/s, 50s, ETA 117s': files count as done when their
-    done record is committed, so the ETA is the remaining files at this run's rate of files."""
+def _progress_line(written: Counter, todo: int, elapsed: float, unit: str = "files") -> str:
+    """'[ingest] files 12/40 (30%), 96 clips, 7 rejects, 1.9 clips/s, 50s, ETA 117s': files (or the time ranges of
+    long files: `unit`) count as done when their done record is committed, so the ETA is the remaining ones at
+    this run's rate."""
     files = written["done_rows"]
     rate = written["shard_rows"] / max(1e-9, elapsed)
     eta = f", ETA {elapsed / files * (todo - files):.0f}s" if 0 < files < todo else ""
-    return (f"[ingest] files {files}/{todo} ({files / max(1, todo):.0%}), {written['shard_rows']} clips, "
+    return (f"[ingest] {unit} {files}/{todo} ({files / max(1, todo):.0%}), {written['shard_rows']} clips, "
             f"{written['rejects_rows']} rejects, {rate:.2f} clips/s, {elapsed:.0f}s{eta}")
 
 

@@ -10,6 +10,7 @@ import csv
 import hashlib
 import io
 import json
+import math
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import PurePosixPath
 
@@ -117,6 +118,48 @@ def content_hash(row: dict, options: StorageOptions, max_file_bytes: int) -> dic
     except OSError:
         return {**row, "content_hash": ""}
     return {**row, "content_hash": digest.hexdigest()}
+
+
+def probe_duration(uri: str, options: StorageOptions) -> float:
+    """The video's duration in seconds from its container (PyAV; on S3 through a random-access file, so only the
+    header is fetched, by range), or 0.0 when it cannot be read (the decode task then rejects the file)."""
+    import av
+
+    try:
+        fs, path = storage.resolve(uri, options)
+        with fs.open_input_file(path) as f, av.open(f) as container:
+            if not container.streams.video:
+                return 0.0
+            s = container.streams.video[0]
+            if s.duration and s.time_base:
+                return float(s.duration * s.time_base)
+            return float(container.duration or 0) / 1e6
+    except Exception:  # noqa: BLE001 - a broken file is the decode task's reject, not the listing's failure
+        return 0.0
+
+
+def inspect_file(row: dict, options: StorageOptions, max_file_bytes: int, hash_bytes: bool) -> dict:
+    """row + {"duration_s"} (and {"content_hash"} with `hash_bytes`): the Ray tasks that look at every input
+    before decoding, so long files can be cut into time ranges and duplicates marked."""
+    out = content_hash(row, options, max_file_bytes) if hash_bytes else {**row, "content_hash": ""}
+    out["duration_s"] = probe_duration(row["source"], options) if row["size"] <= max_file_bytes else 0.0
+    return out
+
+
+def split_into_ranges(row: dict, cfg: IngestConfig) -> list[dict]:
+    """A file longer than `cfg.range_seconds` -> one row per time range (`range_index`, `ranges`, and the output
+    frames [range_first, range_end) at `cfg.fps`; the last range runs to the end of the stream whatever the probed
+    duration says), each its own decode task; otherwise the row itself (one range). Files rejected before
+    decoding (duplicate, bad or missing caption, too large) stay one task."""
+    duration, range_seconds, fps = float(row.get("duration_s") or 0.0), cfg.range_seconds, cfg.fps
+    whole_file_reject = (row.get("duplicate_of") or row.get("caption_error")
+                         or (not row.get("has_caption", True) and cfg.missing_caption == "reject"))
+    if duration <= range_seconds or whole_file_reject:
+        return [{**row, "range_index": 0, "ranges": 1, "range_first": 0, "range_end": -1}]
+    per = max(1, int(round(range_seconds * fps)))
+    count = math.ceil(duration * fps / per)
+    return [{**row, "range_index": k, "ranges": count, "range_first": k * per,
+             "range_end": (k + 1) * per if k < count - 1 else -1} for k in range(count)]
 
 
 def mark_duplicates(todo: list[dict], kept: dict[str, str]) -> int:

@@ -58,12 +58,21 @@ CANDIDATE_DEFAULTS = {
     "height": 0, "width": 0, "frames_format": "", "frames": b"", "hr_size": 0, "hr_frames": b"", "keyframe": b"",
     "caption": "", "motion_score": 0.0, "brightness": 0.0, "src_width": 0, "src_height": 0, "src_fps": 0.0,
     "src_codec": "", "content_hash": "", "duplicate_of": "", "decode_s": 0.0, "thumb": b"",
-    "signature": b"",
+    "signature": b"", "file_ranges": 0,
 }
 
 
-def done_id(source: str) -> str:
-    return f"{file_id(source)}-done"
+def range_key(source: str, row: dict | None = None) -> str:
+    """The prefix of a task's candidate ids: the file id, and for a file cut into time ranges also the range
+    (`<file_id>-r007`), so ids are unique across ranges and a resume can tell which ranges are complete."""
+    fid = file_id(source)
+    if row is None or int(row.get("ranges") or 1) <= 1:
+        return fid
+    return f"{fid}-r{int(row['range_index']):03d}"
+
+
+def done_id(source: str, row: dict | None = None) -> str:
+    return f"{range_key(source, row)}-done"
 
 
 def decode_and_cut(row: dict, cfg: IngestConfig, options: StorageOptions) -> Iterator[dict]:
@@ -75,28 +84,29 @@ def decode_and_cut(row: dict, cfg: IngestConfig, options: StorageOptions) -> Ite
     chunks and only the clip being made is held (`curation.stream_resampled`, `shots.ShotStream`)."""
     skip = set(row.get("skip_ids") or ())
     fid = file_id(row["source"])
+    key = range_key(row["source"], row)
     count = 0
     # the file's decode+cut wall seconds, not counting the time Ray spends between our yields; carried on the
     # done record (one per file, overwritten, never added, when a task is retried) to report.json's timings
     seconds, since = 0.0, time.perf_counter()
-    for c in _candidates(row, cfg, options):
+    for c in _candidates(row, key, cfg, options):
         count += 1
         if c["clip_id"] not in skip:
             seconds += time.perf_counter() - since
             yield {**CANDIDATE_DEFAULTS, **c, "file_id": fid, "file_candidates": 0}
             since = time.perf_counter()
     seconds += time.perf_counter() - since
-    done = done_id(row["source"])
+    done = done_id(row["source"], row)
     if done not in skip:
         yield {**CANDIDATE_DEFAULTS, "status": "done", "clip_id": done, "source": row["source"], "file_id": fid,
                "file_candidates": count + 1, "content_hash": row.get("content_hash") or "",
-               "duplicate_of": row.get("duplicate_of") or "", "decode_s": seconds}
+               "duplicate_of": row.get("duplicate_of") or "", "decode_s": seconds,
+               "file_ranges": int(row.get("ranges") or 1)}
 
 
-def _candidates(row: dict, cfg: IngestConfig, options: StorageOptions) -> Iterator[dict]:
+def _candidates(row: dict, key: str, cfg: IngestConfig, options: StorageOptions) -> Iterator[dict]:
     source = row["source"]
-    fid = file_id(source)
-    whole_file = f"{fid}-file"
+    whole_file = f"{key}-file"
     if row["size"] > cfg.max_file_bytes:
         yield _reject_row(source, whole_file, "too_large",
                           f"file is {row['size']} bytes, over max_file_bytes={cfg.max_file_bytes} (raise it with "
@@ -119,13 +129,13 @@ def _candidates(row: dict, cfg: IngestConfig, options: StorageOptions) -> Iterat
         yield _reject_row(source, whole_file, "unreadable", f"cannot fetch: {e}")
         return
     try:
-        yield from _cut(path, row, fid, whole_file, cfg)
+        yield from _cut(path, row, key, whole_file, cfg)
     finally:
         if is_temp:
             os.unlink(path)
 
 
-def _cut(path: str, row: dict, fid: str, whole_file: str, cfg: IngestConfig) -> Iterator[dict]:
+def _cut(path: str, row: dict, key: str, whole_file: str, cfg: IngestConfig) -> Iterator[dict]:
     source = row["source"]
     try:
         meta = probe(path)
@@ -135,8 +145,11 @@ def _cut(path: str, row: dict, fid: str, whole_file: str, cfg: IngestConfig) -> 
                          f"sources this small: --set min_side={short} --set size={min(short, cfg.size)} "
                          "--set hr_size=null")
         short_side = max(cfg.size, cfg.hr_size or 0)
+        # a file cut into time ranges: this task's output frames only (frame numbers stay the file's)
+        first, end = int(row.get("range_first") or 0), int(row.get("range_end", -1))
+        frames = (first, None if end < 0 else end) if int(row.get("ranges") or 1) > 1 else None
         stream = stream_resampled(path, cfg.fps, short_side, cfg.decode_timeout_s, cfg.codec_threads,
-                                  (meta.coded_width, meta.coded_height), (meta.sample_aspect, meta.rotation))
+                                  (meta.coded_width, meta.coded_height), (meta.sample_aspect, meta.rotation), frames)
         src_fps, _ = next(stream)
     except Reject as r:
         yield _reject_row(source, whole_file, r.reason, r.detail)
@@ -154,36 +167,41 @@ def _cut(path: str, row: dict, fid: str, whole_file: str, cfg: IngestConfig) -> 
     try:
         for chunk in stream:
             for event in shots.push(chunk):
-                row_out = _event_row(event, row, fid, meta, src_fps, src_short, cfg)
+                row_out = _event_row(event, row, key, first, meta, src_fps, src_short, cfg)
                 made += 1
                 yield row_out
         for event in shots.finish():
-            row_out = _event_row(event, row, fid, meta, src_fps, src_short, cfg)
+            row_out = _event_row(event, row, key, first, meta, src_fps, src_short, cfg)
             made += 1
             yield row_out
     except (Reject, Exception) as e:  # noqa: BLE001 - the decoder stalled or broke part-way, or a clip failed:
         # the file's reject (the clips made before it are kept), never the job's failure
         r = e if isinstance(e, Reject) else Reject("processing_failed", f"{type(e).__name__}: {str(e)[:300]}")
-        at = shots.n
-        yield _reject_row(source, whole_file if made == 0 else f"{fid}-stop", r.reason,
+        at = first + shots.n
+        yield _reject_row(source, whole_file if made == 0 else f"{key}-stop", r.reason,
                           f"{r.detail} (stopped at frame {at} of the {cfg.fps:g} fps stream; the {made} clips/shots "
                           "before it are kept)" if made else r.detail, -1, at, 0)
     finally:
         stream.close()  # stops the decode thread if the consumer stopped early
 
 
-def _event_row(event: tuple, row: dict, fid: str, meta, src_fps: float, src_short: int, cfg: IngestConfig) -> dict:
+def _event_row(event: tuple, row: dict, key: str, first: int, meta, src_fps: float, src_short: int,
+               cfg: IngestConfig) -> dict:
+    """A ShotStream event -> its candidate row; `first`: the task's first output frame in the file (0, or where
+    its time range starts), so start frames and times are the file's."""
     source = row["source"]
     strip = thumb_strip if cfg.contact_sheet_tiles else (lambda thumbs: b"")
     if event[0] == "short":
         _, shot, start, length, thumbs = event
-        return {**_reject_row(source, f"{fid}-s{shot:03d}", "too_short",
+        start += first
+        return {**_reject_row(source, f"{key}-s{shot:03d}", "too_short",
                            f"shot of {length} frames at {cfg.fps:g} fps; a clip needs {cfg.clip_frames}"
                            + (f" plus {cfg.shot_trim_frames} trimmed at each end of the shot" if cfg.shot_trim_frames
                               else ""),
                            shot, start, length), "thumb": strip(thumbs)}
     _, shot, k, start, clip, thumbs = event
-    clip_id = f"{fid}-{start:07d}"
+    start += first
+    clip_id = f"{key}-{start:07d}"
     scores = clip_scores(clip, thumbs=thumbs)
     reason = None
     if scores["black_fraction"] > cfg.black_max_fraction:

@@ -74,6 +74,8 @@ DONE_SCHEMA = pa.schema([
     ("content_hash", pa.string()),  # SHA-256 of the file's bytes ("" when not hashed: dedup off, unreadable)
     ("duplicate_of", pa.string()),  # the kept file this one duplicates, or ""
     ("decode_s", pa.float64()),  # the file's decode+cut wall seconds (report.json timings)
+    # how many time ranges (decode tasks, each with its own done record) the file was cut into; 1 for most files
+    ("file_ranges", pa.int32()),
 ])
 
 
