@@ -32,6 +32,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from lumiere import storage
@@ -454,7 +455,7 @@ def finalize(input_uri, output_uri, captions_uri, files, skipped, cfg: IngestCon
 
     rejects = (pa.concat_tables([t for _, t in reject_parts]) if reject_parts
                else REJECTS_FILE_SCHEMA.empty_table())
-    rejects = rejects.filter(pa.compute.is_in(rejects["source"], pa.array(sorted(sources))))
+    rejects = rejects.filter(pc.is_in(rejects["source"], pa.array(sorted(sources))))
     sink = io.BytesIO()
     pq.write_table(rejects, sink)
     storage.write_bytes(storage.join(output_uri, "rejects.parquet"), sink.getvalue(), options)
@@ -464,7 +465,7 @@ def finalize(input_uri, output_uri, captions_uri, files, skipped, cfg: IngestCon
         srcs = set(t["source"].to_pylist())
         if srcs & sources:
             shards.append({"path": uri[len(str(output_uri).rstrip("/")) + 1:], "clips": t.num_rows,
-                           "frames": int(pa.compute.sum(t["num_frames"]).as_py() or 0)})
+                           "frames": int(pc.sum(t["num_frames"]).as_py() or 0)})
     n_clips = sum(s["clips"] for s in shards)
     n_frames = sum(s["frames"] for s in shards)
     reasons = Counter(rejects["reason"].to_pylist())

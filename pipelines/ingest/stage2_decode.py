@@ -89,7 +89,7 @@ def decode_and_cut(row: dict, cfg: IngestConfig, options: StorageOptions) -> Ite
     # the file's decode+cut wall seconds, not counting the time Ray spends between our yields; carried on the
     # done record (one per file, overwritten, never added, when a task is retried) to report.json's timings
     seconds, since = 0.0, time.perf_counter()
-    for c in _candidates(row, key, cfg, options):
+    for c in _candidates(row, cfg, options, key):
         count += 1
         if c["clip_id"] not in skip:
             seconds += time.perf_counter() - since
@@ -104,8 +104,9 @@ def decode_and_cut(row: dict, cfg: IngestConfig, options: StorageOptions) -> Ite
                "file_ranges": int(row.get("ranges") or 1)}
 
 
-def _candidates(row: dict, key: str, cfg: IngestConfig, options: StorageOptions) -> Iterator[dict]:
+def _candidates(row: dict, cfg: IngestConfig, options: StorageOptions, key: str | None = None) -> Iterator[dict]:
     source = row["source"]
+    key = key or range_key(source, row)
     whole_file = f"{key}-file"
     if row["size"] > cfg.max_file_bytes:
         yield _reject_row(source, whole_file, "too_large",
