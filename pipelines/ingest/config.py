@@ -106,7 +106,11 @@ class IngestConfig(BaseModel):
         # + the frames the shot detector has not decided yet (TransNetV2: up to 75 behind, and one chunk)
         held = 4 * 64 + (139 if self.shot_detector == "transnetv2" else 0)
         frames = held * frame + self.clip_frames * (frame + 3 * self.size**2 + 3 * (self.hr_size or 0) ** 2)
-        return int(800 * 2**20 + 2 * frames + 128 * 2**20)
+        # TransNetV2 after decord: one decode worker's RSS rose by 1.5-2.5 GB once the model ran on decoded chunks
+        # (measured in-process and per Ray worker, benchmarks/RESULTS.md "Ingestion with TransNetV2"; not the model's
+        # own ~0.3 GB, cause not found), so Ray is told about it instead of over-packing a node
+        model = 2560 * 2**20 if self.shot_detector == "transnetv2" else 0
+        return int(800 * 2**20 + 2 * frames + 128 * 2**20 + model)
 
     def text_encoder(self) -> TextEncoderConfig:
         if self.text is not None:
