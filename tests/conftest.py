@@ -111,6 +111,9 @@ def ingest_shapes(root, count: int, seed: int, overrides: list[str]):
     from pipelines.ingest.job import run_ingest
 
     make_corpus(root / "corpus", count, frames=88, size=128, seed=seed)
+    # single-shot synthetic clips, all of them wanted (as the demo ingests them): the histogram detector, no
+    # near-duplicate filter; the ingestion tests cover TransNetV2 and near_dedup
+    defaults = ["encoder_from=tiny", "shot_detector=histogram", "near_dedup=none"]
     run_ingest(str(root / "corpus"), str(root / "shards"), str(root / "corpus" / "captions.jsonl"),
-               load_ingest_config(None, ["encoder_from=tiny", *overrides]), log=lambda *a: None)
+               load_ingest_config(None, [*defaults, *overrides]), log=lambda *a: None)
     return root / "shards"
