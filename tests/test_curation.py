@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -197,14 +198,42 @@ def test_resize_center_crop_keeps_the_centre():
     assert out.shape == (2, 64, 64, 3) and out[:, :, 2:-2].min() > 250  # antialiasing softens only the edge
 
 
-def test_decode_timeout_is_a_reject(built):
+def test_decode_timeout_is_a_reject(built, monkeypatch):
     root, _ = built
     with pytest.raises(Reject) as info:
         decode_with_timeout(str(root / "videos" / "fps60_hd.mp4"), 16, 128, timeout_s=0.001)
     assert info.value.reason == "decode_timeout"
-    rows = _cands(_file(root, "fps60_hd.mp4"), CFG.model_copy(update={"decode_timeout_s": 0.001}),
-                          StorageOptions())
-    assert [r["reason"] for r in rows] == ["decode_timeout"]
+
+    # ingestion's streaming decode bounds the wait for each next chunk. A 1 ms bound on the real decoder is a
+    # race (a decoder holding the GIL can hand over its chunk before the waiter wakes — it failed CI once), so
+    # the real decoder is slowed instead: its header and first chunk arrive, then it stalls for 20 s.
+    from pipelines.ingest import curation
+
+    real = curation.iter_resampled
+
+    def stalls_after_the_first_chunk(*args, **kwargs):
+        stream = real(*args, **kwargs)
+        yield next(stream)  # (src_fps, n_src)
+        yield next(stream)
+        cancel = args[3] if len(args) > 3 else kwargs.get("cancel")
+        for _ in range(200):  # a decoder that makes no progress, but stops when cancelled
+            if cancel is not None and cancel.is_set():
+                return
+            time.sleep(0.1)
+        yield from stream
+
+    deadline = time.time() + 10  # the decode cancelled above may still be finishing its chunk; while it does,
+    while curation._stuck_decoders() and time.time() < deadline:  # decodes take the forked-child path
+        time.sleep(0.05)
+    assert curation._stuck_decoders() == 0
+    monkeypatch.setattr(curation, "iter_resampled", stalls_after_the_first_chunk)
+    t0 = time.perf_counter()
+    rows = _cands(_file(root, "fps60_hd.mp4"), CFG.model_copy(update={"decode_timeout_s": 2.0}),
+                  StorageOptions())
+    assert time.perf_counter() - t0 < 15  # bounded by the timeout, not by the 20 s stall
+    stop = [r for r in rows if r["reason"] == "decode_timeout"]
+    assert len(stop) == 1 and "made no progress for 2s" in stop[0]["detail"]
+    assert rows[-1] is stop[0]  # the file's last candidate: nothing was cut after the stall
 
 
 def test_a_decoder_that_never_returns_is_still_bounded(built, monkeypatch):
