@@ -504,6 +504,46 @@ def test_a_long_file_is_cut_into_time_ranges_with_the_clips_of_one_task(ray_sess
     assert rerun["this_run"]["clips_written"] == 0 and rerun["clips"] == 20
 
 
+@pytest.mark.slow
+def test_the_time_ranges_of_an_s3_file_share_one_copy_per_node(ray_session, tmp_path):
+    """A 40 s video on S3 at range_seconds=10 is 4 decode tasks: with the node's source cache they copy the object
+    once (report.json's source_fetch counts the bytes each task fetched), without it (source_cache_bytes=0) once
+    per range; the clips are the same."""
+    boto3 = pytest.importorskip("boto3")
+    from moto.server import ThreadedMotoServer
+
+    from lumiere.storage import StorageOptions
+    from lumiere.video import write_mp4
+
+    video = corpus.moving(640, 96, 96, seed=5, spec=("circle", "green", "right"))
+    video[:, :8, :8] = (np.arange(640) % 200)[:, None, None, None]  # a counter: every frame distinct
+    write_mp4(tmp_path / "long.mp4", video, fps=16)
+    size = (tmp_path / "long.mp4").stat().st_size
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        s3 = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="test", aws_secret_access_key="test",
+                          region_name="us-east-1")
+        s3.create_bucket(Bucket="films")
+        s3.upload_file(str(tmp_path / "long.mp4"), "films", "raw/long.mp4")
+        options = StorageOptions(endpoint_override=endpoint, region="us-east-1", access_key="test", secret_key="test")
+        base = [*OVERRIDES, "missing_caption=keep", "clip_frames=32", "size=64", "min_side=64", "hr_size=null",
+                "shot_detector=histogram", "near_dedup=none", "frame_format=raw", "static_threshold=0",
+                "range_seconds=10", f"source_cache_dir={tmp_path / 'cache'}"]
+        shared = run_ingest("s3://films/raw", "s3://films/shared", None, load_ingest_config(None, base),
+                            options=options)
+        apart = run_ingest("s3://films/raw", "s3://films/apart", None,
+                           load_ingest_config(None, [*base, "source_cache_bytes=0"]), options=options)
+    finally:
+        server.stop()
+    assert shared["clips"] == apart["clips"] == 20
+    assert shared["source_fetch"] == {"remote_files": 1, "remote_bytes": size, "bytes_fetched": size}
+    assert apart["source_fetch"] == {"remote_files": 1, "remote_bytes": size, "bytes_fetched": 4 * size}
+    assert [p.name.endswith(".mp4") for p in (tmp_path / "cache").iterdir()].count(True) == 1
+
+
 def test_report_has_per_stage_timings_counted_per_file_and_part(ingested):
     out, expected, report = ingested
     # the run's own report: a later test re-runs into this output, and a resume reports the work it did itself

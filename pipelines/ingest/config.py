@@ -57,6 +57,11 @@ class IngestConfig(BaseModel):
     # spread over the cluster's cores instead of being one straggler; clips do not cross a range's edge (at most
     # one clip's frames are lost per edge)
     range_seconds: float = Field(300.0, ge=10)
+    # the time ranges of a remote (S3) file that run on one node share one local copy of it, in this directory
+    # (null: <tmp>/lumiere-source-cache; put it on the node's local disk), bounded by source_cache_bytes (least
+    # recently used copies no task holds are deleted first; 0 disables sharing: one copy per range)
+    source_cache_dir: str | None = None
+    source_cache_bytes: int = Field(32 * 2**30, ge=0)
     # the longest wait for the decoder's next chunk of frames (a hung or pathologically slow decoder), not a
     # limit on the file's length; 0 decodes in-process without a timeout
     decode_timeout_s: float = Field(120.0, ge=0)

@@ -374,6 +374,18 @@ def _timings(done_parts: list[tuple[str, pa.Table]], sources: set[str], written:
             "job_wall_s": round(elapsed, 2)}
 
 
+def _source_fetch(done_parts: list[tuple[str, pa.Table]], files: list[dict]) -> dict:
+    """How much was copied from remote storage to decode the output's files, by the decode tasks whose output was
+    committed (from the done records): near remote_bytes when each file was fetched once; the time ranges of a
+    long file share one copy per node (source_cache.py), so a file cut into N ranges costs at most one copy per
+    node it ran on, not N."""
+    remote = {f["source"]: int(f["size"]) for f in files if storage.is_s3(f["source"])}
+    fetched = sum(int(b or 0) for _, t in done_parts if "fetched_bytes" in t.column_names
+                  for b, src in zip(t["fetched_bytes"].to_pylist(), t["source"].to_pylist(), strict=True)
+                  if src in remote)
+    return {"remote_files": len(remote), "remote_bytes": sum(remote.values()), "bytes_fetched": fetched}
+
+
 def _histograms(shard_parts: list[tuple[str, pa.Table]], sources: set[str], bins: int = 10) -> dict:
     """Histograms of the accepted clips' scores (what a data engineer tunes the filters by): counts per bin and
     the bin edges, for motion_score and clip_score."""
@@ -491,6 +503,7 @@ def finalize(input_uri, output_uri, captions_uri, files, skipped, cfg: IngestCon
                      "frames_per_s": round(written["frames"] / elapsed, 1) if elapsed else 0.0},
         "scores": _histograms(shard_parts, sources),
         "timings": _timings(done_parts, sources, written, write_seconds or [], elapsed),
+        "source_fetch": _source_fetch(done_parts, files),
         "contact_sheets": sheets,
         "reason_codes": REASONS,
     }

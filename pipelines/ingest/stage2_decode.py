@@ -11,14 +11,12 @@ what resume relies on.
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from collections.abc import Iterator
 
 import numpy as np
 import torch
 
-from lumiere import storage
 from lumiere.storage import StorageOptions
 from lumiere.video import X264_FAST_ANALYSIS, encode_mp4_bytes
 
@@ -33,6 +31,7 @@ from .curation import (
     stream_resampled,
 )
 from .shots import ShotStream, make_detector
+from .source_cache import local_source
 
 
 def file_id(source: str) -> str:
@@ -58,7 +57,7 @@ CANDIDATE_DEFAULTS = {
     "height": 0, "width": 0, "frames_format": "", "frames": b"", "hr_size": 0, "hr_frames": b"", "keyframe": b"",
     "caption": "", "motion_score": 0.0, "brightness": 0.0, "src_width": 0, "src_height": 0, "src_fps": 0.0,
     "src_codec": "", "content_hash": "", "duplicate_of": "", "decode_s": 0.0, "thumb": b"",
-    "signature": b"", "file_ranges": 0,
+    "signature": b"", "file_ranges": 0, "fetched_bytes": 0,
 }
 
 
@@ -101,7 +100,7 @@ def decode_and_cut(row: dict, cfg: IngestConfig, options: StorageOptions) -> Ite
         yield {**CANDIDATE_DEFAULTS, "status": "done", "clip_id": done, "source": row["source"], "file_id": fid,
                "file_candidates": count + 1, "content_hash": row.get("content_hash") or "",
                "duplicate_of": row.get("duplicate_of") or "", "decode_s": seconds,
-               "file_ranges": int(row.get("ranges") or 1)}
+               "file_ranges": int(row.get("ranges") or 1), "fetched_bytes": int(row.get("fetched_bytes") or 0)}
 
 
 def _candidates(row: dict, cfg: IngestConfig, options: StorageOptions, key: str | None = None) -> Iterator[dict]:
@@ -124,16 +123,19 @@ def _candidates(row: dict, cfg: IngestConfig, options: StorageOptions, key: str 
         yield _reject_row(source, whole_file, "no_caption",
                           "no caption in the sidecar nor a .txt/.json beside the video")
         return
+    # a remote file is copied to local disk for the decoder; the time ranges of one file share a copy per node
+    shared = int(row.get("ranges") or 1) > 1
+    local = local_source(source, options, shared, cfg.source_cache_dir, cfg.source_cache_bytes)
     try:
-        path, is_temp = storage.local_copy(source, options)
+        path, fetched = local.__enter__()
     except OSError as e:
         yield _reject_row(source, whole_file, "unreadable", f"cannot fetch: {e}")
         return
+    row["fetched_bytes"] = fetched  # carried to the done record (report.json's source_fetch)
     try:
         yield from _cut(path, row, key, whole_file, cfg)
     finally:
-        if is_temp:
-            os.unlink(path)
+        local.__exit__(None, None, None)
 
 
 def _cut(path: str, row: dict, key: str, whole_file: str, cfg: IngestConfig) -> Iterator[dict]:

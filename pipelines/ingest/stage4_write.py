@@ -76,6 +76,9 @@ DONE_SCHEMA = pa.schema([
     ("decode_s", pa.float64()),  # the file's decode+cut wall seconds (report.json timings)
     # how many time ranges (decode tasks, each with its own done record) the file was cut into; 1 for most files
     ("file_ranges", pa.int32()),
+    # bytes this task copied from remote storage (0 for local files, and for a time range whose file was already
+    # in its node's cache: source_cache.py); summed in report.json's source_fetch
+    ("fetched_bytes", pa.int64()),
 ])
 
 
