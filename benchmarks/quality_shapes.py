@@ -27,7 +27,8 @@ of variants instead, e.g. an ablation that changes one thing at a time.
          smoothness  mean |second difference| of the centroid track, px/frame^2 (0 = constant speed)
          area cv     coefficient of variation of the shape's area over the frames (0 = stable shape)
        The real corpus clips are scored the same way as a reference (the scorer's ceiling).
-    6. text separation: mean cosine between prompts that differ only in direction (or only in colour), as the
+    6. a loss probe (`direction_probe`): does the denoiser's loss on real clips depend on the direction word?
+    7. text separation: mean cosine between prompts that differ only in direction (or only in colour), as the
        frozen encoder's pooled embedding and as the STUNet's motion text path (`MotionConditioning.text`) see them
 
     python benchmarks/quality_shapes.py --minutes 8          # ~20 min on 2 cores: 1,000 t2i steps + 2 x 8 min + eval
@@ -199,6 +200,46 @@ def text_separation(model, encoder) -> dict:
     return out
 
 
+@torch.no_grad()
+def direction_probe(model, encoder, cfg, clips, captions, n: int = 24, levels=(0.5, 0.7, 0.9)) -> dict:
+    """Does the model use the prompted direction at all? Cheaper and earlier than its samples: for `n`
+    single-shape corpus clips, the v-prediction loss with the caption as given vs with each other direction
+    word, on the same noise at the same high noise levels (`levels` of the training timesteps, where a clip's
+    motion is decided). `probe_direction_by_loss`: share of clips whose true caption has the lowest loss of the
+    four (chance 25 %); `probe_wrong_direction_loss_gap`: mean relative loss increase of a wrong direction (0: the
+    direction word makes no difference to the denoiser)."""
+    from lumiere.diffusion import training_scheduler
+
+    scheduler = training_scheduler(cfg.diffusion)
+    model = model.eval()
+    dirs = list(DIRECTIONS)
+    picked = [i for i, c in enumerate(captions) if " and " not in c][:n]
+    gen = torch.Generator().manual_seed(1234)  # the same noise for every model and step
+    wins, gaps = 0, []
+    for i in picked:
+        true_dir = parse_caption(captions[i])[0].direction
+        prompts = [captions[i].replace(f"moving {true_dir}", f"moving {d}") for d in dirs]
+        ctx, pooled = encoder.encode_text(prompts)
+        x0 = clips_to_model(clips[i:i + 1])
+        L = len(levels)
+        noise = torch.randn((L, *x0.shape[1:]), generator=gen)
+        t = torch.tensor([int(lv * (scheduler.config.num_train_timesteps - 1)) for lv in levels])
+        xt = scheduler.add_noise(x0.expand(L, *x0.shape[1:]), noise, t)
+        target = (scheduler.get_velocity(x0.expand(L, *x0.shape[1:]), noise, t)
+                  if scheduler.config.prediction_type == "v_prediction" else noise)
+        # every direction's prompt at every level: one batch of 4 L
+        pred = model(xt.repeat(len(dirs), 1, 1, 1, 1), t.repeat(len(dirs)), ctx.repeat_interleave(L, 0),
+                     pooled.repeat_interleave(L, 0))
+        losses = ((pred.float() - target.repeat(len(dirs), 1, 1, 1, 1)) ** 2).flatten(1).mean(1)
+        per_dir = losses.view(len(dirs), L).mean(1)
+        k = dirs.index(true_dir)
+        wins += int(per_dir.argmin() == k)
+        wrong = torch.cat([per_dir[:k], per_dir[k + 1:]])
+        gaps.append(float((wrong.mean() - per_dir[k]) / per_dir[k]))
+    return {"probe_direction_by_loss": wins / max(1, len(picked)),
+            "probe_wrong_direction_loss_gap": float(np.mean(gaps)) if gaps else math.nan}
+
+
 def eval_prompts(seeds: int) -> list[tuple[str, int]]:
     prompts = []
     for i, (color, direction) in enumerate((c, d) for c in COLORS for d in DIRECTIONS):
@@ -347,11 +388,15 @@ def main() -> None:
     def evaluate(label: str, tr: Trainer) -> None:
         ema = tr.ema_model()
         separation = text_separation(ema, encoder)
+        probe = direction_probe(ema, encoder, tr.cfg, clips, captions)
+        print(f"  {label}: loss probe: the true direction has the lowest loss for "
+              f"{probe['probe_direction_by_loss']:.0%} of clips (chance 25%); a wrong direction costs "
+              f"{probe['probe_wrong_direction_loss_gap']:+.2%} loss", flush=True)
         videos, gen_s = generate(ema, encoder, tr.cfg, prompts, args.batch)
         rows = [score(v, p) for v, (p, _) in zip(videos, prompts, strict=True)]
         all_rows[label] = rows
         results[label] = {**summarise(rows), "steps": tr.step_fn.step, "train_s": tr.time_s, "gen_s": gen_s,
-                          "final_loss": tr.log[-1]["loss"] if tr.log else math.nan, **separation}
+                          "final_loss": tr.log[-1]["loss"] if tr.log else math.nan, **separation, **probe}
         r = results[label]
         print(f"  {label}: {len(videos)} videos in {gen_s:.0f}s: colour {r['color']:.0%} direction "
               f"{r['direction']:.0%} on-track {r['on_track']:.0%}", flush=True)
@@ -384,6 +429,11 @@ def main() -> None:
         print(f"| {name} | {steps} | {tmin} | {loss} | {r['color']:.0%} | {r['direction']:.0%} | {r['both']:.0%} "
               f"| {r['on_track']:.0%} | {r['smoothness']:.2f} | {r['area_cv']:.2f} | {r['present']:.0%} "
               f"| {r['travel_px']:.1f} |")
+    print("\nLoss probe (direction_probe): share of clips whose true direction gives the lowest loss (chance 25%); "
+          "mean relative loss increase of a wrong direction")
+    for name, r in results.items():
+        if "probe_direction_by_loss" in r:
+            print(f"  {name}: {r['probe_direction_by_loss']:.0%}; {r['probe_wrong_direction_loss_gap']:+.2%}")
     print("\nText as the motion layers see it: mean cosine between prompts that differ only in direction / only in "
           "colour (1 = indistinguishable)")
     for name, r in results.items():

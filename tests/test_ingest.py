@@ -558,4 +558,5 @@ def test_report_has_per_stage_timings_counted_per_file_and_part(ingested):
     for stage in ("decode", "embed", "write"):
         assert timings[stage]["total_s"] > 0 and timings[stage]["mean_s"] > 0, stage
     assert timings["decode"]["p50_s"] <= timings["decode"]["p95_s"]
+    assert timings["inspect"]["files"] == files and 0 < timings["inspect"]["wall_s"] < timings["job_wall_s"]
     assert timings["job_wall_s"] > 0

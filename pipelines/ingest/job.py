@@ -284,7 +284,10 @@ def run_ingest(input_uri: str, output_uri: str, captions_uri: str | None = None,
     pool.shutdown(wait=False)  # the submitted call still runs to the end
     if todo:
         _init_ray(address)
+        inspect_t0 = time.perf_counter()
         todo = _inspect_files(todo, cfg, options)
+        written["inspect_s"] += time.perf_counter() - inspect_t0
+        written["inspect_files"] += len(todo)
         if cfg.dedup == "exact":
             marked = mark_duplicates(todo, _kept_hashes(output_uri, options))
             if marked:
@@ -367,7 +370,10 @@ def _timings(done_parts: list[tuple[str, pa.Table]], sources: set[str], written:
     decode = [s for _, t in done_parts if "decode_s" in t.column_names
               for s, src in zip(t["decode_s"].to_pylist(), t["source"].to_pylist(), strict=True)
               if src in sources and s is not None]
-    return {"decode": {**_timing(decode), "per": "file (or time range of a long file)"},
+    return {"inspect": {"wall_s": round(written["inspect_s"], 3), "files": int(written["inspect_files"]),
+                        "per": "this run's pass over the files to process before decoding (duration, and the "
+                               "hash with dedup=exact), wall seconds for all of them"},
+            "decode": {**_timing(decode), "per": "file (or time range of a long file)"},
             "embed": {**_timing([written["embed_s"]], count=written["embed_batches"]), "per": "batch"},
             "write": {**_timing(write_seconds), "per": "write task (one part in each of shards/, rejects/, "
                                                        "done/)"},
