@@ -216,6 +216,7 @@ def direction_probe(model, encoder, cfg, clips, captions, n: int = 24, levels=(0
     picked = [i for i, c in enumerate(captions) if " and " not in c][:n]
     gen = torch.Generator().manual_seed(1234)  # the same noise for every model and step
     wins, gaps = 0, []
+    confusion = [[0] * len(dirs) for _ in dirs]  # [true][lowest-loss] direction
     for i in picked:
         true_dir = parse_caption(captions[i])[0].direction
         prompts = [captions[i].replace(f"moving {true_dir}", f"moving {d}") for d in dirs]
@@ -234,10 +235,12 @@ def direction_probe(model, encoder, cfg, clips, captions, n: int = 24, levels=(0
         per_dir = losses.view(len(dirs), L).mean(1)
         k = dirs.index(true_dir)
         wins += int(per_dir.argmin() == k)
+        confusion[k][int(per_dir.argmin())] += 1
         wrong = torch.cat([per_dir[:k], per_dir[k + 1:]])
         gaps.append(float((wrong.mean() - per_dir[k]) / per_dir[k]))
     return {"probe_direction_by_loss": wins / max(1, len(picked)),
-            "probe_wrong_direction_loss_gap": float(np.mean(gaps)) if gaps else math.nan}
+            "probe_wrong_direction_loss_gap": float(np.mean(gaps)) if gaps else math.nan,
+            "probe_confusion": {d: dict(zip(dirs, row, strict=True)) for d, row in zip(dirs, confusion, strict=True)}}
 
 
 def eval_prompts(seeds: int) -> list[tuple[str, int]]:
@@ -391,7 +394,9 @@ def main() -> None:
         probe = direction_probe(ema, encoder, tr.cfg, clips, captions)
         print(f"  {label}: loss probe: the true direction has the lowest loss for "
               f"{probe['probe_direction_by_loss']:.0%} of clips (chance 25%); a wrong direction costs "
-              f"{probe['probe_wrong_direction_loss_gap']:+.2%} loss", flush=True)
+              f"{probe['probe_wrong_direction_loss_gap']:+.2%} loss; true -> lowest-loss direction: "
+              + "; ".join(f"{d}: " + " ".join(f"{e}{n}" for e, n in row.items() if n)
+                          for d, row in probe["probe_confusion"].items()), flush=True)
         videos, gen_s = generate(ema, encoder, tr.cfg, prompts, args.batch)
         rows = [score(v, p) for v, (p, _) in zip(videos, prompts, strict=True)]
         all_rows[label] = rows
