@@ -201,13 +201,15 @@ def text_separation(model, encoder) -> dict:
 
 
 @torch.no_grad()
-def direction_probe(model, encoder, cfg, clips, captions, n: int = 24, levels=(0.5, 0.7, 0.9)) -> dict:
+def direction_probe(model, encoder, cfg, clips, captions, n: int = 24, levels=(0.5, 0.7, 0.9),
+                    extra_levels=(0.97,)) -> dict:
     """Does the model use the prompted direction at all? Cheaper and earlier than its samples: for `n`
     single-shape corpus clips, the v-prediction loss with the caption as given vs with each other direction
     word, on the same noise at the same high noise levels (`levels` of the training timesteps, where a clip's
     motion is decided). `probe_direction_by_loss`: share of clips whose true caption has the lowest loss of the
     four (chance 25 %); `probe_wrong_direction_loss_gap`: mean relative loss increase of a wrong direction (0: the
-    direction word makes no difference to the denoiser)."""
+    direction word makes no difference to the denoiser); `probe_gap_by_level`: that gap at each level alone,
+    `extra_levels` included (they do not enter the two numbers above)."""
     from lumiere.diffusion import training_scheduler
 
     scheduler = training_scheduler(cfg.diffusion)
@@ -215,16 +217,17 @@ def direction_probe(model, encoder, cfg, clips, captions, n: int = 24, levels=(0
     dirs = list(DIRECTIONS)
     picked = [i for i, c in enumerate(captions) if " and " not in c][:n]
     gen = torch.Generator().manual_seed(1234)  # the same noise for every model and step
-    wins, gaps = 0, []
+    all_levels = (*levels, *extra_levels)
+    wins, gaps, level_gaps = 0, [], []
     confusion = [[0] * len(dirs) for _ in dirs]  # [true][lowest-loss] direction
     for i in picked:
         true_dir = parse_caption(captions[i])[0].direction
         prompts = [captions[i].replace(f"moving {true_dir}", f"moving {d}") for d in dirs]
         ctx, pooled = encoder.encode_text(prompts)
         x0 = clips_to_model(clips[i:i + 1])
-        L = len(levels)
+        L = len(all_levels)
         noise = torch.randn((L, *x0.shape[1:]), generator=gen)
-        t = torch.tensor([int(lv * (scheduler.config.num_train_timesteps - 1)) for lv in levels])
+        t = torch.tensor([int(lv * (scheduler.config.num_train_timesteps - 1)) for lv in all_levels])
         xt = scheduler.add_noise(x0.expand(L, *x0.shape[1:]), noise, t)
         target = (scheduler.get_velocity(x0.expand(L, *x0.shape[1:]), noise, t)
                   if scheduler.config.prediction_type == "v_prediction" else noise)
@@ -232,15 +235,20 @@ def direction_probe(model, encoder, cfg, clips, captions, n: int = 24, levels=(0
         pred = model(xt.repeat(len(dirs), 1, 1, 1, 1), t.repeat(len(dirs)), ctx.repeat_interleave(L, 0),
                      pooled.repeat_interleave(L, 0))
         losses = ((pred.float() - target.repeat(len(dirs), 1, 1, 1, 1)) ** 2).flatten(1).mean(1)
-        per_dir = losses.view(len(dirs), L).mean(1)
+        by_level = losses.view(len(dirs), L)
+        per_dir = by_level[:, :len(levels)].mean(1)
         k = dirs.index(true_dir)
+        others = torch.cat([by_level[:k], by_level[k + 1:]]).mean(0)
+        level_gaps.append(((others - by_level[k]) / by_level[k]).tolist())
         wins += int(per_dir.argmin() == k)
         confusion[k][int(per_dir.argmin())] += 1
         wrong = torch.cat([per_dir[:k], per_dir[k + 1:]])
         gaps.append(float((wrong.mean() - per_dir[k]) / per_dir[k]))
     return {"probe_direction_by_loss": wins / max(1, len(picked)),
             "probe_wrong_direction_loss_gap": float(np.mean(gaps)) if gaps else math.nan,
-            "probe_confusion": {d: dict(zip(dirs, row, strict=True)) for d, row in zip(dirs, confusion, strict=True)}}
+            "probe_confusion": {d: dict(zip(dirs, row, strict=True)) for d, row in zip(dirs, confusion, strict=True)},
+            "probe_gap_by_level": dict(zip(all_levels, np.mean(level_gaps, axis=0).tolist(), strict=True))
+            if level_gaps else {}}
 
 
 def eval_prompts(seeds: int) -> list[tuple[str, int]]:
@@ -288,13 +296,14 @@ def summarise(rows: list[dict]) -> dict:
     }
 
 
-def generate(model, encoder, cfg, prompts: list[tuple[str, int]], batch: int) -> tuple[list[np.ndarray], float]:
+def generate(model, encoder, cfg, prompts: list[tuple[str, int]], batch: int,
+             guidance: float | None = None) -> tuple[list[np.ndarray], float]:
     gen = TextToVideo(model, encoder, cfg, "benchmark")
     videos, t0 = [], time.perf_counter()
     for seed in sorted({s for _, s in prompts}):
         ps = [p for p, s in prompts if s == seed]
         for i in range(0, len(ps), batch):
-            videos += list(gen.generate(ps[i:i + batch], seed=1000 + seed + i).videos)
+            videos += list(gen.generate(ps[i:i + batch], seed=1000 + seed + i, guidance_scale=guidance).videos)
     return videos, time.perf_counter() - t0
 
 
@@ -320,6 +329,9 @@ def main() -> None:
     ap.add_argument("--eval-at", default="", metavar="STEP,STEP,...",
                     help="also score each model's EMA at these step counts on the way (a learning curve; each "
                          "point costs one generation pass)")
+    ap.add_argument("--guidance", default="", metavar="SCALE,SCALE,...",
+                    help="score every model at these classifier-free guidance scales (default: the config's "
+                         "sample.guidance_scale); each scale costs one generation pass")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (default 1: on a shared 2-core machine, 2 OpenMP threads competing with "
                          "other processes ran 20-40x slower per step)")
@@ -386,6 +398,7 @@ def main() -> None:
     real = [score(v.numpy(), c) for v, c in zip(clips, captions, strict=True) if " and " not in c]
     results["real corpus clips"] = {**summarise(real), "steps": None, "train_s": None, "gen_s": None}
     eval_at = {int(s) for s in args.eval_at.split(",") if s.strip()}
+    guidance = [float(w) for w in args.guidance.split(",") if w.strip()] or [cfg.sample.guidance_scale]
     eval_s = 0.0
 
     def evaluate(label: str, tr: Trainer) -> None:
@@ -396,15 +409,21 @@ def main() -> None:
               f"{probe['probe_direction_by_loss']:.0%} of clips (chance 25%); a wrong direction costs "
               f"{probe['probe_wrong_direction_loss_gap']:+.2%} loss; true -> lowest-loss direction: "
               + "; ".join(f"{d}: " + " ".join(f"{e}{n}" for e, n in row.items() if n)
-                          for d, row in probe["probe_confusion"].items()), flush=True)
-        videos, gen_s = generate(ema, encoder, tr.cfg, prompts, args.batch)
-        rows = [score(v, p) for v, (p, _) in zip(videos, prompts, strict=True)]
-        all_rows[label] = rows
-        results[label] = {**summarise(rows), "steps": tr.step_fn.step, "train_s": tr.time_s, "gen_s": gen_s,
-                          "final_loss": tr.log[-1]["loss"] if tr.log else math.nan, **separation, **probe}
-        r = results[label]
-        print(f"  {label}: {len(videos)} videos in {gen_s:.0f}s: colour {r['color']:.0%} direction "
-              f"{r['direction']:.0%} on-track {r['on_track']:.0%}", flush=True)
+                          for d, row in probe["probe_confusion"].items())
+              + "; gap by noise level: "
+              + " ".join(f"{lv:g}:{g:+.2%}" for lv, g in probe["probe_gap_by_level"].items()),
+              flush=True)
+        for w in guidance:
+            name = label if len(guidance) == 1 else f"{label}, guidance {w:g}"
+            videos, gen_s = generate(ema, encoder, tr.cfg, prompts, args.batch, w)
+            rows = [score(v, p) for v, (p, _) in zip(videos, prompts, strict=True)]
+            all_rows[name] = rows
+            results[name] = {**summarise(rows), "steps": tr.step_fn.step, "train_s": tr.time_s, "gen_s": gen_s,
+                             "final_loss": tr.log[-1]["loss"] if tr.log else math.nan, "guidance": w,
+                             **separation, **probe}
+            r = results[name]
+            print(f"  {name}: {len(videos)} videos in {gen_s:.0f}s: colour {r['color']:.0%} direction "
+                  f"{r['direction']:.0%} on-track {r['on_track']:.0%}", flush=True)
 
     t0 = time.perf_counter()
     while not all(t.done() for t in trainers.values()):

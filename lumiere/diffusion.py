@@ -30,12 +30,19 @@ class DiffusionConfig:
     beta_schedule: Literal["squaredcos_cap_v2", "linear", "scaled_linear"] = "squaredcos_cap_v2"
     prediction_type: Literal["v_prediction", "epsilon"] = "v_prediction"
     cond_dropout: float = 0.1  # probability of training a sample with the null text condition (for CFG)
+    # training timesteps: u ~ U(0, 1) mapped to s·u / (1 + (s - 1)·u) of the schedule (SD3's shift); 1 = uniform,
+    # > 1 spends more steps at high noise, where a video's trajectory is decided (16 frames carry a motion far
+    # longer through the noise than one frame carries a position). The schedule itself is unchanged, so a frozen
+    # prior sees the noise levels it was trained on.
+    timestep_shift: float = 1.0
 
     __pydantic_config__ = {"extra": "forbid"}
 
     def __post_init__(self):
         if not 0.0 <= self.cond_dropout < 1.0:
             raise ValueError("cond_dropout must be in [0, 1)")
+        if not self.timestep_shift > 0:
+            raise ValueError(f"timestep_shift must be > 0 (1 = uniform timesteps), got {self.timestep_shift}")
 
 
 @dataclass
@@ -120,11 +127,17 @@ def with_condition(x: torch.Tensor, condition: torch.Tensor | None) -> torch.Ten
     return torch.cat([x, condition.to(x.dtype)], dim=1)
 
 
-def draw_noise(x0: torch.Tensor, scheduler: DDPMScheduler, generator: torch.Generator | None = None):
+def draw_noise(x0: torch.Tensor, scheduler: DDPMScheduler, generator: torch.Generator | None = None,
+               shift: float = 1.0):
     """The random part of a training loss: noise like x0 and a timestep per sample (drawn on the CPU, so a seed
-    gives the same draws on every device)."""
+    gives the same draws on every device); `shift` > 1 favours high noise (`DiffusionConfig.timestep_shift`)."""
     noise = torch.randn(x0.shape, generator=generator, device="cpu")
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],), generator=generator, device="cpu")
+    steps = scheduler.config.num_train_timesteps
+    if shift == 1.0:
+        t = torch.randint(0, steps, (x0.shape[0],), generator=generator, device="cpu")
+    else:
+        u = torch.rand(x0.shape[0], generator=generator, device="cpu", dtype=torch.float64)
+        t = (shift * u / (1 + (shift - 1) * u) * steps).long().clamp(0, steps - 1)
     return noise, t
 
 

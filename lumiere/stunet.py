@@ -66,6 +66,10 @@ class STUNetConfig:
     # cross-attention to tokens in the coarsest attention blocks); False: they see the prompt only through the
     # prior's features, as in the paper
     motion_conditioning: bool = True
+    # also a conv inflation block at the coarsest level, before its attention block (beyond the paper: with the
+    # prior frozen, the attention blocks there mix no space, so nothing trainable can move content where the
+    # whole compressed clip is seen at once; benchmarks/RESULTS.md measures it)
+    coarsest_conv: bool = False
 
     __pydantic_config__ = {"extra": "forbid"}
 
@@ -237,11 +241,12 @@ class STUNet(nn.Module):
             if cfg.motion_conditioning else None
         )
         # the paper's layout: attention blocks at the coarsest level, conv blocks at every other level (and
-        # everywhere when there are no attention blocks, e.g. the SSR)
+        # everywhere when there are no attention blocks, e.g. the SSR, or with `coarsest_conv`)
         attn_keys = set(prior.coarsest_keys()) if cfg.temporal_attention else set()
         conv_block = FactorizedConvBlock if cfg.conv_block == "factorized" else TemporalConvBlock
         self.temporal_convs = nn.ModuleDict(
-            {_slot(k): conv_block(ch, groups, motion_dim) for k, ch in channels.items() if k not in attn_keys}
+            {_slot(k): conv_block(ch, groups, motion_dim)
+             for k, ch in channels.items() if cfg.coarsest_conv or k not in attn_keys}
         )
         # in the U-Net's block order, not the set's: set order of strings changes with each process's hash seed,
         # and ranks that build their modules in different orders initialise and all-reduce them mismatched

@@ -167,7 +167,7 @@ class TrainStep:
         self.model.train()
         x0, condition = self.to_input(clips, self.generator)
         cond = drop_conditioning(cond, self.cfg.diffusion.cond_dropout, self.generator)
-        noise, t = draw_noise(x0, self.noise_schedule, self.generator)
+        noise, t = draw_noise(x0, self.noise_schedule, self.generator, self.cfg.diffusion.timestep_shift)
         b, micro = x0.shape[0], max(1, x0.shape[0] // self.cfg.train.grad_accum)
         self.optimizer.zero_grad(set_to_none=True)
         total = 0.0

@@ -10,6 +10,7 @@ from lumiere.config import load_config
 from lumiere.diffusion import (
     Conditioning,
     diffusion_loss,
+    draw_noise,
     drop_conditioning,
     sample,
     sampling_scheduler,
@@ -129,3 +130,16 @@ def test_unknown_sampler_and_bad_steps_are_clear_errors(tiny_cfg):
         sampling_scheduler(tiny_cfg.diffusion, "euler", 10)
     with pytest.raises(ValueError, match="steps must be >= 1"):
         sampling_scheduler(tiny_cfg.diffusion, "ddim", 0)
+
+
+def test_timestep_shift_spends_more_training_steps_at_high_noise():
+    sched = training_scheduler(load_config("tiny").diffusion)
+    x0 = torch.zeros(4000, 1)
+    _, uniform = draw_noise(x0, sched, torch.Generator().manual_seed(0))
+    _, shifted = draw_noise(x0, sched, torch.Generator().manual_seed(0), shift=3.0)
+    assert 0 <= int(shifted.min()) and int(shifted.max()) <= 999
+    assert abs(float((uniform >= 500).float().mean()) - 0.5) < 0.03
+    # s·u / (1 + (s - 1)·u) >= 1/2 for u >= 1/(s + 1): 3/4 of the draws with s = 3
+    assert abs(float((shifted >= 500).float().mean()) - 0.75) < 0.03
+    with pytest.raises(ValueError, match="timestep_shift must be > 0"):
+        load_config("tiny", ["diffusion.timestep_shift=0"])

@@ -31,7 +31,8 @@ def _inputs(cfg, b=2, seed=1):
 
 
 @pytest.mark.parametrize("overrides", [[], ["unet.channel_mult=[1,2,2]", "unet.num_res_blocks=2"],
-                                       ["stunet.conv_block=temporal", "stunet.motion_conditioning=false"]])
+                                       ["stunet.conv_block=temporal", "stunet.motion_conditioning=false"],
+                                       ["stunet.coarsest_conv=true"]])
 def test_inflation_reproduces_prior_on_static_video(overrides):
     cfg = load_config("tiny", overrides)
     prior = perturb_(build_prior(cfg)).eval()  # a "trained" prior: no zero-initialised outputs left
@@ -103,6 +104,8 @@ def test_blocks_follow_the_paper_layout(tiny_cfg):
                for b in stunet.temporal_convs.values())
     no_attn = build_stunet(load_config("tiny", ["stunet.temporal_attention=false"]))
     assert set(no_attn.temporal_convs) == every and not no_attn.temporal_attns  # e.g. the SSR
+    both = build_stunet(load_config("tiny", ["stunet.coarsest_conv=true"]))  # the ablation beyond the paper
+    assert set(both.temporal_convs) == every and set(both.temporal_attns) == coarsest
 
 
 def test_factorized_block_moves_content_in_space_the_temporal_block_cannot():
