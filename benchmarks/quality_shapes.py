@@ -59,7 +59,7 @@ from lumiere.pipeline import TextToVideo  # noqa: E402
 from lumiere.shapes import COLORS, DIRECTIONS, SHAPES, analyse_clip, make_corpus, parse_caption  # noqa: E402
 from lumiere.text_encoder import TextEncoder  # noqa: E402
 from lumiere.trainer import TrainStep, clips_to_model  # noqa: E402
-from lumiere.video import read_video  # noqa: E402
+from lumiere.video import read_video, save_png, spritesheet  # noqa: E402
 
 
 class OracleDirectionEncoder(torch.nn.Module):
@@ -332,6 +332,8 @@ def main() -> None:
     ap.add_argument("--guidance", default="", metavar="SCALE,SCALE,...",
                     help="score every model at these classifier-free guidance scales (default: the config's "
                          "sample.guidance_scale); each scale costs one generation pass")
+    ap.add_argument("--save-videos", type=Path, metavar="DIR",
+                    help="write each evaluation's videos as one PNG per video (frames left to right) under DIR")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (default 1: on a shared 2-core machine, 2 OpenMP threads competing with "
                          "other processes ran 20-40x slower per step)")
@@ -418,6 +420,13 @@ def main() -> None:
             videos, gen_s = generate(ema, encoder, tr.cfg, prompts, args.batch, w)
             rows = [score(v, p) for v, (p, _) in zip(videos, prompts, strict=True)]
             all_rows[name] = rows
+            if args.save_videos:
+                out = args.save_videos / "".join(c if c.isalnum() else "_" for c in name)
+                out.mkdir(parents=True, exist_ok=True)
+                for j, (v, (p, seed)) in enumerate(zip(videos, prompts, strict=True)):
+                    mark = "ok" if rows[j]["direction_ok"] else "wrong"
+                    save_png(out / f"{j:02d}-{p.replace(' ', '_')}-seed{seed}-{mark}.png",
+                             spritesheet(v, cols=len(v)))
             results[name] = {**summarise(rows), "steps": tr.step_fn.step, "train_s": tr.time_s, "gen_s": gen_s,
                              "final_loss": tr.log[-1]["loss"] if tr.log else math.nan, "guidance": w,
                              **separation, **probe}
