@@ -12,6 +12,27 @@ import torch
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+@contextlib.contextmanager
+def local_s3():
+    """A real S3 API on 127.0.0.1 (moto's server) for one test: yields (boto3 client, StorageOptions for it)."""
+    boto3 = pytest.importorskip("boto3")
+    from moto.server import ThreadedMotoServer
+
+    from lumiere.storage import StorageOptions
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="test", aws_secret_access_key="test",
+                              region_name="us-east-1")
+        yield client, StorageOptions(endpoint_override=endpoint, region="us-east-1", access_key="test",
+                                     secret_key="test")
+    finally:
+        server.stop()
+
+
 @pytest.fixture(scope="session")
 def tiny_cfg():
     from lumiere.config import load_config

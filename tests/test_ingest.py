@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import corpus
+from conftest import local_s3
 from lumiere.video import decode_mp4_bytes
 from pipelines.ingest.config import load_ingest_config
 from pipelines.ingest.job import decode_tasks, run_ingest
@@ -250,25 +251,13 @@ def _committed_ids(out: Path):
 
 @pytest.mark.slow
 def test_s3_input_and_output_against_a_local_s3_server(built, ray_session, tmp_path):
-    boto3 = pytest.importorskip("boto3")
-    from moto.server import ThreadedMotoServer
-
-    from lumiere.storage import StorageOptions
-
     root, expected = built
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        endpoint = f"http://{host}:{port}"
-        s3 = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="test", aws_secret_access_key="test",
-                          region_name="us-east-1")
+    with local_s3() as (s3, options):
         s3.create_bucket(Bucket="corpus")
         names = ["fps25.mp4", "cut.mp4", "text.mp4", "beside.mp4", "beside.txt"]
         for name in names:
             s3.upload_file(str(root / "videos" / name), "corpus", f"raw/{name}")
         s3.upload_file(str(root / "captions.jsonl"), "corpus", "captions.jsonl")
-        options = StorageOptions(endpoint_override=endpoint, region="us-east-1", access_key="test", secret_key="test")
         report = run_ingest("s3://corpus/raw", "s3://corpus/shards", "s3://corpus/captions.jsonl",
                             load_ingest_config(None, OVERRIDES), options=options)
         assert report["clips"] == sum(expected["clips"][n] for n in names if n in expected["clips"])
@@ -278,8 +267,6 @@ def test_s3_input_and_output_against_a_local_s3_server(built, ray_session, tmp_p
         keys = {o["Key"] for o in s3.list_objects_v2(Bucket="corpus", Prefix="shards/")["Contents"]}
         assert {f"shards/{s['path']}" for s in manifest["shards"]} <= keys
         assert {"shards/report.json", "shards/rejects.parquet"} <= keys
-    finally:
-        server.stop()
 
 
 def test_sidecar_captions_match_with_a_relative_input_path(tmp_path, monkeypatch):
@@ -509,26 +496,15 @@ def test_the_time_ranges_of_an_s3_file_share_one_copy_per_node(ray_session, tmp_
     """A 40 s video on S3 at range_seconds=10 is 4 decode tasks: with the node's source cache they copy the object
     once (report.json's source_fetch counts the bytes each task fetched), without it (source_cache_bytes=0) once
     per range; the clips are the same."""
-    boto3 = pytest.importorskip("boto3")
-    from moto.server import ThreadedMotoServer
-
-    from lumiere.storage import StorageOptions
     from lumiere.video import write_mp4
 
     video = corpus.moving(640, 96, 96, seed=5, spec=("circle", "green", "right"))
     video[:, :8, :8] = (np.arange(640) % 200)[:, None, None, None]  # a counter: every frame distinct
     write_mp4(tmp_path / "long.mp4", video, fps=16)
     size = (tmp_path / "long.mp4").stat().st_size
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        endpoint = f"http://{host}:{port}"
-        s3 = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="test", aws_secret_access_key="test",
-                          region_name="us-east-1")
+    with local_s3() as (s3, options):
         s3.create_bucket(Bucket="films")
         s3.upload_file(str(tmp_path / "long.mp4"), "films", "raw/long.mp4")
-        options = StorageOptions(endpoint_override=endpoint, region="us-east-1", access_key="test", secret_key="test")
         base = [*OVERRIDES, "missing_caption=keep", "clip_frames=32", "size=64", "min_side=64", "hr_size=null",
                 "shot_detector=histogram", "near_dedup=none", "frame_format=raw", "static_threshold=0",
                 "range_seconds=10", f"source_cache_dir={tmp_path / 'cache'}"]
@@ -536,8 +512,6 @@ def test_the_time_ranges_of_an_s3_file_share_one_copy_per_node(ray_session, tmp_
                             options=options)
         apart = run_ingest("s3://films/raw", "s3://films/apart", None,
                            load_ingest_config(None, [*base, "source_cache_bytes=0"]), options=options)
-    finally:
-        server.stop()
     assert shared["clips"] == apart["clips"] == 20
     assert shared["source_fetch"] == {"remote_files": 1, "remote_bytes": size, "bytes_fetched": size}
     assert apart["source_fetch"] == {"remote_files": 1, "remote_bytes": size, "bytes_fetched": 4 * size}

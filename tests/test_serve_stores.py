@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from conftest import local_s3
 from serve.artifacts import ArtifactStore
 from serve.jobs import JobStore, StoreError, jobs_table, sqlite_url
 
@@ -262,20 +263,8 @@ def test_artifacts_local(tmp_path):
 
 
 def test_artifacts_s3():
-    boto3 = pytest.importorskip("boto3")
-    from moto.server import ThreadedMotoServer
-
-    from lumiere.storage import StorageOptions
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        endpoint = f"http://{host}:{port}"
-        s3 = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="test", aws_secret_access_key="test",
-                          region_name="us-east-1")
+    with local_s3() as (s3, options):
         s3.create_bucket(Bucket="videos")
-        options = StorageOptions(endpoint_override=endpoint, region="us-east-1", access_key="test", secret_key="test")
         store = ArtifactStore("s3://videos/serve", options)
         store.put("video_1", "video.mp4", b"mp4 bytes")
         store.put("video_1", "thumbnail.png", b"png")
@@ -284,8 +273,6 @@ def test_artifacts_s3():
         store.delete_job("video_1")
         assert store.get("video_1", "video.mp4") is None
         assert "Contents" not in s3.list_objects_v2(Bucket="videos", Prefix="serve/video_1/")
-    finally:
-        server.stop()
 
 
 # --- serve/config.yaml + the environment -> the app (built, not deployed: no Ray) ------------------------------
