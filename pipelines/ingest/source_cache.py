@@ -24,6 +24,7 @@ import fcntl
 import hashlib
 import os
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -91,7 +92,10 @@ def local_source(uri: str, options: StorageOptions, shared: bool, cache_dir: str
             # exclusive -> shared in place (a downgrade never waits); the loop's check covers a kernel that
             # releases first and an evictor that took the entry in between
             fcntl.flock(lock, fcntl.LOCK_SH)
-        os.utime(data)  # recency, for eviction
+        # recency, for eviction: an explicit nanosecond time, since utime(None) stamps the kernel's coarse clock
+        # (a tick of 4-10 ms), which ties two uses of the cache in quick succession and evicts the wrong one
+        now = time.time_ns()
+        os.utime(data, ns=(now, now))
         yield data, fetched
     finally:
         os.close(lock)  # releases the lock
@@ -118,7 +122,7 @@ def _remove_parts(cache_dir: str, key: str) -> None:
                 os.unlink(os.path.join(cache_dir, name))
 
 
-def _entries(cache_dir: str) -> list[tuple[float, int, str, list[str]]]:
+def _entries(cache_dir: str) -> list[tuple[int, int, str, list[str]]]:
     """(last use, bytes, key, file names) of every entry's files but its lock file."""
     by_key: dict[str, list] = {}
     for entry in os.scandir(cache_dir):
@@ -129,8 +133,8 @@ def _entries(cache_dir: str) -> list[tuple[float, int, str, list[str]]]:
             st = entry.stat()
         except FileNotFoundError:
             continue
-        used, size, names = by_key.get(key, (0.0, 0, []))
-        by_key[key] = (max(used, st.st_mtime), size + st.st_size, [*names, entry.name])
+        used, size, names = by_key.get(key, (0, 0, []))
+        by_key[key] = (max(used, st.st_mtime_ns), size + st.st_size, [*names, entry.name])
     return sorted((used, size, key, names) for key, (used, size, names) in by_key.items())
 
 
