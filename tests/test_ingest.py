@@ -492,15 +492,37 @@ def test_a_long_file_is_cut_into_time_ranges_with_the_clips_of_one_task(ray_sess
 
 
 @pytest.mark.slow
+def _s3_clip_counters(s3, options, bucket: str, prefix: str) -> list[tuple[str, tuple[int, ...]]]:
+    """(clip_id, the frame counter in each frame's corner) of every clip in an S3 output, sorted; a clip written
+    twice appears twice."""
+    import io
+
+    out = []
+    for obj in s3.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/shards/")["Contents"]:
+        if not obj["Key"].endswith(".parquet"):
+            continue
+        table = pq.read_table(io.BytesIO(s3.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()),
+                              columns=["clip_id", "frames", "num_frames", "height", "width"])
+        for row in table.to_pylist():
+            clip = np.frombuffer(row["frames"], np.uint8).reshape(row["num_frames"], row["height"], row["width"], 3)
+            out.append((row["clip_id"], tuple(int(v) for v in clip[:, 1:4, 1:4, 0].mean(axis=(1, 2)).round())))
+    return sorted(out)
+
+
 def test_the_time_ranges_of_an_s3_file_share_one_copy_per_node(ray_session, tmp_path):
     """A 40 s video on S3 at range_seconds=10 is 4 decode tasks: with the node's source cache they copy the object
     once (report.json's source_fetch counts the bytes each task fetched), without it (source_cache_bytes=0) once
-    per range; the clips are the same."""
-    from lumiere.video import write_mp4
+    per range; read in place by byte ranges (remote_decode=ranges) each range fetches about its own part, with no
+    local copy. The clips are the same, down to which source frame each output frame is."""
+    from lumiere.video import encode_mp4_bytes
 
     video = corpus.moving(640, 96, 96, seed=5, spec=("circle", "green", "right"))
+    # grain, so the file's size is in its frames rather than its headers (as in real footage), and a keyframe
+    # every 2 s (a camera's GOP), so a range starts decoding near its own start
+    grain = np.random.default_rng(5).integers(-12, 13, video.shape)
+    video = np.clip(video.astype(int) + grain, 0, 255).astype(np.uint8)
     video[:, :8, :8] = (np.arange(640) % 200)[:, None, None, None]  # a counter: every frame distinct
-    write_mp4(tmp_path / "long.mp4", video, fps=16)
+    (tmp_path / "long.mp4").write_bytes(encode_mp4_bytes(video, fps=16, crf=12, x264_params="keyint=32"))
     size = (tmp_path / "long.mp4").stat().st_size
     with local_s3() as (s3, options):
         s3.create_bucket(Bucket="films")
@@ -512,10 +534,24 @@ def test_the_time_ranges_of_an_s3_file_share_one_copy_per_node(ray_session, tmp_
                             options=options)
         apart = run_ingest("s3://films/raw", "s3://films/apart", None,
                            load_ingest_config(None, [*base, "source_cache_bytes=0"]), options=options)
-    assert shared["clips"] == apart["clips"] == 20
+        ranges = run_ingest("s3://films/raw", "s3://films/ranges", None,
+                            load_ingest_config(None, [*base, "remote_decode=ranges", "remote_read_block_bytes=16384",
+                                                      f"source_cache_dir={tmp_path / 'unused'}"]), options=options)
+        clips = {name: _s3_clip_counters(s3, options, "films", name) for name in ("shared", "apart", "ranges")}
+    assert shared["clips"] == apart["clips"] == ranges["clips"] == 20
     assert shared["source_fetch"] == {"remote_files": 1, "remote_bytes": size, "bytes_fetched": size}
     assert apart["source_fetch"] == {"remote_files": 1, "remote_bytes": size, "bytes_fetched": 4 * size}
     assert [p.name.endswith(".mp4") for p in (tmp_path / "cache").iterdir()].count(True) == 1
+    # by ranges: each task reads the index and its own packets, in 16 KiB reads (the file is a few hundred KiB)
+    # (each range also reads the file's head and index, from the keyframe before its start, and a few blocks
+    # past its end: ~60 KiB a range here)
+    fetched = ranges["source_fetch"]["bytes_fetched"]
+    assert size <= fetched < 1.5 * size, (fetched, size)  # against 4 * size for the copies of the ranges
+    assert not (tmp_path / "unused").exists()  # no local copy
+    assert len(clips["shared"]) == 20 and [c for c, _ in clips["shared"]] == [c for c, _ in clips["ranges"]]
+    assert clips["shared"] == clips["apart"]
+    for (cid, want), (_, got) in zip(clips["shared"], clips["ranges"], strict=True):
+        assert np.abs(np.array(want) - np.array(got)).max() <= 3, cid  # the same source frames
 
 
 def test_report_has_per_stage_timings_counted_per_file_and_part(ingested):

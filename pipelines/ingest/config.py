@@ -62,6 +62,11 @@ class IngestConfig(BaseModel):
     # recently used copies no task holds are deleted first; 0 disables sharing: one copy per range)
     source_cache_dir: str | None = None
     source_cache_bytes: int = Field(32 * 2**30, ge=0)
+    # how a decode task reads a remote (S3) file: "copy" to local disk (the node cache above), then decord; or
+    # "ranges": PyAV reads the object in place, only the byte ranges its frames need (no local disk; a file cut
+    # into ranges costs about its size once in all, on any number of nodes: pipelines/ingest/range_decode.py)
+    remote_decode: Literal["copy", "ranges"] = "copy"
+    remote_read_block_bytes: int = Field(4 * 2**20, ge=4096)  # bytes per ranged GET with remote_decode: ranges
     # the longest wait for the decoder's next chunk of frames (a hung or pathologically slow decoder), not a
     # limit on the file's length; 0 decodes in-process without a timeout
     decode_timeout_s: float = Field(120.0, ge=0)

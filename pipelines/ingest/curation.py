@@ -67,15 +67,18 @@ def display_size(coded_w: int, coded_h: int, sample_aspect: float, rotation: int
     return (h, w) if rotation % 180 == 90 else (w, h)
 
 
-def probe(path: str) -> Probe:
+def probe(path) -> Probe:
     """Read stream metadata with PyAV (and decode the first frame for its display matrix: the rotation a phone
-    records). Raises Reject('unreadable') on anything odd."""
+    records). `path`: a local path, or a `range_decode.RangeSource` (read in place by byte ranges). Raises
+    Reject('unreadable') on anything odd."""
     import av
 
-    if os.path.getsize(path) == 0:
+    remote = not isinstance(path, (str, os.PathLike))
+    if (path.size if remote else os.path.getsize(path)) == 0:
         raise Reject("unreadable", "empty file (0 bytes)")
+    f = path.open() if remote else None
     try:
-        with av.open(path) as container:
+        with av.open(f if remote else path) as container:
             if not container.streams.video:
                 raise Reject("unreadable", "no video stream in the file")
             s = container.streams.video[0]
@@ -95,6 +98,9 @@ def probe(path: str) -> Probe:
         raise
     except Exception as e:  # PyAV raises many error types for malformed input; all mean "unreadable"
         raise Reject("unreadable", f"not a readable video ({type(e).__name__}: {e})") from None
+    finally:
+        if f is not None:
+            f.close()
 
 
 def resample_indices(n: int, src_fps: float, fps: float) -> np.ndarray:
@@ -196,7 +202,13 @@ def iter_resampled(path: str, fps: float, short_side: int, cancel: threading.Eve
                    geometry: tuple[float, int] = (1.0, 0), frames: tuple[int, int | None] | None = None):
     """decode_resampled as a stream: yields (src_fps, n_src) first, then the frames in chunks of _CHUNK
     (t h w c uint8), so a caller holds one chunk at a time whatever the video's length. `frames`: only the
-    output frames [first, end) (end None: to the end), e.g. one time range of a long file."""
+    output frames [first, end) (end None: to the end), e.g. one time range of a long file. `path` may be a
+    `range_decode.RangeSource`: a remote file that PyAV reads in place by byte ranges (`remote_decode: ranges`)."""
+    if not isinstance(path, (str, os.PathLike)):
+        from .range_decode import iter_resampled_ranges
+
+        yield from iter_resampled_ranges(path, fps, short_side, cancel, threads, src_size, geometry, frames, _CHUNK)
+        return
     try:
         reader, idx, src_fps, n, resize_after = _open_resampled(path, fps, short_side, threads, src_size, geometry)
     except Reject:
@@ -316,7 +328,7 @@ def decode_with_timeout(path: str, fps: float, short_side: int, timeout_s: float
         except BaseException as e:  # Reject or anything else: re-raised in the caller
             result.append(("error", e))
 
-    thread = threading.Thread(target=work, name=f"lumiere-decode-{os.path.basename(path)}", daemon=True)
+    thread = threading.Thread(target=work, name=f"lumiere-decode-{os.path.basename(str(path))}", daemon=True)
     thread.start()
     thread.join(timeout_s)
     if thread.is_alive():
@@ -382,7 +394,7 @@ def stream_resampled(path: str, fps: float, short_side: int, timeout_s: float, t
         except BaseException as e:  # Reject or anything else: re-raised in the caller
             put(("error", e))
 
-    thread = threading.Thread(target=work, name=f"lumiere-decode-{os.path.basename(path)}", daemon=True)
+    thread = threading.Thread(target=work, name=f"lumiere-decode-{os.path.basename(str(path))}", daemon=True)
     thread.start()
     try:
         while True:

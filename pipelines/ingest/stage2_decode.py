@@ -17,6 +17,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from lumiere import storage
 from lumiere.storage import StorageOptions
 from lumiere.video import X264_FAST_ANALYSIS, encode_mp4_bytes
 
@@ -30,6 +31,7 @@ from .curation import (
     resize_center_crop,
     stream_resampled,
 )
+from .range_decode import RangeSource
 from .shots import ShotStream, make_detector
 from .source_cache import local_source
 
@@ -122,6 +124,14 @@ def _candidates(row: dict, cfg: IngestConfig, options: StorageOptions, key: str 
     if not row["has_caption"] and cfg.missing_caption == "reject":
         yield _reject_row(source, whole_file, "no_caption",
                           "no caption in the sidecar nor a .txt/.json beside the video")
+        return
+    if storage.is_s3(source) and cfg.remote_decode == "ranges":  # read in place, by byte ranges
+        remote = RangeSource(source, options, int(row["size"]), cfg.remote_read_block_bytes)
+        try:
+            yield from _cut(remote, row, key, whole_file, cfg)
+        finally:
+            row["fetched_bytes"] = remote.fetched  # carried to the done record (report.json's source_fetch)
+            remote.close()
         return
     # a remote file is copied to local disk for the decoder; the time ranges of one file share a copy per node
     shared = int(row.get("ranges") or 1) > 1
