@@ -67,6 +67,23 @@ def display_size(coded_w: int, coded_h: int, sample_aspect: float, rotation: int
     return (h, w) if rotation % 180 == 90 else (w, h)
 
 
+def output_size(coded: tuple[int, int], short_side: int, geometry: tuple[float, int]) -> tuple[int, int]:
+    """(width, height) the frames come out at, as a player shows them (pixel aspect and rotation applied), the
+    shorter side scaled down to at most `short_side`, even sides; the coded size itself when nothing changes.
+    Both decoders size frames with it: decord here, PyAV by byte ranges in `range_decode`."""
+    w, h = coded
+    sample_aspect, rotation = geometry
+    if rotation:
+        dw, dh = display_size(w, h, sample_aspect, rotation)
+        scale = min(1.0, short_side / min(dw, dh))
+        return 2 * round(dw * scale / 2), 2 * round(dh * scale / 2)
+    dw = w * sample_aspect  # anamorphic: stored pixels are this much wider than tall
+    scale = short_side / min(h, dw)
+    if scale < 1 or abs(sample_aspect - 1) > 1e-3:
+        return 2 * round(dw * min(1.0, scale) / 2), 2 * round(h * min(1.0, scale) / 2)
+    return w, h
+
+
 def probe(path) -> Probe:
     """Read stream metadata with PyAV (and decode the first frame for its display matrix: the rotation a phone
     records). `path`: a local path, or a `range_decode.RangeSource` (read in place by byte ranges). Raises
@@ -152,23 +169,17 @@ def _open_resampled(path: str, fps: float, short_side: int, threads: int = 0,
         sample_aspect, rotation = 1.0, 0  # decord has applied what it knows
     else:
         w, h = src_size
+    out_w, out_h = output_size((w, h), short_side, (sample_aspect, rotation))
     resize_after = None
     if rotation:
         # decord turns the picture by the display matrix itself, but only at full size: with a decode size it
         # squashes the turned picture into it (or returns 4 channels). So: full size, then resized here.
-        dw, dh = display_size(w, h, sample_aspect, rotation)
-        scale = min(1.0, short_side / min(dw, dh))
-        resize_after = (2 * round(dh * scale / 2), 2 * round(dw * scale / 2))
+        resize_after = (out_h, out_w)
         reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=threads)
+    elif (out_w, out_h) != (w, h):  # decord resizes while decoding
+        reader = decord.VideoReader(path, ctx=decord.cpu(0), width=out_w, height=out_h, num_threads=threads)
     else:
-        dw = w * sample_aspect  # anamorphic: stored pixels are this much wider than tall
-        scale = short_side / min(h, dw)
-        if scale < 1 or abs(sample_aspect - 1) > 1e-3:
-            # even sizes, display aspect; decord resizes while decoding
-            new_w, new_h = 2 * round(dw * min(1.0, scale) / 2), 2 * round(h * min(1.0, scale) / 2)
-            reader = decord.VideoReader(path, ctx=decord.cpu(0), width=new_w, height=new_h, num_threads=threads)
-        else:
-            reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=threads)
+        reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=threads)
     n, src_fps = len(reader), float(reader.get_avg_fps())
     if n == 0 or not src_fps > 0:
         raise Reject("unreadable", f"no frames or no frame rate (frames={n}, fps={src_fps})")

@@ -112,26 +112,6 @@ class _BlockReader(io.RawIOBase):
         return self._pos
 
 
-def output_size(coded: tuple[int, int], short_side: int, geometry: tuple[float, int]) -> tuple[tuple[int, int], int]:
-    """((width, height) to scale each decoded picture to, counter-clockwise quarter turns after it) so frames
-    come out as a player shows them with the shorter side at most `short_side` (as the decord path sizes them)."""
-    from .curation import display_size
-
-    w, h = coded
-    sample_aspect, rotation = geometry
-    turns = (rotation // 90) % 4 if rotation % 90 == 0 else 0
-    if turns:
-        dw, dh = display_size(w, h, sample_aspect, rotation)
-        scale = min(1.0, short_side / min(dw, dh))
-        out_w, out_h = 2 * round(dw * scale / 2), 2 * round(dh * scale / 2)
-        return ((out_h, out_w) if turns % 2 else (out_w, out_h)), turns  # scaled in the stored orientation
-    dw = w * sample_aspect
-    scale = short_side / min(h, dw)
-    if scale < 1 or abs(sample_aspect - 1) > 1e-3:
-        return (2 * round(dw * min(1.0, scale) / 2), 2 * round(h * min(1.0, scale) / 2)), 0
-    return (w, h), 0
-
-
 def iter_resampled_ranges(source: RangeSource, fps: float, short_side: int, cancel: threading.Event | None = None,
                           threads: int = 0, src_size: tuple[int, int] | None = None,
                           geometry: tuple[float, int] = (1.0, 0), frames: tuple[int, int | None] | None = None,
@@ -140,7 +120,7 @@ def iter_resampled_ranges(source: RangeSource, fps: float, short_side: int, canc
     count), then the output frames [first, end) in chunks of `chunk` (t h w c uint8)."""
     import av
 
-    from .curation import Reject, _Cancelled
+    from .curation import Reject, _Cancelled, output_size
 
     first, end = (frames or (0, None))
     first = max(0, int(first))
@@ -164,7 +144,11 @@ def iter_resampled_ranges(source: RangeSource, fps: float, short_side: int, canc
             t0 = float(stream.start_time * tb) if stream.start_time is not None else 0.0
             coded = src_size if src_size and min(src_size) > 0 else (stream.codec_context.width,
                                                                      stream.codec_context.height)
-            (out_w, out_h), turns = output_size(coded, short_side, geometry)
+            out_w, out_h = output_size(coded, short_side, geometry)  # as displayed
+            rotation = geometry[1]
+            turns = (rotation // 90) % 4 if rotation % 90 == 0 else 0  # counter-clockwise quarter turns
+            if turns % 2:  # scaled in the stored orientation, then turned
+                out_w, out_h = out_h, out_w
             yield src_fps, int(stream.frames or 0)
 
             if first > 0:  # from the keyframe before the frame shown just before the range's first output time
