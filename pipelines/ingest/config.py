@@ -53,6 +53,13 @@ class IngestConfig(BaseModel):
     # only); "none": off. Similar when the cosine is at least near_dedup_threshold.
     near_dedup: Literal["frames", "clip", "none"] = "frames"
     near_dedup_threshold: float = Field(0.97, gt=0, le=1)
+    # the index of kept clips is exact up to this many; past it, approximate (a faiss inverted file): each new clip
+    # is compared with the kept clips of its near_dedup_nprobe nearest cells, stored in near_dedup_index_bits per
+    # component (16: as exact as below the switch; 8: half the memory, cosines off by a few thousandths)
+    # (benchmarks/near_dedup_index.py measures both)
+    near_dedup_exact_max: int = Field(200_000, ge=0)
+    near_dedup_nprobe: int = Field(32, ge=1)
+    near_dedup_index_bits: Literal[8, 16] = 16
     # a file longer than this is cut into time ranges of this length, each its own decode task, so a long film is
     # spread over the cluster's cores instead of being one straggler; clips do not cross a range's edge (at most
     # one clip's frames are lost per edge)

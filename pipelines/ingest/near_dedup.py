@@ -9,15 +9,21 @@ names the kept clip; otherwise it is kept and joins the index.
 One actor holds the index, so a clip is compared with every kept clip, whichever decode task made it. Which of
 two near-duplicates is kept is the one that reaches the actor first. Decisions are remembered by clip id: a batch
 Ray re-runs (lineage reconstruction, a retried task) gets the same answers, so a retry neither rejects a clip as
-a duplicate of itself nor keeps both copies. Memory: 2 bytes x dimension per kept clip (float16: 3 KB for the
-1536-d fingerprint, 3 GB per million kept clips); each batch costs one (batch x kept) matrix product, in float32
-chunks. Past a few million kept clips per job an approximate index (e.g. faiss) sharded by signature would take
-this actor's place.
+a duplicate of itself nor keeps both copies.
+
+The index (`KeptIndex`) is exact up to `near_dedup_exact_max` kept clips: a float16 matrix (3 KB per clip for the
+1536-d fingerprint), each batch one (batch x kept) product. Past that it becomes an approximate one: a faiss
+inverted file (k-means cells trained on the clips kept so far) holding the vectors as float16 (cosines as exact as
+the exact index's) or, with `near_dedup_index_bits: 8`, 8-bit scalar-quantised (half the memory: 1.5 KB per clip,
+at a cosine error of a few thousandths), a batch compared only with the clips of its `near_dedup_nprobe` nearest
+cells. What that costs in missed
+duplicates and cosine error, and gains in time and memory, is measured in `benchmarks/near_dedup_index.py`.
 """
 
 from __future__ import annotations
 
 import io
+import math
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -28,6 +34,81 @@ from lumiere import storage
 from lumiere.storage import StorageOptions
 
 from .config import IngestConfig
+
+
+class KeptIndex:
+    """The kept clips' unit vectors (n d), searched for each query's most similar one (cosine).
+
+    Exact while it holds at most `exact_max` vectors; when an add would pass that, a faiss IVF index (vectors stored
+    in `bits` 16 or 8 per component) is trained on the vectors held (k-means into ~2·sqrt(n) cells) and takes them
+    over, and every later search scans the `nprobe` cells nearest each query. Positions are insertion order."""
+
+    _CHUNK = 65536  # kept vectors per float32 product: the exact index itself stays float16
+
+    def __init__(self, exact_max: int = 200_000, nprobe: int = 32, bits: int = 16):
+        if bits not in (8, 16):
+            raise ValueError(f"bits must be 8 or 16, got {bits}")
+        self.exact_max, self.nprobe, self.bits = exact_max, nprobe, bits
+        self.exact = torch.zeros(0, 0, dtype=torch.float16)
+        self.ivf = None  # the faiss index, once past exact_max
+        self.size = 0
+
+    @property
+    def approximate(self) -> bool:
+        return self.ivf is not None
+
+    def add(self, vectors: torch.Tensor) -> None:
+        if len(vectors) == 0:
+            return
+        if self.ivf is None and self.size + len(vectors) > self.exact_max:
+            self._to_ivf(vectors.shape[1])
+        if self.ivf is not None:
+            self.ivf.add(np.ascontiguousarray(vectors.float().numpy()))
+            self.size += len(vectors)
+            return
+        if self.exact.numel() == 0:
+            self.exact = torch.zeros(max(1024, len(vectors)), vectors.shape[1], dtype=torch.float16)
+        while self.size + len(vectors) > len(self.exact):  # grown by doubling: amortised O(1) per clip
+            self.exact = torch.cat([self.exact, torch.zeros_like(self.exact)])
+        self.exact[self.size:self.size + len(vectors)] = vectors.to(torch.float16)
+        self.size += len(vectors)
+
+    def _to_ivf(self, dim: int) -> None:
+        import faiss
+
+        held = self.exact[:self.size]
+        # ~2·sqrt(n) cells, each trained on >= 39 vectors (faiss's floor): k-means on 200k kept fingerprints takes
+        # ~20 s of one core, once
+        cells = max(1, min(65536, round(2 * math.sqrt(max(1, self.size))), self.size // 39))
+        quantizer = faiss.IndexFlatIP(dim)
+        codec = faiss.ScalarQuantizer.QT_fp16 if self.bits == 16 else faiss.ScalarQuantizer.QT_8bit
+        ivf = faiss.IndexIVFScalarQuantizer(quantizer, dim, cells, codec, faiss.METRIC_INNER_PRODUCT)
+        ivf.cp.seed = 0  # k-means from a fixed seed: the same kept clips give the same cells
+        if self.size:
+            sample = held[torch.randperm(self.size, generator=torch.Generator().manual_seed(0))[:40 * cells]]
+            ivf.train(np.ascontiguousarray(sample.float().numpy()))
+            for start in range(0, self.size, self._CHUNK):
+                ivf.add(np.ascontiguousarray(held[start:start + self._CHUNK].float().numpy()))
+        ivf.nprobe = min(self.nprobe, cells)
+        self.quantizer, self.ivf = quantizer, ivf  # the IVF index does not own its quantizer: keep it alive
+        self.exact = torch.zeros(0, 0, dtype=torch.float16)
+
+    def search(self, vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """For each row of `vectors`, the highest cosine to a held vector and its position (-inf, -1: none)."""
+        if self.ivf is not None:
+            if not self.ivf.is_trained:  # past exact_max with nothing held yet: nothing to find
+                return torch.full((len(vectors),), float("-inf")), torch.full((len(vectors),), -1, dtype=torch.long)
+            sims, pos = self.ivf.search(np.ascontiguousarray(vectors.float().numpy()), 1)
+            best, where = torch.from_numpy(sims[:, 0].copy()), torch.from_numpy(pos[:, 0].astype(np.int64))
+            return torch.where(where >= 0, best, torch.full_like(best, float("-inf"))), where
+        best = torch.full((len(vectors),), float("-inf"))
+        where = torch.full((len(vectors),), -1, dtype=torch.long)
+        for start in range(0, self.size, self._CHUNK):
+            sims = vectors @ self.exact[start:min(self.size, start + self._CHUNK)].float().T  # b k
+            value, pos = sims.max(dim=1)
+            better = value > best
+            best, where = torch.where(better, value, best), torch.where(better, pos + start, where)
+        return best, where
 
 
 def _vectors(cfg: IngestConfig, signatures, embeddings, rows) -> torch.Tensor:
@@ -46,8 +127,7 @@ class NearDuplicateFilter:
 
     def __init__(self, cfg: IngestConfig, output_uri: str, options: StorageOptions):
         self.cfg = cfg
-        self.index = torch.zeros(0, 0)
-        self.size = 0
+        self.index = KeptIndex(cfg.near_dedup_exact_max, cfg.near_dedup_nprobe, cfg.near_dedup_index_bits)
         self.kept_ids: list[str] = []
         self.kept_sources: list[str] = []
         self.decisions: dict[str, tuple[str, str, float] | None] = {}  # clip id -> (kept id, source, cos) or None
@@ -79,30 +159,15 @@ class NearDuplicateFilter:
                     self.decisions[ids[i]] = None
                 self._add(vectors, [ids[i] for i in have], [sources[i] for i in have])
 
+    @property
+    def size(self) -> int:
+        """Kept clips the index holds."""
+        return self.index.size
+
     def _add(self, vectors: torch.Tensor, ids: list[str], sources: list[str]) -> None:
-        if len(vectors) == 0:
-            return
-        if self.index.numel() == 0:
-            self.index = torch.zeros(max(1024, len(vectors)), vectors.shape[1], dtype=torch.float16)
-        while self.size + len(vectors) > len(self.index):  # grown by doubling: amortised O(1) per clip
-            self.index = torch.cat([self.index, torch.zeros_like(self.index)])
-        self.index[self.size:self.size + len(vectors)] = vectors.to(torch.float16)
-        self.size += len(vectors)
+        self.index.add(vectors)
         self.kept_ids += ids
         self.kept_sources += sources
-
-    _CHUNK = 65536  # kept vectors per float32 product: the index itself stays float16
-
-    def _search(self, vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """For each row of `vectors`, the highest cosine to a kept clip and that clip's position (-inf, -1: none)."""
-        best = torch.full((len(vectors),), float("-inf"))
-        where = torch.full((len(vectors),), -1, dtype=torch.long)
-        for start in range(0, self.size, self._CHUNK):
-            sims = vectors @ self.index[start:min(self.size, start + self._CHUNK)].float().T  # b k
-            value, pos = sims.max(dim=1)
-            better = value > best
-            best, where = torch.where(better, value, best), torch.where(better, pos + start, where)
-        return best, where
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         status = batch["status"]
@@ -111,7 +176,7 @@ class NearDuplicateFilter:
         new = [i for i in ok if str(batch["clip_id"][i]) not in self.decisions]
         if new:
             vectors = _vectors(self.cfg, batch.get("signature"), batch.get("image_embedding"), new)
-            best, where = self._search(vectors)
+            best, where = self.index.search(vectors)
             fresh: list[int] = []  # rows of `vectors` kept from this batch (a copy can be in the same batch)
             for r, i in enumerate(new):
                 match = None
