@@ -49,6 +49,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -109,12 +110,29 @@ def load_corpus(corpus: Path, frames: int):
     return torch.stack(clips), captions
 
 
-class Trainer:
-    """One model's TrainStep, fed batches from its own generator (same seed for both: the same batches)."""
+MIRRORED = ({"left": "right", "right": "left"}, {"up": "down", "down": "up"})  # horizontal, vertical flip
 
-    def __init__(self, name, model, cfg, kind, clips, cond, steps, budget_s: float | None = None):
+
+def mirrored_caption(text: str, flip: int) -> str:
+    """The caption of a clip flipped left-right (flip 1), top-bottom (2) or both (3): direction words swapped."""
+    words = text.split(" ")
+    for axis, swap in enumerate(MIRRORED):
+        if flip & (1 << axis):
+            words = [swap.get(w, w) for w in words]
+    return " ".join(words)
+
+
+class Trainer:
+    """One model's TrainStep, fed batches from its own generator (same seed for both: the same batches).
+
+    `flipped`: the text features of every caption mirrored (flip 1, 2, 3; see `mirrored_caption`): each clip of a
+    batch is then flipped at random with its caption's direction words swapped to match (`--flip-augment`)."""
+
+    def __init__(self, name, model, cfg, kind, clips, cond, steps, budget_s: float | None = None,
+                 flipped: list[Conditioning] | None = None):
         self.name, self.model, self.cfg, self.kind = name, model, cfg, kind
         self.clips, self.cond, self.steps, self.budget_s = clips, cond, steps, budget_s
+        self.variants = [cond, *flipped] if flipped else None
         self.step_fn = TrainStep(model, with_steps(cfg, steps), kind)
         self.gen = torch.Generator().manual_seed(cfg.train.seed)
         self.time_s, self.losses, self.log = 0.0, [], []
@@ -129,9 +147,17 @@ class Trainer:
 
     def step(self) -> None:
         idx = torch.randint(0, len(self.clips), (self.cfg.train.batch_size,), generator=self.gen)
+        batch, context, pooled = self.clips[idx], self.cond.context[idx], self.cond.pooled[idx]
+        if self.variants is not None:  # clips n t h w c: flip 1 mirrors w, flip 2 mirrors h
+            flips = torch.randint(0, 4, (len(idx),), generator=self.gen)
+            batch = torch.stack([c.flip(dims=[d for d, bit in ((2, 1), (1, 2)) if f & bit]) if f else c
+                                 for c, f in zip(batch, flips.tolist(), strict=True)])
+            context = torch.stack([self.variants[f].context[i] for i, f in zip(idx.tolist(), flips.tolist(),
+                                                                              strict=True)])
+            pooled = torch.stack([self.variants[f].pooled[i] for i, f in zip(idx.tolist(), flips.tolist(),
+                                                                            strict=True)])
         t0 = time.perf_counter()
-        metrics = self.step_fn(clips_to_model(self.clips[idx]), Conditioning(self.cond.context[idx],
-                                                                             self.cond.pooled[idx]))
+        metrics = self.step_fn(clips_to_model(batch), Conditioning(context, pooled))
         self.time_s += time.perf_counter() - t0
         self.losses.append(metrics["loss"])
         s = self.step_fn.step
@@ -334,6 +360,12 @@ def main() -> None:
                          "sample.guidance_scale); each scale costs one generation pass")
     ap.add_argument("--save-videos", type=Path, metavar="DIR",
                     help="write each evaluation's videos as one PNG per video (frames left to right) under DIR")
+    ap.add_argument("--flip-augment", action="store_true",
+                    help="train the temporal models on clips flipped at random (left-right, top-bottom) with the "
+                         "caption's direction words swapped to match: every clip then also shows the other directions")
+    ap.add_argument("--save-models", type=Path, metavar="DIR",
+                    help="write the prior and each evaluated model's EMA weights under DIR as safetensors (to study "
+                         "a trained model's sampling without retraining it)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (default 1: on a shared 2-core machine, 2 OpenMP threads competing with "
                          "other processes ran 20-40x slower per step)")
@@ -355,6 +387,13 @@ def main() -> None:
         make_corpus(corpus, args.clips, frames=cfg.video.frames, size=cfg.video.size, fps=cfg.video.fps,
                     seed=cfg.train.seed)
     clips, captions = load_corpus(corpus, cfg.video.frames)
+    # clips no model trains on (another seed): the loss probe on these says whether a model knows what a direction
+    # word means, not only which training clip a caption belongs to
+    heldout_dir = args.workdir / f"heldout-{cfg.name}-48"
+    if not (heldout_dir / "captions.jsonl").exists():
+        make_corpus(heldout_dir, 48, frames=cfg.video.frames, size=cfg.video.size, fps=cfg.video.fps,
+                    seed=cfg.train.seed + 9999)
+    heldout_clips, heldout_captions = load_corpus(heldout_dir, cfg.video.frames)
     encoder = TextEncoder(cfg.text)
     if args.oracle_direction:
         encoder = OracleDirectionEncoder(encoder)
@@ -367,6 +406,9 @@ def main() -> None:
     while not t2i.done():
         t2i.step()
     prior.load_state_dict(t2i.step_fn.ema.state_dict(prior))
+    if args.save_models:
+        args.save_models.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in prior.state_dict().items()}, args.save_models / "prior.safetensors")
     t2i_s = time.perf_counter() - t0
 
     variants = parse_variants(args.variant)
@@ -393,7 +435,9 @@ def main() -> None:
     # --minutes: each trains until it has spent that much step time (the step estimate above only sets the LR
     # schedule's length): a timing taken while the machine was busier than later cannot shrink the budget
     budget_s = None if args.steps is not None else args.minutes * 60
-    trainers = {name: Trainer(name, m, c, "stunet", clips, cond, budgets[name], budget_s)
+    flipped = ([Conditioning(*encoder.encode_text([mirrored_caption(c, f) for c in captions])) for f in (1, 2, 3)]
+               if args.flip_augment else None)
+    trainers = {name: Trainer(name, m, c, "stunet", clips, cond, budgets[name], budget_s, flipped)
                 for name, (m, c) in models.items()}
     prompts = eval_prompts(args.seeds)
     results, all_rows = {}, {}
@@ -405,8 +449,17 @@ def main() -> None:
 
     def evaluate(label: str, tr: Trainer) -> None:
         ema = tr.ema_model()
+        if args.save_models:
+            args.save_models.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.contiguous() for k, v in ema.state_dict().items()},
+                      args.save_models / ("".join(c if c.isalnum() else "_" for c in label) + ".safetensors"))
         separation = text_separation(ema, encoder)
         probe = direction_probe(ema, encoder, tr.cfg, clips, captions)
+        heldout = direction_probe(ema, encoder, tr.cfg, heldout_clips, heldout_captions)
+        probe.update({f"heldout_{k}": v for k, v in heldout.items()})
+        print(f"  {label}: loss probe on held-out clips: {heldout['probe_direction_by_loss']:.0%} lowest; gap by "
+              "noise level: " + " ".join(f"{lv:g}:{g:+.2%}" for lv, g in heldout["probe_gap_by_level"].items()),
+              flush=True)
         print(f"  {label}: loss probe: the true direction has the lowest loss for "
               f"{probe['probe_direction_by_loss']:.0%} of clips (chance 25%); a wrong direction costs "
               f"{probe['probe_wrong_direction_loss_gap']:+.2%} loss; true -> lowest-loss direction: "
@@ -466,7 +519,9 @@ def main() -> None:
           "mean relative loss increase of a wrong direction")
     for name, r in results.items():
         if "probe_direction_by_loss" in r:
-            print(f"  {name}: {r['probe_direction_by_loss']:.0%}; {r['probe_wrong_direction_loss_gap']:+.2%}")
+            print(f"  {name}: {r['probe_direction_by_loss']:.0%}; {r['probe_wrong_direction_loss_gap']:+.2%}; "
+                  f"held-out clips {r['heldout_probe_direction_by_loss']:.0%}; "
+                  f"{r['heldout_probe_wrong_direction_loss_gap']:+.2%}")
     print("\nText as the motion layers see it: mean cosine between prompts that differ only in direction / only in "
           "colour (1 = indistinguishable)")
     for name, r in results.items():

@@ -549,6 +549,56 @@ def test_decode_memory_does_not_grow_with_video_length(tmp_path):
     assert peaks[160] < 200 and peaks[160] < 1.25 * peaks[20] + 5, peaks
 
 
+_SLOW_CONSUMER = """
+import json, sys, time
+import numpy as np
+from pipelines.ingest.curation import iter_resampled, probe
+path, ahead = sys.argv[1], None if sys.argv[2] == "decord" else int(sys.argv[2])
+meta = probe(path)
+def rss_mb():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+stream = iter_resampled(path, 16, 240, None, 1, (meta.coded_width, meta.coded_height),
+                        (meta.sample_aspect, meta.rotation), ahead_max_bytes=ahead)
+next(stream)
+first, peak, frames, means = None, 0.0, 0, []
+for chunk in stream:
+    frames += len(chunk)
+    means.append(float(chunk.mean()))
+    first = rss_mb() if first is None else first
+    time.sleep(0.25)  # a consumer slower than the decoder, as TransNetV2 or the embedder is
+    peak = max(peak, rss_mb())
+print(json.dumps({"frames": frames, "growth_mb": peak - first, "means": means}))
+"""
+
+
+@pytest.mark.timeout(300)
+def test_a_slow_consumer_does_not_let_the_decoder_run_ahead_of_it(tmp_path):
+    """decord's decoder thread decodes on behind a slow consumer and holds the frames (native memory, which
+    tracemalloc does not see, so RSS here): on a 160 s 320x240 video (2,560 frames x 230 KB = 590 MB at the decode
+    size) forced decord's RSS grew by 550 MB (measured) while the consumer sleeps 0.25 s per chunk. With the default
+    `decode_ahead_max_bytes` the file is too long for decord and PyAV decodes it on demand: RSS stays within a
+    few chunks (30 MB measured), with the same frames (the same count, means within a few levels)."""
+    import subprocess
+    import sys
+
+    from pipelines.ingest.curation import DECODE_AHEAD_MAX_BYTES
+
+    path = tmp_path / "long-160s.mp4"
+    _write_long_video(path, 160)
+    out = {}
+    for mode in ("decord", str(DECODE_AHEAD_MAX_BYTES)):
+        proc = subprocess.run([sys.executable, "-c", _SLOW_CONSUMER, str(path), mode], capture_output=True,
+                              text=True, timeout=240, cwd=str(Path(__file__).resolve().parents[1]))
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        out[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
+    bounded = out[str(DECODE_AHEAD_MAX_BYTES)]
+    assert out["decord"]["frames"] == bounded["frames"] == 160 * 16
+    assert np.abs(np.subtract(out["decord"]["means"], bounded["means"])).max() < 3
+    # the fault this guards against is real (a loaded machine decodes ahead less, hence the margin)
+    assert out["decord"]["growth_mb"] > 150, out["decord"]["growth_mb"]
+    assert bounded["growth_mb"] < 80, bounded["growth_mb"]
+
+
 def test_near_duplicate_filter_rejects_copies_against_kept_clips_and_repeats_its_answers(tmp_path):
     """Re-encoded and brightened copies of a clip are near_duplicate rejects naming the kept clip, a different
     clip is kept; the same batch again (a Ray retry) gets the same answers (no clip is a duplicate of itself);

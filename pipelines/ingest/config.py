@@ -77,6 +77,12 @@ class IngestConfig(BaseModel):
     # the longest wait for the decoder's next chunk of frames (a hung or pathologically slow decoder), not a
     # limit on the file's length; 0 decodes in-process without a timeout
     decode_timeout_s: float = Field(120.0, ge=0)
+    # decord's decoder thread decodes ahead of a slow consumer (the shot detector, the embedder) towards the file's
+    # end and holds every frame; a local file (or time range) whose frames from its start to the file's end take
+    # more than this at the decode size is decoded by PyAV instead, only as frames are asked for (0: always
+    # PyAV, slower by 3-22 % on one thread: benchmarks/RESULTS.md "Remote decode"). Bounds a decode task's memory
+    # whatever the video's length.
+    decode_ahead_max_bytes: int = Field(256 * 2**20, ge=0)
     max_file_bytes: int = Field(8 * 2**30, ge=1)  # larger inputs are rejected as too_large
     extensions: tuple[str, ...] = VIDEO_EXTENSIONS
     # text/image encoder: must be the one the models train with (its fingerprint goes into the manifest)
@@ -115,7 +121,8 @@ class IngestConfig(BaseModel):
     def decode_task_memory(self) -> int:
         """Bytes Ray reserves per decode task: the worker's own footprint (torch, decord, x264: ~0.8 GB
         measured) plus the frames it holds: decoded chunks (up to 4 of 64 frames at the decode size, 16:9 at
-        the short side) and one clip at both resolutions, plus one output block of candidates."""
+        the short side), what decord decodes ahead, and one clip at both resolutions, plus one output block of
+        candidates."""
         if self.decode_memory_mb is not None:
             return self.decode_memory_mb * 2**20
         short = max(self.size, self.hr_size or 0)
@@ -123,11 +130,10 @@ class IngestConfig(BaseModel):
         # + the frames the shot detector has not decided yet (TransNetV2: up to 75 behind, and one chunk)
         held = 4 * 64 + (139 if self.shot_detector == "transnetv2" else 0)
         frames = held * frame + self.clip_frames * (frame + 3 * self.size**2 + 3 * (self.hr_size or 0) ** 2)
-        # TransNetV2 after decord: one decode worker's RSS rose by 1.5-2.5 GB once the model ran on decoded chunks
-        # (measured in-process and per Ray worker, benchmarks/RESULTS.md "Ingestion with TransNetV2"; not the model's
-        # own ~0.3 GB, cause not found), so Ray is told about it instead of over-packing a node
-        model = 2560 * 2**20 if self.shot_detector == "transnetv2" else 0
-        return int(800 * 2**20 + 2 * frames + 128 * 2**20 + model)
+        # + what decord may decode ahead of a slow consumer (at most decode_ahead_max_bytes: longer files go to PyAV)
+        # + TransNetV2's weights and activations (~0.3 GB measured, benchmarks/RESULTS.md "Ingestion with TransNetV2")
+        model = 512 * 2**20 if self.shot_detector == "transnetv2" else 0
+        return int(800 * 2**20 + 2 * frames + 128 * 2**20 + self.decode_ahead_max_bytes + model)
 
     def text_encoder(self) -> TextEncoderConfig:
         if self.text is not None:

@@ -157,8 +157,8 @@ _CHUNK = 64  # frames per decord get_batch call; a cancelled decode stops at the
 def _open_resampled(path: str, fps: float, short_side: int, threads: int = 0,
                     src_size: tuple[int, int] | None = None, geometry: tuple[float, int] = (1.0, 0)):
     """(decord reader, source frame indices of the output frames at `fps`, src_fps, n_src, (h, w) to resize each
-    decoded frame to or None): see decode_resampled. `src_size`: the coded (width, height); `geometry`: the
-    (sample aspect, rotation) of `probe`."""
+    decoded frame to or None, bytes of one frame as decord decodes it): see decode_resampled. `src_size`: the
+    coded (width, height); `geometry`: the (sample aspect, rotation) of `probe`."""
     import decord
 
     sample_aspect, rotation = geometry
@@ -176,10 +176,13 @@ def _open_resampled(path: str, fps: float, short_side: int, threads: int = 0,
         # squashes the turned picture into it (or returns 4 channels). So: full size, then resized here.
         resize_after = (out_h, out_w)
         reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=threads)
+        frame_bytes = w * h * 3
     elif (out_w, out_h) != (w, h):  # decord resizes while decoding
         reader = decord.VideoReader(path, ctx=decord.cpu(0), width=out_w, height=out_h, num_threads=threads)
+        frame_bytes = out_w * out_h * 3
     else:
         reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=threads)
+        frame_bytes = w * h * 3
     n, src_fps = len(reader), float(reader.get_avg_fps())
     if n == 0 or not src_fps > 0:
         raise Reject("unreadable", f"no frames or no frame rate (frames={n}, fps={src_fps})")
@@ -191,7 +194,7 @@ def _open_resampled(path: str, fps: float, short_side: int, threads: int = 0,
         idx = resample_by_time(stamps[:, 0], float(stamps[-1, 1]), fps)
     except Exception:  # noqa: BLE001 - a container without usable timestamps: index × average rate
         idx = resample_indices(n, src_fps, fps)
-    return reader, idx, src_fps, n, resize_after
+    return reader, idx, src_fps, n, resize_after, frame_bytes
 
 
 def _resize_frames(frames: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -208,26 +211,48 @@ def _decode_error(e: Exception) -> Reject:
     return Reject("unreadable", f"decode failed ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})")
 
 
+DECODE_AHEAD_MAX_BYTES = 256 * 2**20  # IngestConfig.decode_ahead_max_bytes
+
+
 def iter_resampled(path: str, fps: float, short_side: int, cancel: threading.Event | None = None,
                    threads: int = 0, src_size: tuple[int, int] | None = None,
-                   geometry: tuple[float, int] = (1.0, 0), frames: tuple[int, int | None] | None = None):
+                   geometry: tuple[float, int] = (1.0, 0), frames: tuple[int, int | None] | None = None,
+                   ahead_max_bytes: int | None = DECODE_AHEAD_MAX_BYTES):
     """decode_resampled as a stream: yields (src_fps, n_src) first, then the frames in chunks of _CHUNK
     (t h w c uint8), so a caller holds one chunk at a time whatever the video's length. `frames`: only the
     output frames [first, end) (end None: to the end), e.g. one time range of a long file. `path` may be a
-    `range_decode.RangeSource`: a remote file that PyAV reads in place by byte ranges (`remote_decode: ranges`)."""
+    `range_decode.RangeSource`: a remote file that PyAV reads in place by byte ranges (`remote_decode: ranges`).
+
+    decord's decoder thread does not wait for its caller: behind a slow consumer (TransNetV2, the embedder) it
+    decodes on towards the end of the file and holds every frame (measured: 600 MB of its buffers at one
+    point behind a consumer taking 0.5 s per chunk, benchmarks/RESULTS.md). So decord decodes a local file only
+    when all the source frames from this stream's first to the file's end fit in `ahead_max_bytes` at the size it
+    decodes them; a longer one is decoded by PyAV, which decodes only as frames are asked for (0: always PyAV;
+    None: always decord)."""
     if not isinstance(path, (str, os.PathLike)):
         from .range_decode import iter_resampled_ranges
 
         yield from iter_resampled_ranges(path, fps, short_side, cancel, threads, src_size, geometry, frames, _CHUNK)
         return
     try:
-        reader, idx, src_fps, n, resize_after = _open_resampled(path, fps, short_side, threads, src_size, geometry)
+        reader, idx, src_fps, n, resize_after, frame_bytes = _open_resampled(path, fps, short_side, threads,
+                                                                             src_size, geometry)
     except Reject:
         raise
     except Exception as e:
         raise _decode_error(e) from None
     if frames is not None:
         idx = idx[frames[0]:frames[1]]
+    if ahead_max_bytes is not None and len(idx) and (n - int(idx[0])) * frame_bytes > ahead_max_bytes:
+        del reader  # before it decodes ahead
+        from .range_decode import iter_resampled_ranges
+
+        if src_size is None or min(src_size) <= 0:  # PyAV needs the probe's geometry (decord applied its own)
+            meta = probe(path)
+            src_size, geometry = (meta.coded_width, meta.coded_height), (meta.sample_aspect, meta.rotation)
+
+        yield from iter_resampled_ranges(path, fps, short_side, cancel, threads, src_size, geometry, frames, _CHUNK)
+        return
     yield src_fps, n
     # full-size chunks (a rotated source) are cut smaller so a chunk stays ~_CHUNK frames of the decode size
     chunk_len = _CHUNK
@@ -359,7 +384,8 @@ def decode_with_timeout(path: str, fps: float, short_side: int, timeout_s: float
 
 def stream_resampled(path: str, fps: float, short_side: int, timeout_s: float, threads: int = 0,
                      src_size: tuple[int, int] | None = None, geometry: tuple[float, int] = (1.0, 0),
-                     frames: tuple[int, int | None] | None = None):
+                     frames: tuple[int, int | None] | None = None,
+                     ahead_max_bytes: int | None = DECODE_AHEAD_MAX_BYTES):
     """The frames of `decode_resampled` as a stream, decoded ahead on a helper thread (at most two chunks
     ahead, so memory is bounded by a few chunks whatever the video's length). Yields (src_fps, n_src), then
     chunks (t h w c uint8). `timeout_s` bounds the wait for each next chunk, not the whole file: a long film
@@ -371,7 +397,7 @@ def stream_resampled(path: str, fps: float, short_side: int, timeout_s: float, t
     video at once, so only then does memory grow with length)."""
     if timeout_s <= 0:
         yield from iter_resampled(path, fps, short_side, threads=threads, src_size=src_size, geometry=geometry,
-                                  frames=frames)
+                                  frames=frames, ahead_max_bytes=ahead_max_bytes)
         return
     if _stuck_decoders():
         video, src_fps, n = decode_in_child(path, fps, short_side, timeout_s, threads, src_size, geometry)
@@ -396,7 +422,8 @@ def stream_resampled(path: str, fps: float, short_side: int, timeout_s: float, t
 
     def work():
         try:
-            for item in iter_resampled(path, fps, short_side, cancel, threads, src_size, geometry, frames):
+            for item in iter_resampled(path, fps, short_side, cancel, threads, src_size, geometry, frames,
+                                       ahead_max_bytes):
                 if not put(("ok", item)):
                     return
             put(("ok", end))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -116,18 +117,20 @@ def iter_resampled_ranges(source: RangeSource, fps: float, short_side: int, canc
                           threads: int = 0, src_size: tuple[int, int] | None = None,
                           geometry: tuple[float, int] = (1.0, 0), frames: tuple[int, int | None] | None = None,
                           chunk: int = 64) -> Iterator:
-    """`curation.iter_resampled` for a remote file read by byte ranges: yields (src_fps, declared source frame
-    count), then the output frames [first, end) in chunks of `chunk` (t h w c uint8)."""
+    """`curation.iter_resampled` by PyAV, decoding only as the caller asks for frames: yields (src_fps, declared
+    source frame count), then the output frames [first, end) in chunks of `chunk` (t h w c uint8). `source`: a
+    remote file read by byte ranges, or a local path (a file decord would decode too far ahead of its caller)."""
     import av
 
     from .curation import Reject, _Cancelled, output_size
 
     first, end = (frames or (0, None))
     first = max(0, int(first))
-    f = source.open()
+    local = isinstance(source, (str, os.PathLike))
+    f = None if local else source.open()
     try:
         try:
-            container = av.open(f, mode="r")
+            container = av.open(str(source) if local else f, mode="r")
         except Exception as e:  # noqa: BLE001 - PyAV raises many types for malformed input
             raise Reject("unreadable", f"not a readable video ({type(e).__name__}: {e})") from None
         with container:
@@ -202,4 +205,5 @@ def iter_resampled_ranges(source: RangeSource, fps: float, short_side: int, canc
             if out:
                 yield np.stack(out)
     finally:
-        f.close()
+        if f is not None:
+            f.close()

@@ -162,7 +162,8 @@ def _cut(path: str, row: dict, key: str, whole_file: str, cfg: IngestConfig) -> 
         first, end = int(row.get("range_first") or 0), int(row.get("range_end", -1))
         frames = (first, None if end < 0 else end) if int(row.get("ranges") or 1) > 1 else None
         stream = stream_resampled(path, cfg.fps, short_side, cfg.decode_timeout_s, cfg.codec_threads,
-                                  (meta.coded_width, meta.coded_height), (meta.sample_aspect, meta.rotation), frames)
+                                  (meta.coded_width, meta.coded_height), (meta.sample_aspect, meta.rotation), frames,
+                                  cfg.decode_ahead_max_bytes)
         src_fps, _ = next(stream)
     except Reject as r:
         yield _reject_row(source, whole_file, r.reason, r.detail)
