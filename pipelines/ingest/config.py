@@ -131,8 +131,10 @@ class IngestConfig(BaseModel):
         held = 4 * 64 + (139 if self.shot_detector == "transnetv2" else 0)
         frames = held * frame + self.clip_frames * (frame + 3 * self.size**2 + 3 * (self.hr_size or 0) ** 2)
         # + what decord may decode ahead of a slow consumer (at most decode_ahead_max_bytes: longer files go to PyAV)
-        # + TransNetV2's weights and activations (~0.3 GB measured, benchmarks/RESULTS.md "Ingestion with TransNetV2")
-        model = 512 * 2**20 if self.shot_detector == "transnetv2" else 0
+        # + TransNetV2: its weights and activations (~0.3 GB measured) and what it leaves in the worker (a Ray worker
+        # with it peaked at 2.07 GB over 96 short files, against 1.77 GB with the histogram: benchmarks/RESULTS.md
+        # "Ingestion with TransNetV2"), with a margin
+        model = 1024 * 2**20 if self.shot_detector == "transnetv2" else 0
         return int(800 * 2**20 + 2 * frames + 128 * 2**20 + self.decode_ahead_max_bytes + model)
 
     def text_encoder(self) -> TextEncoderConfig:
