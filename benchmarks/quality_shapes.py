@@ -277,6 +277,55 @@ def direction_probe(model, encoder, cfg, clips, captions, n: int = 24, levels=(0
             if level_gaps else {}}
 
 
+def _travel(video: torch.Tensor, direction: str) -> float:
+    """Travel (px) along `direction` over the clip of a (c t h w) video's bright part: the least-squares slope
+    of the centroid of what is brighter than each frame's median, times the clip length. Made for means (of
+    clips or of predictions), which are faint smears rather than shapes `analyse_clip` can segment."""
+    g = video.float().mean(0)
+    w = (g - g.flatten(1).median(1).values[:, None, None]).clamp(min=0)
+    ys, xs = torch.meshgrid(torch.arange(g.shape[1]).float(), torch.arange(g.shape[2]).float(), indexing="ij")
+    mass = w.sum((1, 2)) + 1e-6
+    track = torch.stack(((w * xs).sum((1, 2)) / mass, (w * ys).sum((1, 2)) / mass), dim=1)  # t 2
+    t = torch.arange(g.shape[0]).float() - (g.shape[0] - 1) / 2
+    slope = (track * t[:, None]).sum(0) / (t * t).sum()
+    return float(slope @ torch.tensor(DIRECTIONS[direction], dtype=torch.float32)) * (g.shape[0] - 1)
+
+
+@torch.no_grad()
+def mean_motion_probe(model, encoder, cfg, clips, captions, n: int = 10) -> dict:
+    """Does the denoiser know where a prompted motion goes before any of it is visible? From pure noise (the
+    first sampling step), the best x0 prediction is the mean of the prompt's clips: for "moving right", a faint
+    blob sweeping from the left half to the right half, because a shape moving right starts on the left. A
+    model that predicts the same static smear for every direction leaves the trajectory to the noise, which is
+    what its samples then follow. `mean_motion_travel_px`: travel along the prompted direction of the mean x0
+    prediction at the last training timestep (conditional, no guidance; `n` colours x shapes per direction),
+    averaged over the four directions; `mean_motion_travel_corpus_px`: the same measure on the mean of the
+    corpus's clips of each direction (what the ideal prediction shows)."""
+    from lumiere.diffusion import training_scheduler
+
+    scheduler = training_scheduler(cfg.diffusion)
+    model = model.eval()
+    t_last = scheduler.config.num_train_timesteps - 1
+    ab = scheduler.alphas_cumprod[t_last]
+    gen = torch.Generator().manual_seed(4321)  # the same noise for every model and step
+    noise = torch.randn((n, 3, cfg.video.frames, cfg.video.size, cfg.video.size), generator=gen)
+    pred, ideal = {}, {}
+    for d in DIRECTIONS:
+        prompts = [f"a {list(COLORS)[i % len(COLORS)]} {SHAPES[i % len(SHAPES)]} moving {d}" for i in range(n)]
+        ctx, pooled = encoder.encode_text(prompts)
+        xt = noise * (1 - ab).sqrt()  # x_T: the signal's share is ~0 at the last timestep
+        out = model(xt, torch.full((n,), t_last), ctx, pooled).float()
+        x0 = ab.sqrt() * xt - (1 - ab).sqrt() * out if scheduler.config.prediction_type == "v_prediction" else (
+            (xt - (1 - ab).sqrt() * out) / ab.sqrt())
+        pred[d] = _travel(x0.mean(0), d)
+        own = [i for i, c in enumerate(captions) if " and " not in c and parse_caption(c)[0].direction == d]
+        if own:
+            ideal[d] = _travel(clips_to_model(clips[own]).mean(0), d)
+    return {"mean_motion_travel_px": float(np.mean(list(pred.values()))),
+            "mean_motion_travel_by_direction": pred,
+            "mean_motion_travel_corpus_px": float(np.mean(list(ideal.values()))) if ideal else math.nan}
+
+
 def eval_prompts(seeds: int) -> list[tuple[str, int]]:
     prompts = []
     for i, (color, direction) in enumerate((c, d) for c in COLORS for d in DIRECTIONS):
@@ -406,9 +455,13 @@ def main() -> None:
     while not t2i.done():
         t2i.step()
     prior.load_state_dict(t2i.step_fn.ema.state_dict(prior))
-    if args.save_models:
-        args.save_models.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in prior.state_dict().items()}, args.save_models / "prior.safetensors")
+    def save_model(model: torch.nn.Module, name: str) -> None:
+        if args.save_models:
+            args.save_models.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+                      args.save_models / ("".join(c if c.isalnum() else "_" for c in name) + ".safetensors"))
+
+    save_model(prior, "prior")
     t2i_s = time.perf_counter() - t0
 
     variants = parse_variants(args.variant)
@@ -449,14 +502,17 @@ def main() -> None:
 
     def evaluate(label: str, tr: Trainer) -> None:
         ema = tr.ema_model()
-        if args.save_models:
-            args.save_models.mkdir(parents=True, exist_ok=True)
-            save_file({k: v.contiguous() for k, v in ema.state_dict().items()},
-                      args.save_models / ("".join(c if c.isalnum() else "_" for c in label) + ".safetensors"))
+        save_model(ema, label)
         separation = text_separation(ema, encoder)
         probe = direction_probe(ema, encoder, tr.cfg, clips, captions)
         heldout = direction_probe(ema, encoder, tr.cfg, heldout_clips, heldout_captions)
         probe.update({f"heldout_{k}": v for k, v in heldout.items()})
+        probe.update(mean_motion_probe(ema, encoder, tr.cfg, clips, captions))
+        print(f"  {label}: mean-motion probe: the x0 prediction from pure noise travels "
+              f"{probe['mean_motion_travel_px']:+.1f} px the prompted way (corpus mean "
+              f"{probe['mean_motion_travel_corpus_px']:+.1f}; by direction "
+              + " ".join(f"{d} {v:+.1f}" for d, v in probe["mean_motion_travel_by_direction"].items()) + ")",
+              flush=True)
         print(f"  {label}: loss probe on held-out clips: {heldout['probe_direction_by_loss']:.0%} lowest; gap by "
               "noise level: " + " ".join(f"{lv:g}:{g:+.2%}" for lv, g in heldout["probe_gap_by_level"].items()),
               flush=True)
@@ -521,7 +577,8 @@ def main() -> None:
         if "probe_direction_by_loss" in r:
             print(f"  {name}: {r['probe_direction_by_loss']:.0%}; {r['probe_wrong_direction_loss_gap']:+.2%}; "
                   f"held-out clips {r['heldout_probe_direction_by_loss']:.0%}; "
-                  f"{r['heldout_probe_wrong_direction_loss_gap']:+.2%}")
+                  f"{r['heldout_probe_wrong_direction_loss_gap']:+.2%}; mean-motion travel "
+                  f"{r['mean_motion_travel_px']:+.1f} px (corpus mean {r['mean_motion_travel_corpus_px']:+.1f})")
     print("\nText as the motion layers see it: mean cosine between prompts that differ only in direction / only in "
           "colour (1 = indistinguishable)")
     for name, r in results.items():

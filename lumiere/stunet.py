@@ -70,6 +70,10 @@ class STUNetConfig:
     # prior frozen, the attention blocks there mix no space, so nothing trainable can move content where the
     # whole compressed clip is seen at once; benchmarks/RESULTS.md measures it)
     coarsest_conv: bool = False
+    # space-time coordinates (x, y, t of the clip, each in [-1, 1]) as extra inputs of every conv inflation block's
+    # spatial conv: "a shape moving right" is, at high noise, a blob whose position depends on the frame, and
+    # convolutions alone cannot tell where in the frame or the clip they are (benchmarks/RESULTS.md, run S)
+    coordinates: bool = False
 
     __pydantic_config__ = {"extra": "forbid"}
 
@@ -114,14 +118,27 @@ class MotionConditioning(nn.Module):
         return self.time_mlp(timestep_embedding(timesteps, self.time_freqs)) + text, tokens
 
 
+def clip_coordinates(t: int, h: int, w: int, device=None, dtype=None) -> torch.Tensor:
+    """(t 3 h w): each pixel's x, y and frame position in the clip, pixel and frame centres in [-1, 1]."""
+    def axis(n):
+        return (torch.arange(n, device=device, dtype=torch.float32) + 0.5) / n * 2 - 1
+
+    tt, yy, xx = torch.meshgrid(axis(t), axis(h), axis(w), indexing="ij")
+    return torch.stack((xx, yy, tt), dim=1).to(dtype)
+
+
 class FactorizedConvBlock(nn.Module):
     """Conv-based inflation: spatial 1×3×3 conv, scale/shift from the motion embedding, temporal 3×1×1 conv;
-    b c t h w -> b c t h w, identity at init (the temporal conv, the block's output, starts at zero)."""
+    b c t h w -> b c t h w, identity at init (the temporal conv, the block's output, starts at zero).
 
-    def __init__(self, channels: int, groups: int, emb_dim: int | None = None):
+    With `coordinates`, a 1×1 conv of the clip's (x, y, t) coordinates is added to the spatial conv's output, so the
+    text's scale/shift can select features that say where a shape is in frame t for the prompted motion."""
+
+    def __init__(self, channels: int, groups: int, emb_dim: int | None = None, coordinates: bool = False):
         super().__init__()
         self.norm1 = nn.GroupNorm(groups, channels)
         self.spatial = nn.Conv2d(channels, channels, 3, padding=1)  # over (b t) images: Conv2d is the fast path
+        self.coords = nn.Conv2d(3, channels, 1) if coordinates else None
         self.emb_proj = nn.Linear(emb_dim, 2 * channels) if emb_dim else None
         self.norm2 = nn.GroupNorm(groups, channels)
         self.temporal = zero_init(nn.Conv3d(channels, channels, (3, 1, 1), padding=(1, 0, 0)))  # zero: identity
@@ -129,8 +146,11 @@ class FactorizedConvBlock(nn.Module):
     def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
         t = x.shape[2]
         h = self.norm1(x)  # GroupNorm over c and (t h w): statistics of the whole clip
-        h = self.spatial(rearrange(F.silu(h), "b c t h w -> (b t) c h w"))
-        h = self.norm2(rearrange(h, "(b t) c h w -> b c t h w", t=t))
+        h = rearrange(self.spatial(rearrange(F.silu(h), "b c t h w -> (b t) c h w")), "(b t) c h w -> b c t h w", t=t)
+        if self.coords is not None:
+            coords = self.coords(clip_coordinates(t, *x.shape[3:], device=x.device, dtype=x.dtype))  # t c h w
+            h = h + rearrange(coords, "t c h w -> 1 c t h w")
+        h = self.norm2(h)
         if self.emb_proj is not None:
             scale, shift = rearrange(self.emb_proj(F.silu(emb)), "b (two c) -> two b c 1 1 1", two=2)
             h = h * (1 + scale) + shift
@@ -243,7 +263,14 @@ class STUNet(nn.Module):
         # the paper's layout: attention blocks at the coarsest level, conv blocks at every other level (and
         # everywhere when there are no attention blocks, e.g. the SSR, or with `coarsest_conv`)
         attn_keys = set(prior.coarsest_keys()) if cfg.temporal_attention else set()
-        conv_block = FactorizedConvBlock if cfg.conv_block == "factorized" else TemporalConvBlock
+        if cfg.conv_block == "factorized":
+            def conv_block(ch, groups, emb_dim):
+                return FactorizedConvBlock(ch, groups, emb_dim, coordinates=cfg.coordinates)
+        elif cfg.coordinates:
+            raise ValueError("stunet.coordinates needs stunet.conv_block: factorized (the temporal-only block has "
+                             "no spatial conv to take them)")
+        else:
+            conv_block = TemporalConvBlock
         self.temporal_convs = nn.ModuleDict(
             {_slot(k): conv_block(ch, groups, motion_dim)
              for k, ch in channels.items() if cfg.coarsest_conv or k not in attn_keys}

@@ -32,7 +32,7 @@ def _inputs(cfg, b=2, seed=1):
 
 @pytest.mark.parametrize("overrides", [[], ["unet.channel_mult=[1,2,2]", "unet.num_res_blocks=2"],
                                        ["stunet.conv_block=temporal", "stunet.motion_conditioning=false"],
-                                       ["stunet.coarsest_conv=true"]])
+                                       ["stunet.coarsest_conv=true"], ["stunet.coordinates=true"]])
 def test_inflation_reproduces_prior_on_static_video(overrides):
     cfg = load_config("tiny", overrides)
     prior = perturb_(build_prior(cfg)).eval()  # a "trained" prior: no zero-initialised outputs left
@@ -79,6 +79,7 @@ def test_inflation_reproduces_prior_frame_by_frame_on_a_moving_video():
 
 @pytest.mark.parametrize("block", [
     lambda: FactorizedConvBlock(8, 4, emb_dim=16),
+    lambda: FactorizedConvBlock(8, 4, emb_dim=16, coordinates=True),
     lambda: TemporalConvBlock(8, 4, emb_dim=16),
     lambda: TemporalAttentionBlock(8, 4, context_dim=16),
 ])
@@ -121,6 +122,23 @@ def test_factorized_block_moves_content_in_space_the_temporal_block_cannot():
         with torch.no_grad():
             diff = (block(near, emb) - block(far, emb))[..., 2, 4]
         assert (diff.abs().max() > 1e-4) == mixes, type(block).__name__
+
+
+def test_coordinates_let_a_block_place_content_by_frame_and_position():
+    """A prompted motion is, from pure noise, a blob whose place depends on the frame. On a blank clip (every
+    pixel of every frame the same), a trained block with coordinates puts out different values at different
+    frames and at different places in the frame's interior; without them its output is the same everywhere
+    except where the zero padding of its convs reaches (the clip's first and last frame, the frame's border)."""
+    blank = torch.full((1, 8, 8, 10, 10), 0.3)
+    emb = torch.randn(1, 16, generator=torch.Generator().manual_seed(0))
+    for coordinates in (True, False):
+        block = perturb_(FactorizedConvBlock(8, 4, 16, coordinates=coordinates), seed=5)
+        with torch.no_grad():
+            out = block(blank, emb)[:, :, 1:-1, 1:-1, 1:-1]  # away from every padded edge
+        spread = float(out.std(dim=(2, 3, 4)).max())
+        assert (spread > 1e-3) == coordinates, (coordinates, spread)
+    with pytest.raises(ValueError, match="conv_block: factorized"):
+        build_stunet(load_config("tiny", ["stunet.coordinates=true", "stunet.conv_block=temporal"]))
 
 
 def test_motion_layers_get_the_timestep_and_the_prompt_through_their_own_path():

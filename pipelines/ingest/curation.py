@@ -229,10 +229,13 @@ def iter_resampled(path: str, fps: float, short_side: int, cancel: threading.Eve
     when all the source frames from this stream's first to the file's end fit in `ahead_max_bytes` at the size it
     decodes them; a longer one is decoded by PyAV, which decodes only as frames are asked for (0: always PyAV;
     None: always decord)."""
-    if not isinstance(path, (str, os.PathLike)):
+    def decode_with_pyav(source, src_size, geometry):
         from .range_decode import iter_resampled_ranges
 
-        yield from iter_resampled_ranges(path, fps, short_side, cancel, threads, src_size, geometry, frames, _CHUNK)
+        return iter_resampled_ranges(source, fps, short_side, cancel, threads, src_size, geometry, frames, _CHUNK)
+
+    if not isinstance(path, (str, os.PathLike)):
+        yield from decode_with_pyav(path, src_size, geometry)
         return
     try:
         reader, idx, src_fps, n, resize_after, frame_bytes = _open_resampled(path, fps, short_side, threads,
@@ -245,13 +248,10 @@ def iter_resampled(path: str, fps: float, short_side: int, cancel: threading.Eve
         idx = idx[frames[0]:frames[1]]
     if ahead_max_bytes is not None and len(idx) and (n - int(idx[0])) * frame_bytes > ahead_max_bytes:
         del reader  # before it decodes ahead
-        from .range_decode import iter_resampled_ranges
-
         if src_size is None or min(src_size) <= 0:  # PyAV needs the probe's geometry (decord applied its own)
             meta = probe(path)
             src_size, geometry = (meta.coded_width, meta.coded_height), (meta.sample_aspect, meta.rotation)
-
-        yield from iter_resampled_ranges(path, fps, short_side, cancel, threads, src_size, geometry, frames, _CHUNK)
+        yield from decode_with_pyav(path, src_size, geometry)
         return
     yield src_fps, n
     # full-size chunks (a rotated source) are cut smaller so a chunk stays ~_CHUNK frames of the decode size
