@@ -72,7 +72,8 @@ class STUNetConfig:
     coarsest_conv: bool = False
     # space-time coordinates (x, y, t of the clip, each in [-1, 1]) as extra inputs of every conv inflation block's
     # spatial conv: "a shape moving right" is, at high noise, a blob whose position depends on the frame, and
-    # convolutions alone cannot tell where in the frame or the clip they are (benchmarks/RESULTS.md, run S)
+    # convolutions alone cannot tell where in the frame or the clip they are. Measured (benchmarks/RESULTS.md,
+    # run C): no gain in direction at 3,000 steps, so off; kept for the ablation
     coordinates: bool = False
 
     __pydantic_config__ = {"extra": "forbid"}

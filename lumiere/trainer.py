@@ -178,7 +178,7 @@ class TrainStep:
                 loss = diffusion_loss(
                     self.forward, x0[part], Conditioning(cond.context[part], cond.pooled[part]),
                     self.noise_schedule, condition=None if condition is None else condition[part],
-                    noise_and_t=(noise[part], t[part]),
+                    noise_and_t=(noise[part], t[part]), motion_weight=self.cfg.diffusion.motion_loss_weight,
                 ) * (x0[part].shape[0] / b)
                 loss.backward()
             total += float(loss.detach())

@@ -143,3 +143,31 @@ def test_timestep_shift_spends_more_training_steps_at_high_noise():
     assert abs(float((shifted >= 500).float().mean()) - 0.75) < 0.03
     with pytest.raises(ValueError, match="timestep_shift must be > 0"):
         load_config("tiny", ["diffusion.timestep_shift=0"])
+
+
+def test_motion_loss_scores_the_error_that_changes_between_frames_only():
+    """`diffusion.motion_loss_weight`: an error that is the same in every frame (a wrong static picture) costs
+    what it costs without the term; an error that differs from frame to frame (wrong motion) of the same size
+    costs more; images never get the term; a negative weight is refused."""
+    sched = training_scheduler(load_config("tiny").diffusion)
+    x0 = torch.zeros(2, 3, 8, 8, 8)
+    cond = Conditioning(torch.zeros(2, 4, 8), torch.zeros(2, 8))
+    static_error = torch.randn(2, 3, 1, 8, 8, generator=torch.Generator().manual_seed(0)).expand(-1, -1, 8, -1, -1)
+    moving_error = torch.randn(2, 3, 8, 8, 8, generator=torch.Generator().manual_seed(1))
+    moving_error = moving_error / moving_error.std() * static_error.std()
+
+    def loss(error, weight, video=True):
+        noise = torch.randn(x0.shape if video else x0[:, :, 0].shape, generator=torch.Generator().manual_seed(2))
+        t = torch.full((2,), 500)
+        target = sched.get_velocity(x0 if video else x0[:, :, 0], noise, t)
+        model = lambda xt, *_: target + (error if video else error[:, :, 0])  # noqa: E731
+        return float(diffusion_loss(model, x0 if video else x0[:, :, 0], cond, sched, noise_and_t=(noise, t),
+                                    motion_weight=weight))
+
+    assert loss(static_error, 1.0) == pytest.approx(loss(static_error, 0.0), rel=1e-6)
+    plain = loss(moving_error, 0.0)
+    assert plain == pytest.approx(loss(static_error, 0.0), rel=0.05)  # the same size of error...
+    assert loss(moving_error, 1.0) > 2.5 * plain  # ...costs ~3x: the frame differences of white error are 2x its size
+    assert loss(moving_error, 1.0, video=False) == pytest.approx(loss(moving_error, 0.0, video=False), rel=1e-6)
+    with pytest.raises(ValueError, match="motion_loss_weight"):
+        load_config("tiny", ["diffusion.motion_loss_weight=-1"])
