@@ -291,8 +291,19 @@ def _travel(video: torch.Tensor, direction: str) -> float:
     return float(slope @ torch.tensor(DIRECTIONS[direction], dtype=torch.float32)) * (g.shape[0] - 1)
 
 
+def corpus_mean_travel(clips, captions) -> dict[str, float]:
+    """`_travel` of the mean of the corpus's single-shape clips of each direction: what the ideal x0 prediction
+    from pure noise shows (`mean_motion_probe`)."""
+    travel = {}
+    for d in DIRECTIONS:
+        own = [i for i, c in enumerate(captions) if " and " not in c and parse_caption(c)[0].direction == d]
+        if own:
+            travel[d] = _travel(clips_to_model(clips[own]).mean(0), d)
+    return travel
+
+
 @torch.no_grad()
-def mean_motion_probe(model, encoder, cfg, clips, captions, n: int = 10) -> dict:
+def mean_motion_probe(model, encoder, cfg, corpus_travel: dict[str, float], n: int = 10) -> dict:
     """Does the denoiser know where a prompted motion goes before any of it is visible? From pure noise (the
     first sampling step), the best x0 prediction is the mean of the prompt's clips: for "moving right", a faint
     blob sweeping from the left half to the right half, because a shape moving right starts on the left. A
@@ -300,7 +311,7 @@ def mean_motion_probe(model, encoder, cfg, clips, captions, n: int = 10) -> dict
     what its samples then follow. `mean_motion_travel_px`: travel along the prompted direction of the mean x0
     prediction at the last training timestep (conditional, no guidance; `n` colours x shapes per direction),
     averaged over the four directions; `mean_motion_travel_corpus_px`: the same measure on the mean of the
-    corpus's clips of each direction (what the ideal prediction shows)."""
+    corpus's clips of each direction (`corpus_travel`, from `corpus_mean_travel`: what the ideal prediction shows)."""
     from lumiere.diffusion import training_scheduler
 
     scheduler = training_scheduler(cfg.diffusion)
@@ -309,7 +320,7 @@ def mean_motion_probe(model, encoder, cfg, clips, captions, n: int = 10) -> dict
     ab = scheduler.alphas_cumprod[t_last]
     gen = torch.Generator().manual_seed(4321)  # the same noise for every model and step
     noise = torch.randn((n, 3, cfg.video.frames, cfg.video.size, cfg.video.size), generator=gen)
-    pred, ideal = {}, {}
+    pred = {}
     for d in DIRECTIONS:
         prompts = [f"a {list(COLORS)[i % len(COLORS)]} {SHAPES[i % len(SHAPES)]} moving {d}" for i in range(n)]
         ctx, pooled = encoder.encode_text(prompts)
@@ -318,12 +329,9 @@ def mean_motion_probe(model, encoder, cfg, clips, captions, n: int = 10) -> dict
         x0 = ab.sqrt() * xt - (1 - ab).sqrt() * out if scheduler.config.prediction_type == "v_prediction" else (
             (xt - (1 - ab).sqrt() * out) / ab.sqrt())
         pred[d] = _travel(x0.mean(0), d)
-        own = [i for i, c in enumerate(captions) if " and " not in c and parse_caption(c)[0].direction == d]
-        if own:
-            ideal[d] = _travel(clips_to_model(clips[own]).mean(0), d)
     return {"mean_motion_travel_px": float(np.mean(list(pred.values()))),
             "mean_motion_travel_by_direction": pred,
-            "mean_motion_travel_corpus_px": float(np.mean(list(ideal.values()))) if ideal else math.nan}
+            "mean_motion_travel_corpus_px": float(np.mean(list(corpus_travel.values()))) if corpus_travel else math.nan}
 
 
 def eval_prompts(seeds: int) -> list[tuple[str, int]]:
@@ -500,6 +508,8 @@ def main() -> None:
     guidance = [float(w) for w in args.guidance.split(",") if w.strip()] or [cfg.sample.guidance_scale]
     eval_s = 0.0
 
+    corpus_travel = corpus_mean_travel(clips, captions)
+
     def evaluate(label: str, tr: Trainer) -> None:
         ema = tr.ema_model()
         save_model(ema, label)
@@ -507,7 +517,7 @@ def main() -> None:
         probe = direction_probe(ema, encoder, tr.cfg, clips, captions)
         heldout = direction_probe(ema, encoder, tr.cfg, heldout_clips, heldout_captions)
         probe.update({f"heldout_{k}": v for k, v in heldout.items()})
-        probe.update(mean_motion_probe(ema, encoder, tr.cfg, clips, captions))
+        probe.update(mean_motion_probe(ema, encoder, tr.cfg, corpus_travel))
         print(f"  {label}: mean-motion probe: the x0 prediction from pure noise travels "
               f"{probe['mean_motion_travel_px']:+.1f} px the prompted way (corpus mean "
               f"{probe['mean_motion_travel_corpus_px']:+.1f}; by direction "

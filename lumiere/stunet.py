@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Literal
 
 import torch
@@ -264,14 +265,11 @@ class STUNet(nn.Module):
         # the paper's layout: attention blocks at the coarsest level, conv blocks at every other level (and
         # everywhere when there are no attention blocks, e.g. the SSR, or with `coarsest_conv`)
         attn_keys = set(prior.coarsest_keys()) if cfg.temporal_attention else set()
-        if cfg.conv_block == "factorized":
-            def conv_block(ch, groups, emb_dim):
-                return FactorizedConvBlock(ch, groups, emb_dim, coordinates=cfg.coordinates)
-        elif cfg.coordinates:
+        if cfg.coordinates and cfg.conv_block != "factorized":
             raise ValueError("stunet.coordinates needs stunet.conv_block: factorized (the temporal-only block has "
                              "no spatial conv to take them)")
-        else:
-            conv_block = TemporalConvBlock
+        conv_block = (partial(FactorizedConvBlock, coordinates=cfg.coordinates) if cfg.conv_block == "factorized"
+                      else TemporalConvBlock)
         self.temporal_convs = nn.ModuleDict(
             {_slot(k): conv_block(ch, groups, motion_dim)
              for k, ch in channels.items() if cfg.coarsest_conv or k not in attn_keys}
