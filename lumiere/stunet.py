@@ -76,6 +76,11 @@ class STUNetConfig:
     # convolutions alone cannot tell where in the frame or the clip they are. Measured (benchmarks/RESULTS.md,
     # run C): no gain in direction at 3,000 steps, so off; kept for the ablation
     coordinates: bool = False
+    # how the motion conditioning pools the prompt's projected tokens into one vector: "attention" (one learned
+    # query, softmax over positions) or "attention_max" (plus the max over positions of every feature). A motion
+    # word is one token of sixteen: the softmax pool starts near-uniform and dilutes it ~1/16, the max passes a
+    # feature that fires on it at full size, whatever the prompt's length (benchmarks/RESULTS.md, run Q)
+    motion_text_pool: Literal["attention", "attention_max"] = "attention"
 
     __pydantic_config__ = {"extra": "forbid"}
 
@@ -94,11 +99,14 @@ class MotionConditioning(nn.Module):
     """The motion layers' conditioning: (timesteps b, tokens b l d, pooled b e) -> (emb b m, tokens b l m).
 
     The text encoder is frozen (and by default a random init); the projection of its tokens here is trained with
-    the motion layers, so it can learn to separate prompts that differ only in a motion word."""
+    the motion layers, so it can learn to separate prompts that differ only in a motion word. `pool`: see
+    `STUNetConfig.motion_text_pool`."""
 
-    def __init__(self, context_dim: int, pooled_dim: int, dim: int, time_freqs: int):
+    def __init__(self, context_dim: int, pooled_dim: int, dim: int, time_freqs: int, pool: str = "attention"):
         super().__init__()
-        self.time_freqs = time_freqs
+        if pool not in ("attention", "attention_max"):
+            raise ValueError(f"stunet.motion_text_pool must be 'attention' or 'attention_max', got {pool!r}")
+        self.time_freqs, self.pool = time_freqs, pool
         self.time_mlp = nn.Sequential(nn.Linear(time_freqs, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.token_proj = nn.Sequential(nn.LayerNorm(context_dim), nn.Linear(context_dim, dim), nn.SiLU(),
                                         nn.Linear(dim, dim))
@@ -111,6 +119,8 @@ class MotionConditioning(nn.Module):
         tokens = self.token_proj(context)
         weights = torch.softmax(tokens @ self.pool_query / math.sqrt(tokens.shape[-1]), dim=1)  # b l
         summary = torch.einsum("bl,blm->bm", weights, tokens)
+        if self.pool == "attention_max":
+            summary = summary + tokens.amax(dim=1)
         if pooled is not None:
             summary = summary + self.pooled_proj(pooled)
         return self.text_mlp(summary), tokens
@@ -259,7 +269,8 @@ class STUNet(nn.Module):
         channels = prior.block_channels()
         motion_dim = prior.emb_dim if cfg.motion_conditioning else None
         self.motion = (
-            MotionConditioning(prior.cfg.context_dim, prior.cfg.pooled_dim, prior.emb_dim, prior.time_freqs)
+            MotionConditioning(prior.cfg.context_dim, prior.cfg.pooled_dim, prior.emb_dim, prior.time_freqs,
+                               cfg.motion_text_pool)
             if cfg.motion_conditioning else None
         )
         # the paper's layout: attention blocks at the coarsest level, conv blocks at every other level (and

@@ -12,6 +12,7 @@ from lumiere.diffusion import Conditioning
 from lumiere.errors import FrameCountError
 from lumiere.stunet import (
     FactorizedConvBlock,
+    MotionConditioning,
     STUNet,
     TemporalAttentionBlock,
     TemporalConvBlock,
@@ -32,7 +33,8 @@ def _inputs(cfg, b=2, seed=1):
 
 @pytest.mark.parametrize("overrides", [[], ["unet.channel_mult=[1,2,2]", "unet.num_res_blocks=2"],
                                        ["stunet.conv_block=temporal", "stunet.motion_conditioning=false"],
-                                       ["stunet.coarsest_conv=true"], ["stunet.coordinates=true"]])
+                                       ["stunet.coarsest_conv=true"], ["stunet.coordinates=true"],
+                                       ["stunet.motion_text_pool=attention_max"]])
 def test_inflation_reproduces_prior_on_static_video(overrides):
     cfg = load_config("tiny", overrides)
     prior = perturb_(build_prior(cfg)).eval()  # a "trained" prior: no zero-initialised outputs left
@@ -189,6 +191,31 @@ def test_motion_text_path_learns_to_separate_prompts_the_frozen_encoder_barely_d
         torch.nn.functional.mse_loss(stunet.motion.text(ctx, pooled)[0], target).backward()
         opt.step()
     assert before > 0.9 and cos() < 0.0
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_max_pool_passes_a_motion_word_at_full_size_whatever_the_prompt_length(seed):
+    """One word of a prompt ("left" among fillers): at init the softmax pool dilutes its effect on the motion
+    embedding by the number of tokens (a quarter at 4x the length), the attention + max pool
+    (`stunet.motion_text_pool=attention_max`) keeps most of it, and several times the attention pool's."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    filler, word = torch.randn(32, generator=g), torch.randn(32, generator=g)
+    effect = {}
+    for pool in ("attention", "attention_max"):
+        torch.manual_seed(seed)
+        motion = MotionConditioning(32, 32, 64, 32, pool=pool)
+        for length in (8, 32):
+            ctx = filler.repeat(2, length, 1)
+            ctx[1, 1] = word
+            with torch.no_grad():
+                emb = motion.text(ctx, None)[0]
+            effect[pool, length] = float((emb[1] - emb[0]).norm())
+    assert effect["attention", 32] / effect["attention", 8] < 0.3  # diluted ~8/32
+    assert effect["attention_max", 32] / effect["attention_max", 8] > 0.8
+    assert effect["attention_max", 8] > 3 * effect["attention", 8]
+    with pytest.raises(ValueError, match="motion_text_pool"):
+        MotionConditioning(32, 32, 64, 32, pool="mean")
 
 
 def test_temporal_resampling_is_nearest_neighbour_at_init():
