@@ -28,7 +28,8 @@ of variants instead, e.g. an ablation that changes one thing at a time.
          area cv     coefficient of variation of the shape's area over the frames (0 = stable shape)
        The real corpus clips are scored the same way as a reference (the scorer's ceiling).
     6. a loss probe (`direction_probe`): does the denoiser's loss on real clips depend on the direction word?
-    7. text separation: mean cosine between prompts that differ only in direction (or only in colour), as the
+    7. a sampling trace (`sampling_trace`): the prompted travel of each sampling step's x0 prediction
+    8. text separation: mean cosine between prompts that differ only in direction (or only in colour), as the
        frozen encoder's pooled embedding and as the STUNet's motion text path (`MotionConditioning.text`) see them
 
     python benchmarks/quality_shapes.py --minutes 8          # ~20 min on 2 cores: 1,000 t2i steps + 2 x 8 min + eval
@@ -334,6 +335,29 @@ def mean_motion_probe(model, encoder, cfg, corpus_travel: dict[str, float], n: i
             "mean_motion_travel_corpus_px": float(np.mean(list(corpus_travel.values()))) if corpus_travel else math.nan}
 
 
+@torch.no_grad()
+def sampling_trace(model, encoder, cfg, guidance: float, seed: int = 1000) -> dict[int, float]:
+    """Where does sampling lose the prompted motion? {step: travel (px) along the prompted direction of that
+    sampling step's x0 prediction, averaged over the colour x direction prompts} for the config's sampler (one
+    seed). A model that knows the prompt's motion shows it from step 1 (`mean_motion_probe`); if the travel then
+    fades over the middle steps, the model follows the trajectory it reads in x_t rather than the prompt there."""
+    from lumiere.diffusion import sample, sampling_scheduler
+
+    prompts = [p for p, _ in eval_prompts(1)]
+    directions = [parse_caption(p)[0].direction for p in prompts]
+    scheduler = sampling_scheduler(cfg.diffusion, cfg.sample.sampler, cfg.sample.steps)
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn((len(prompts), 3, cfg.video.frames, cfg.video.size, cfg.video.size), generator=gen)
+    trace = {}
+
+    def preview(step: int, x0: torch.Tensor) -> None:
+        trace[step] = float(np.mean([_travel(x0[i], d) for i, d in enumerate(directions)]))
+
+    sample(model.eval(), noise * scheduler.init_noise_sigma, scheduler, Conditioning(*encoder.encode_text(prompts)),
+           guidance_scale=guidance, generator=gen, preview=preview)
+    return trace
+
+
 def eval_prompts(seeds: int) -> list[tuple[str, int]]:
     prompts = []
     for i, (color, direction) in enumerate((c, d) for c in COLORS for d in DIRECTIONS):
@@ -536,6 +560,10 @@ def main() -> None:
               flush=True)
         for w in guidance:
             name = label if len(guidance) == 1 else f"{label}, guidance {w:g}"
+            trace = sampling_trace(ema, encoder, tr.cfg, w)
+            shown = [k for k in (1, 2, 3, 5, 10, 20, 50, 100) if k < len(trace)] + [len(trace)]
+            print(f"  {name}: sampling trace: the x0 prediction travels the prompted way by "
+                  + " ".join(f"step {k} {trace[k]:+.1f}" for k in shown) + " px", flush=True)
             videos, gen_s = generate(ema, encoder, tr.cfg, prompts, args.batch, w)
             rows = [score(v, p) for v, (p, _) in zip(videos, prompts, strict=True)]
             all_rows[name] = rows
@@ -548,7 +576,7 @@ def main() -> None:
                              spritesheet(v, cols=len(v)))
             results[name] = {**summarise(rows), "steps": tr.step_fn.step, "train_s": tr.time_s, "gen_s": gen_s,
                              "final_loss": tr.log[-1]["loss"] if tr.log else math.nan, "guidance": w,
-                             **separation, **probe}
+                             "sampling_trace_px": trace, **separation, **probe}
             r = results[name]
             print(f"  {name}: {len(videos)} videos in {gen_s:.0f}s: colour {r['color']:.0%} direction "
                   f"{r['direction']:.0%} on-track {r['on_track']:.0%}", flush=True)

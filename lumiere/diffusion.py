@@ -198,8 +198,12 @@ def sample(
     start_step: int = 0,
     known: tuple[torch.Tensor, torch.Tensor] | None = None,
     uncond: Conditioning | None = None,
+    preview: Callable[[int, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Denoise `noise` (b c ...) with `scheduler`'s timesteps; returns x0 in about [-1, 1].
+
+    `preview(step, x0)` is called after every step (1-based) with that step's (guided) prediction of the clean
+    sample, where the scheduler gives one (DDIM, DDPM): to show or study what the sampler commits to, and when.
 
     With guidance_scale != 1 the model sees [cond; null] in one batch and the prediction is
     null + g · (cond − null), where null is `uncond` when given (a negative prompt's features: guidance then
@@ -232,7 +236,10 @@ def sample(
         if guided:
             out_cond, out_null = out.chunk(2)
             out = out_null + guidance_scale * (out_cond - out_null)
-        x = scheduler.step(out, t, x, generator=generator).prev_sample
+        stepped = scheduler.step(out, t, x, generator=generator)
+        x = stepped.prev_sample
+        if preview is not None and getattr(stepped, "pred_original_sample", None) is not None:
+            preview(i + 1, stepped.pred_original_sample)
         if known is not None:
             x = _replace_known(scheduler, x, known, timesteps, i, generator)
         if callback is not None:

@@ -75,6 +75,29 @@ def test_guidance_combines_conditional_and_null_predictions():
     assert torch.equal(seen[0], torch.tensor([0.5, 0.0]))  # one batch: [cond; null]
 
 
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_preview_gets_each_steps_prediction_of_the_clean_sample(sampler):
+    """A denoiser that knows the clean sample (its v output is exact for x0 = target): every step's preview is
+    that target, once per step in order, and sampling ends on it."""
+    cfg = load_config("tiny")
+    sched = sampling_scheduler(cfg.diffusion, sampler, 5)
+    target = torch.linspace(-0.8, 0.8, 3 * 4 * 4).reshape(1, 3, 4, 4)
+    ab_all = sched.alphas_cumprod
+
+    def oracle(x, t, context, pooled):
+        ab = ab_all[t].view(-1, 1, 1, 1)
+        eps = (x - ab.sqrt() * target) / (1 - ab).sqrt()
+        return ab.sqrt() * eps - (1 - ab).sqrt() * target  # v for this x0
+
+    previews = []
+    out = sample(oracle, torch.randn(1, 3, 4, 4, generator=torch.Generator().manual_seed(0)), sched,
+                 Conditioning(torch.zeros(1, 2, 32), torch.zeros(1, 32)),
+                 generator=torch.Generator().manual_seed(1), preview=lambda i, x0: previews.append((i, x0)))
+    assert [i for i, _ in previews] == [1, 2, 3, 4, 5]
+    assert all(torch.allclose(x0, target, atol=1e-4) for _, x0 in previews)
+    assert torch.allclose(out, target, atol=1e-3)
+
+
 def test_a_negative_prompt_replaces_the_null_condition_in_guidance(tiny_cfg):
     """The negative prompt's features are the guidance's other half ([cond; negative]); guiding a prompt away from
     itself leaves the conditional prediction, so the result equals unguided sampling."""
