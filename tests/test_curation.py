@@ -565,7 +565,7 @@ for chunk in stream:
     frames += len(chunk)
     means.append(float(chunk.mean()))
     first = rss_mb() if first is None else first
-    time.sleep(0.25)  # a consumer slower than the decoder, as TransNetV2 or the embedder is
+    time.sleep(0.4)  # a consumer slower than the decoder, as TransNetV2 or the embedder is
     peak = max(peak, rss_mb())
 print(json.dumps({"frames": frames, "growth_mb": peak - first, "means": means}))
 """
@@ -575,9 +575,10 @@ print(json.dumps({"frames": frames, "growth_mb": peak - first, "means": means}))
 def test_a_slow_consumer_does_not_let_the_decoder_run_ahead_of_it(tmp_path):
     """decord's decoder thread decodes on behind a slow consumer and holds the frames (native memory, which
     tracemalloc does not see, so RSS here): on a 160 s 320x240 video (2,560 frames x 230 KB = 590 MB at the decode
-    size) forced decord's RSS grew by 550 MB (measured) while the consumer sleeps 0.25 s per chunk. With the default
-    `decode_ahead_max_bytes` the file is too long for decord and PyAV decodes it on demand: RSS stays within a
-    few chunks (30 MB measured), with the same frames (the same count, means within a few levels)."""
+    size) forced decord's RSS grew by 550 MB on one machine and by 146 MB in the full suite on another (measured)
+    behind a consumer sleeping 0.25 s per chunk; 176 MB alone there with the 0.4 s used here. With the default
+    `decode_ahead_max_bytes` the file is too long for decord and PyAV decodes it on demand: RSS stays within a few
+    chunks (30 MB measured), with the same frames (the same count, means within a few levels)."""
     import subprocess
     import sys
 
@@ -594,9 +595,11 @@ def test_a_slow_consumer_does_not_let_the_decoder_run_ahead_of_it(tmp_path):
     bounded = out[str(DECODE_AHEAD_MAX_BYTES)]
     assert out["decord"]["frames"] == bounded["frames"] == 160 * 16
     assert np.abs(np.subtract(out["decord"]["means"], bounded["means"])).max() < 3
-    # the fault this guards against is real (a loaded machine decodes ahead less, hence the margin)
-    assert out["decord"]["growth_mb"] > 150, out["decord"]["growth_mb"]
-    assert bounded["growth_mb"] < 80, bounded["growth_mb"]
+    # the fault this guards against is real: decord holds several times what the bounded path does (a loaded
+    # machine decodes ahead less, hence the margins)
+    forced_mb, bounded_mb = out["decord"]["growth_mb"], bounded["growth_mb"]
+    assert forced_mb > max(100, 3 * bounded_mb), (forced_mb, bounded_mb)
+    assert bounded_mb < 80, bounded_mb
 
 
 def test_near_duplicate_filter_rejects_copies_against_kept_clips_and_repeats_its_answers(tmp_path):
