@@ -353,7 +353,7 @@ def sampling_trace(model, encoder, cfg, guidance: float, seed: int = 1000) -> di
     def preview(step: int, x0: torch.Tensor) -> None:
         trace[step] = float(np.mean([_travel(x0[i], d) for i, d in enumerate(directions)]))
 
-    sample(model.eval(), noise * scheduler.init_noise_sigma, scheduler, Conditioning(*encoder.encode_text(prompts)),
+    sample(model.eval(), noise, scheduler, Conditioning(*encoder.encode_text(prompts)),
            guidance_scale=guidance, generator=gen, preview=preview)
     return trace
 
