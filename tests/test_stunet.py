@@ -198,7 +198,6 @@ def test_max_pool_passes_a_motion_word_at_full_size_whatever_the_prompt_length(s
     """One word of a prompt ("left" among fillers): at init the softmax pool dilutes its effect on the motion
     embedding by the number of tokens (a quarter at 4x the length), the attention + max pool
     (`stunet.motion_text_pool=attention_max`) keeps most of it, and several times the attention pool's."""
-    torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     filler, word = torch.randn(32, generator=g), torch.randn(32, generator=g)
     effect = {}
