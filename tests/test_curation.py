@@ -689,6 +689,61 @@ def test_the_kept_index_turns_approximate_past_exact_max_and_still_finds_near_co
     assert exact.max() < 0.95 and (best.numpy() < 0.97).all()
 
 
+def test_the_approximate_index_is_rebuilt_with_more_cells_as_it_grows_and_keeps_every_position():
+    """Past the switch the IVF cells are retrained each time the index has grown retrain_growth-fold: 240 vectors
+    at the switch (exact_max 200), then 4x and 16x that -> two rebuilds, each with ~2·sqrt(n) cells (more than
+    before). After them every held vector is still found at its own insertion position (positions survive the
+    re-adds) and the cells are balanced: no cell holds more than 8x its share, as cells
+    trained on the first 240 vectors of a corpus whose later vectors come from other clusters would. (16-bit:
+    8-bit indexes are not rebuilt, see KeptIndex.add.)"""
+    from pipelines.ingest.near_dedup import KeptIndex
+
+    bits = 16
+    rng = np.random.default_rng(2)
+    dim = 64
+    centres = _unit_rows(rng.standard_normal((64, dim)))
+    # the first vectors come from 4 clusters only; later ones from all 64 (a corpus whose sources change)
+    early = _unit_rows(centres[rng.integers(0, 4, 240)] + 0.5 * rng.standard_normal((240, dim)) / np.sqrt(dim))
+    late = _unit_rows(centres[rng.integers(0, 64, 3600)] + 0.5 * rng.standard_normal((3600, dim)) / np.sqrt(dim))
+    kept = np.concatenate([early, late])
+    index = KeptIndex(exact_max=200, nprobe=4, bits=bits, retrain_growth=4)
+    cells = []
+    for start in range(0, len(kept), 120):
+        index.add(torch.from_numpy(kept[start:start + 120]))
+        if index.approximate and (not cells or cells[-1] != index.ivf.nlist):
+            cells.append(index.ivf.nlist)
+    assert index.size == index.ivf.ntotal == 3840
+    assert cells == [KeptIndex._cells(240), KeptIndex._cells(960), KeptIndex._cells(3840)], cells
+    assert cells[0] < cells[1] < cells[2]
+
+    best, where = index.search(torch.from_numpy(kept))
+    assert (where.numpy() == np.arange(len(kept))).mean() >= 0.99
+    assert best.numpy().min() > 0.97
+    sizes = np.array([index.ivf.get_list_size(c) for c in range(index.ivf.nlist)])
+    assert sizes.max() <= 8 * len(kept) / index.ivf.nlist, sizes.max()
+
+    stale = KeptIndex(exact_max=200, nprobe=4, bits=bits, retrain_growth=float("inf"))  # the control: no rebuild
+    for start in range(0, len(kept), 120):
+        stale.add(torch.from_numpy(kept[start:start + 120]))
+    stale_sizes = np.array([stale.ivf.get_list_size(c) for c in range(stale.ivf.nlist)])
+    assert stale.ivf.nlist == cells[0] and stale_sizes.max() > 8 * len(kept) / index.ivf.nlist
+
+
+def test_the_kept_index_with_exact_max_0_is_approximate_from_its_first_add():
+    """near_dedup_exact_max=0 (the config allows it): the first batch trains the index on itself, so the first
+    add and search work, and a copy in a later batch is found."""
+    from pipelines.ingest.near_dedup import KeptIndex
+
+    rng = np.random.default_rng(3)
+    kept = _unit_rows(rng.standard_normal((300, 32)))
+    index = KeptIndex(exact_max=0, nprobe=4)
+    index.add(torch.from_numpy(kept[:50]))
+    assert index.approximate and index.size == 50
+    index.add(torch.from_numpy(kept[50:]))
+    best, where = index.search(torch.from_numpy(kept[[7, 120, 299]]))
+    assert where.tolist() == [7, 120, 299] and best.min() > 0.99
+
+
 def test_the_near_duplicate_filter_rejects_copies_once_its_index_is_approximate(tmp_path):
     """The filter with near_dedup_exact_max=200 over 600 distinct clips and 60 near copies of them: after the
     switch every copy is a near_duplicate reject naming its own original, every distinct clip is kept (counted

@@ -60,6 +60,10 @@ class IngestConfig(BaseModel):
     near_dedup_exact_max: int = Field(200_000, ge=0)
     near_dedup_nprobe: int = Field(32, ge=1)
     near_dedup_index_bits: Literal[8, 16] = 16
+    # the approximate index is rebuilt (new cells, ~2·sqrt(n), trained on every kept clip) each time the kept clips
+    # have grown this many times over since its cells were trained, so its search cost stays ~sqrt(n) (16-bit
+    # only: 8-bit codes clipped to the old ranges cannot be read back exactly)
+    near_dedup_retrain_growth: float = Field(4.0, gt=1)
     # a file longer than this is cut into time ranges of this length, each its own decode task, so a long film is
     # spread over the cluster's cores instead of being one straggler; clips do not cross a range's edge (at most
     # one clip's frames are lost per edge)

@@ -16,8 +16,9 @@ The index (`KeptIndex`) is exact up to `near_dedup_exact_max` kept clips: a floa
 inverted file (k-means cells trained on the clips kept so far) holding the vectors as float16 (cosines as exact as
 the exact index's) or, with `near_dedup_index_bits: 8`, 8-bit scalar-quantised (half the memory: 1.5 KB per clip,
 at a cosine error of a few thousandths), a batch compared only with the clips of its `near_dedup_nprobe` nearest
-cells. What that costs in missed
-duplicates and cosine error, and gains in time and memory, is measured in `benchmarks/near_dedup_index.py`.
+cells. Each time the kept clips have grown `near_dedup_retrain_growth`-fold (4) since the cells were trained, the
+index is rebuilt with ~2·sqrt(n) new cells trained on all of them. What that costs in missed duplicates and cosine
+error, and gains in time and memory, is measured in `benchmarks/near_dedup_index.py`.
 """
 
 from __future__ import annotations
@@ -39,18 +40,28 @@ from .config import IngestConfig
 class KeptIndex:
     """The kept clips' unit vectors (n d), searched for each query's most similar one (cosine).
 
-    Exact while it holds at most `exact_max` vectors; when an add would pass that, a faiss IVF index (vectors stored
-    in `bits` 16 or 8 per component) is trained on the vectors held (k-means into ~2·sqrt(n) cells) and takes them
-    over, and every later search scans the `nprobe` cells nearest each query. Positions are insertion order."""
+    Exact while it holds at most `exact_max` vectors; when an add passes that, a faiss IVF index (vectors stored in
+    `bits` 16 or 8 per component) is trained on every vector held (k-means into ~2·sqrt(n) cells) and takes them
+    over, and every later search scans the `nprobe` cells nearest each query. Each time a 16-bit index has grown
+    `retrain_growth`-fold since its cells were trained, it is rebuilt: new cells (~2·sqrt(n) again) trained on a
+    sample of all the vectors held, then every vector re-added from the old index in order — so a cell keeps
+    holding ~sqrt(n)/2 clips and the cells follow what later sources look like, instead of the first 200,000
+    clips' cells filling up ever further (a search's cost grows ~sqrt(n), not ~n). The rebuild stops this actor
+    for its duration (the k-means and one assignment of every vector: amortised, a fraction of the adds' own
+    cost with growth 4) and holds the old and new index at once. Positions are insertion order, across rebuilds."""
 
-    _CHUNK = 65536  # kept vectors per float32 product: the exact index itself stays float16
+    _CHUNK = 65536  # kept vectors per float32 product / per re-add: the exact index itself stays float16
+    _MAX_CELLS = 65536
 
-    def __init__(self, exact_max: int = 200_000, nprobe: int = 32, bits: int = 16):
+    def __init__(self, exact_max: int = 200_000, nprobe: int = 32, bits: int = 16, retrain_growth: float = 4.0):
         if bits not in (8, 16):
             raise ValueError(f"bits must be 8 or 16, got {bits}")
-        self.exact_max, self.nprobe, self.bits = exact_max, nprobe, bits
+        if retrain_growth <= 1:
+            raise ValueError(f"retrain_growth must be above 1, got {retrain_growth}")
+        self.exact_max, self.nprobe, self.bits, self.retrain_growth = exact_max, nprobe, bits, retrain_growth
         self.exact = torch.zeros(0, 0, dtype=torch.float16)
         self.ivf = None  # the faiss index, once past exact_max
+        self.trained_size = 0  # vectors held when the IVF cells were last trained
         self.size = 0
 
     @property
@@ -60,11 +71,16 @@ class KeptIndex:
     def add(self, vectors: torch.Tensor) -> None:
         if len(vectors) == 0:
             return
-        if self.ivf is None and self.size + len(vectors) > self.exact_max:
-            self._to_ivf(vectors.shape[1])
         if self.ivf is not None:
             self.ivf.add(np.ascontiguousarray(vectors.float().numpy()))
             self.size += len(vectors)
+            # 8-bit codes are not rebuilt: a component outside the per-dimension range its cells were trained on
+            # was clipped when added, and re-encoding those read-back codes under the new, wider ranges made them
+            # worse (a drifting corpus in tests/test_curation.py: 16 % of vectors no longer found at their own
+            # position after a rebuild, 2 % without one); float16 codes read back exactly
+            if (self.bits == 16 and self.size >= self.retrain_growth * self.trained_size
+                    and self._cells(self.size) > self.ivf.nlist):
+                self._train_ivf(vectors.shape[1])
             return
         if self.exact.numel() == 0:
             self.exact = torch.zeros(max(1024, len(vectors)), vectors.shape[1], dtype=torch.float16)
@@ -72,32 +88,48 @@ class KeptIndex:
             self.exact = torch.cat([self.exact, torch.zeros_like(self.exact)])
         self.exact[self.size:self.size + len(vectors)] = vectors.to(torch.float16)
         self.size += len(vectors)
+        if self.size > self.exact_max:  # trained on everything held, this batch included
+            self._train_ivf(vectors.shape[1])
 
-    def _to_ivf(self, dim: int) -> None:
+    @classmethod
+    def _cells(cls, n: int) -> int:
+        # ~2·sqrt(n) cells, each trained on >= 39 vectors (faiss's floor): k-means on 200k kept fingerprints takes
+        # ~10 s of one core
+        return max(1, min(cls._MAX_CELLS, round(2 * math.sqrt(n)), n // 39))
+
+    def _held(self, start: int, stop: int) -> np.ndarray:
+        if self.ivf is not None:
+            return self.ivf.reconstruct_n(start, stop - start)
+        return self.exact[start:stop].float().numpy()
+
+    def _held_at(self, positions: np.ndarray) -> np.ndarray:
+        if self.ivf is not None:
+            return self.ivf.reconstruct_batch(positions.astype(np.int64))
+        return self.exact[torch.from_numpy(positions)].float().numpy()
+
+    def _train_ivf(self, dim: int) -> None:
+        """(Re)build the IVF index over the `size` vectors held (exact matrix or the previous IVF index)."""
         import faiss
 
-        held = self.exact[:self.size]
-        # ~2·sqrt(n) cells, each trained on >= 39 vectors (faiss's floor): k-means on 200k kept fingerprints takes
-        # ~20 s of one core, once
-        cells = max(1, min(65536, round(2 * math.sqrt(max(1, self.size))), self.size // 39))
+        cells = self._cells(self.size)
         quantizer = faiss.IndexFlatIP(dim)
         codec = faiss.ScalarQuantizer.QT_fp16 if self.bits == 16 else faiss.ScalarQuantizer.QT_8bit
         ivf = faiss.IndexIVFScalarQuantizer(quantizer, dim, cells, codec, faiss.METRIC_INNER_PRODUCT)
         ivf.cp.seed = 0  # k-means from a fixed seed: the same kept clips give the same cells
-        if self.size:
-            sample = held[torch.randperm(self.size, generator=torch.Generator().manual_seed(0))[:40 * cells]]
-            ivf.train(np.ascontiguousarray(sample.float().numpy()))
-            for start in range(0, self.size, self._CHUNK):
-                ivf.add(np.ascontiguousarray(held[start:start + self._CHUNK].float().numpy()))
+        # a fixed-seed sample of positions (numpy draws k of n without an n-long permutation)
+        sample = np.sort(np.random.default_rng(0).choice(self.size, min(self.size, 40 * cells), replace=False))
+        ivf.train(np.ascontiguousarray(self._held_at(sample)))
+        ivf.make_direct_map()  # position -> stored code, so a later rebuild can read the vectors back
+        for start in range(0, self.size, self._CHUNK):
+            ivf.add(np.ascontiguousarray(self._held(start, min(self.size, start + self._CHUNK))))
         ivf.nprobe = min(self.nprobe, cells)
         self.quantizer, self.ivf = quantizer, ivf  # the IVF index does not own its quantizer: keep it alive
         self.exact = torch.zeros(0, 0, dtype=torch.float16)
+        self.trained_size = self.size
 
     def search(self, vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """For each row of `vectors`, the highest cosine to a held vector and its position (-inf, -1: none)."""
         if self.ivf is not None:
-            if not self.ivf.is_trained:  # past exact_max with nothing held yet: nothing to find
-                return torch.full((len(vectors),), float("-inf")), torch.full((len(vectors),), -1, dtype=torch.long)
             sims, pos = self.ivf.search(np.ascontiguousarray(vectors.float().numpy()), 1)
             best, where = torch.from_numpy(sims[:, 0].copy()), torch.from_numpy(pos[:, 0].astype(np.int64))
             return torch.where(where >= 0, best, torch.full_like(best, float("-inf"))), where
@@ -127,7 +159,8 @@ class NearDuplicateFilter:
 
     def __init__(self, cfg: IngestConfig, output_uri: str, options: StorageOptions):
         self.cfg = cfg
-        self.index = KeptIndex(cfg.near_dedup_exact_max, cfg.near_dedup_nprobe, cfg.near_dedup_index_bits)
+        self.index = KeptIndex(cfg.near_dedup_exact_max, cfg.near_dedup_nprobe, cfg.near_dedup_index_bits,
+                               cfg.near_dedup_retrain_growth)
         self.kept_ids: list[str] = []
         self.kept_sources: list[str] = []
         self.decisions: dict[str, tuple[str, str, float] | None] = {}  # clip id -> (kept id, source, cos) or None
