@@ -33,7 +33,8 @@ class DiffusionConfig:
     # training timesteps: u ~ U(0, 1) mapped to s·u / (1 + (s - 1)·u) of the schedule (SD3's shift); 1 = uniform,
     # > 1 spends more steps at high noise, where a video's trajectory is decided (16 frames carry a motion far
     # longer through the noise than one frame carries a position). The schedule itself is unchanged, so a frozen
-    # prior sees the noise levels it was trained on.
+    # prior sees the noise levels it was trained on. The small and base configs set 3 (benchmarks/RESULTS.md runs
+    # Q-S: with it the motion layers leave the plateau at the top of the schedule within a few thousand steps).
     timestep_shift: float = 1.0
     # weight of a second loss term on videos: the MSE of the prediction error's frame-to-frame differences. Pixel
     # MSE pays little for a small shape's motion (measured: knowing the prompted direction lowers the x0 loss from

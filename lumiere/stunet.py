@@ -79,7 +79,8 @@ class STUNetConfig:
     # how the motion conditioning pools the prompt's projected tokens into one vector: "attention" (one learned
     # query, softmax over positions) or "attention_max" (plus the max over positions of every feature). A motion
     # word is one token of sixteen: the softmax pool starts near-uniform and dilutes it ~1/16, the max passes a
-    # feature that fires on it at full size, whatever the prompt's length (benchmarks/RESULTS.md, run Q)
+    # feature that fires on it at full size, whatever the prompt's length (benchmarks/RESULTS.md, run Q). The small
+    # and base configs set attention_max: with timestep_shift 3 it is what made direction learnable (runs R, S)
     motion_text_pool: Literal["attention", "attention_max"] = "attention"
 
     __pydantic_config__ = {"extra": "forbid"}
