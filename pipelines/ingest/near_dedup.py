@@ -75,9 +75,10 @@ class KeptIndex:
             self.ivf.add(np.ascontiguousarray(vectors.float().numpy()))
             self.size += len(vectors)
             # 8-bit codes are not rebuilt: a component outside the per-dimension range its cells were trained on
+            # 8-bit codes are not rebuilt: a component outside the per-dimension range its cells were trained on
             # was clipped when added, and re-encoding those read-back codes under the new, wider ranges made them
-            # worse (a drifting corpus in tests/test_curation.py: 16 % of vectors no longer found at their own
-            # position after a rebuild, 2 % without one); float16 codes read back exactly
+            # worse (the corpus of tests/test_curation.py's rebuild test at 8 bits: 16 % of vectors no longer found
+            # at their own position after a rebuild, 2 % without one); float16 codes read back exactly
             if (self.bits == 16 and self.size >= self.retrain_growth * self.trained_size
                     and self._cells(self.size) > self.ivf.nlist):
                 self._train_ivf(vectors.shape[1])
@@ -119,7 +120,8 @@ class KeptIndex:
         # a fixed-seed sample of positions (numpy draws k of n without an n-long permutation)
         sample = np.sort(np.random.default_rng(0).choice(self.size, min(self.size, 40 * cells), replace=False))
         ivf.train(np.ascontiguousarray(self._held_at(sample)))
-        ivf.make_direct_map()  # position -> stored code, so a later rebuild can read the vectors back
+        if self.bits == 16:  # only these are rebuilt (see add)
+            ivf.make_direct_map()  # position -> stored code, so a later rebuild can read the vectors back
         for start in range(0, self.size, self._CHUNK):
             ivf.add(np.ascontiguousarray(self._held(start, min(self.size, start + self._CHUNK))))
         ivf.nprobe = min(self.nprobe, cells)
