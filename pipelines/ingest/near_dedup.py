@@ -75,7 +75,6 @@ class KeptIndex:
             self.ivf.add(np.ascontiguousarray(vectors.float().numpy()))
             self.size += len(vectors)
             # 8-bit codes are not rebuilt: a component outside the per-dimension range its cells were trained on
-            # 8-bit codes are not rebuilt: a component outside the per-dimension range its cells were trained on
             # was clipped when added, and re-encoding those read-back codes under the new, wider ranges made them
             # worse (the corpus of tests/test_curation.py's rebuild test at 8 bits: 16 % of vectors no longer found
             # at their own position after a rebuild, 2 % without one); float16 codes read back exactly
