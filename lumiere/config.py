@@ -46,6 +46,10 @@ class TrainConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 50
     max_steps: int = 1000
+    # after the warm-up, cosine: decay from the peak to 10 % over the rest of the run; wsd (warm-up, stable,
+    # decay): hold the peak, then the same cosine down to 10 % over the last `lr_decay_fraction` of the steps
+    lr_schedule: Literal["cosine", "wsd"] = "cosine"
+    lr_decay_fraction: float = 0.2
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     checkpoint_every: int = 500
@@ -70,6 +74,9 @@ class TrainConfig:
             raise ValueError("batch_size must be >= 1, max_steps >= 0 and lr > 0")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError("ema_decay must be in [0, 1)")
+        if not 0.0 < self.lr_decay_fraction <= 1.0:
+            raise ValueError(f"lr_decay_fraction must be in (0, 1] (the share of the steps the wsd schedule "
+                             f"decays over); got {self.lr_decay_fraction}")
         if self.grad_accum < 1 or self.batch_size % self.grad_accum:
             raise ValueError(f"grad_accum must be >= 1 and divide batch_size ({self.batch_size}) into equal "
                              f"micro-batches; got {self.grad_accum}")

@@ -5,8 +5,9 @@ of clips becomes the model's target and condition (`model_input(kind, cfg)`: a r
 prior; the whole clip for the STUNet; the clip with a random ⟨C, M⟩ condition for the conditional STUNet; the
 high-resolution window with its degraded, re-upsampled copy for the SSR). Optimisation is the same for all:
 AdamW on the parameters that require grad (the STUNet's prior is frozen, so it is not even in the optimizer),
-linear warm-up then cosine decay to 10 % of the peak (`lr_lambda`: diffusers' `get_scheduler("cosine")` decays
-to 0, so it is not the same schedule and checkpoints' LambdaLR state is kept), gradient clipping, an EMA of the
+linear warm-up then cosine decay to 10 % of the peak, over the whole run or (`train.lr_schedule: wsd`) its last
+part only (`lr_lambda`: diffusers' `get_scheduler("cosine")` decays to 0, so it is not the same schedule and
+checkpoints' LambdaLR state is kept), gradient clipping, an EMA of the
 trained weights (diffusers' `EMAModel`), classifier-free-guidance text dropout.
 
 Axes: b batch, c channels, t frames, h w height/width, l text tokens, d text width, e pooled width.
@@ -109,11 +110,20 @@ class EMA:
                 self.shadow[n].copy_(state[n])
 
 
-def lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
+def lr_lambda(warmup: int, total: int, schedule: str = "cosine", decay_fraction: float = 1.0
+              ) -> Callable[[int], float]:
+    """The LR multiplier at a step: linear warm-up, then a cosine down to 10 % of the peak, which starts right after
+    the warm-up ("cosine") or holds the peak until the last `decay_fraction` of the steps ("wsd": warm-up, stable,
+    decay). A short run ends its decay either way, so runs of any length compare at the same final LR; wsd keeps
+    the peak LR for longer, which a model that must first escape a plateau spends on learning."""
+    if schedule not in ("cosine", "wsd"):
+        raise ValueError(f"unknown lr schedule {schedule!r}: use cosine or wsd")
+    decay_start = warmup if schedule == "cosine" else max(warmup, total - round(decay_fraction * total))
+
     def f(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
+        progress = max(0.0, step - decay_start) / max(1, total - decay_start)
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))  # cosine down to 10 %
 
     return f
@@ -148,7 +158,8 @@ class TrainStep:
             raise ValueError("the model has no trainable parameters")
         self.optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda(cfg.train.warmup_steps, cfg.train.max_steps)
+            self.optimizer, lr_lambda(cfg.train.warmup_steps, cfg.train.max_steps, cfg.train.lr_schedule,
+                                      cfg.train.lr_decay_fraction)
         )
         self.ema = EMA(model, cfg.train.ema_decay)
         self.noise_schedule = training_scheduler(cfg.diffusion)
