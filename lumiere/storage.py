@@ -91,6 +91,19 @@ def read_bytes(uri: str, options: StorageOptions | None = None) -> bytes:
         return f.read()
 
 
+def read_parquet_columns(uri: str, columns: list[str], options: StorageOptions | None = None):
+    """The `columns` of a Parquet file that it has (a file written by an older version may lack newer ones), as a
+    pyarrow Table. The file is opened for random access, so only its footer and those columns' chunks are read
+    (ranged GETs on S3): a scan over parts full of frames fetches the few small columns it needs, not the parts."""
+    import pyarrow.parquet as pq  # lazily: most users of this module never read Parquet
+
+    fs, path = resolve(uri, options)
+    with fs.open_input_file(path) as f:
+        part = pq.ParquetFile(f)
+        have = set(part.schema_arrow.names)
+        return part.read(columns=[c for c in columns if c in have])
+
+
 def write_bytes(uri: str, data: bytes, options: StorageOptions | None = None) -> None:
     """Write atomically: readers see the old file (or none) until the new one is complete."""
     fs, path = resolve(uri, options)

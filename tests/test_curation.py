@@ -884,3 +884,43 @@ def test_a_file_read_in_place_by_byte_ranges_decodes_to_the_frames_of_a_local_co
     (tmp_path / "junk.mp4").write_bytes(b"\x00not a video" * 1000)
     with pytest.raises(Reject, match="not a readable video"):
         probe(RangeSource(str(tmp_path / "junk.mp4"), StorageOptions(), 12000, block=4096))
+
+
+def test_a_failure_after_decoding_keeps_the_clips_before_it_and_rejects_the_rest(built, monkeypatch, capfd):
+    """Post-decode work (here the clip encoder) raising on the file's second clip: the first clip is kept, the rest
+    is one `processing_failed` reject naming the error and where it was raised, the done record still counts every
+    candidate, and the traceback goes to stderr (the job's log)."""
+    from pipelines.ingest import stage2_decode
+
+    root, _ = built
+    real, calls = stage2_decode._encode, []
+
+    def encode(frames, cfg):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("encoder crashed")
+        return real(frames, cfg)
+
+    monkeypatch.setattr(stage2_decode, "_encode", encode)
+    rows = _cands(_file(root, "fps30_two_clips.mp4"), CFG)
+    clips = [r for r in rows if r["status"] == "ok"]
+    rejects = [r for r in rows if r["status"] == "reject"]
+    assert len(clips) == 1 and len(rejects) == 1, rows
+    r = rejects[0]
+    assert r["reason"] == "processing_failed" and r["clip_id"].endswith("-stop")
+    assert "RuntimeError: encoder crashed (in encode, test_curation.py:" in r["detail"]
+    assert "the 1 clips/shots before it are kept" in r["detail"]
+    err = capfd.readouterr().err
+    assert "processing_failed" in err and "Traceback" in err and "encoder crashed" in err
+
+
+def test_a_file_gone_after_listing_is_an_unreadable_reject(built, tmp_path):
+    root, _ = built
+    path = tmp_path / "gone.mp4"
+    path.write_bytes((root / "videos" / "fps25.mp4").read_bytes())
+    row = {"source": str(path), "size": path.stat().st_size, "caption": "x", "has_caption": True}
+    path.unlink()  # listed (its size known), then deleted before its decode task ran
+    rows = _cands(row, CFG)
+    assert [(r["status"], r["reason"]) for r in rows] == [("reject", "unreadable")]
+    assert rows[0]["detail"].startswith("FileNotFoundError") and "gone.mp4" in rows[0]["detail"]
+

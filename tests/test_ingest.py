@@ -75,6 +75,25 @@ def test_exact_clips_and_reject_reasons(ingested):
         report["scores"]["motion_score"]["counts"])
 
 
+def test_failed_files_are_listed_with_where_they_failed_in_the_report_and_the_summary(ingested):
+    from pipelines.ingest.job import _print_summary
+
+    _, expected, report = ingested
+    failed = sorted(Path(f["source"]).name for f in report["failures"]["first"])
+    want = sorted(name for name, reasons in expected["rejects"].items() for r in reasons
+                  if r in ("unreadable", "processing_failed"))
+    assert failed == want and report["failures"]["count"] == len(want) and want  # truncated, empty, text...
+    # each detail names the error and, for an exception, the frame it was raised in
+    raised = [f for f in report["failures"]["first"] if not f["detail"].startswith("cannot fetch")]
+    assert raised and all(" (in " in f["detail"] and ".py:" in f["detail"] for f in raised), raised
+    lines: list[str] = []
+    _print_summary(report, lines.append)
+    text = "\n".join(lines)
+    assert f"{len(want)} failed" in text
+    for f in report["failures"]["first"][:5]:
+        assert f"{f['source']}: {f['reason']}: {f['detail']}" in text
+
+
 def test_every_clip_has_80_frames_at_the_base_size(ingested):
     rows, manifest = _clips(ingested[0])
     assert manifest["frames_format"] == "mp4" and manifest["clip_frames"] == 80
@@ -197,9 +216,10 @@ def test_resume_with_a_different_config_is_refused_naming_the_keys(built, ingest
     assert "\n" not in msg and (out / "manifest.json").read_bytes() == manifest  # nothing was touched
     with pytest.raises(LumiereError, match="--captions"):
         run_ingest(str(root / "videos"), str(out), None, load_ingest_config(None, OVERRIDES))
-    # how the work is spread is not part of it: a resume may change it
+    # how the work is spread (and where sources are cached) is not part of it: a resume may change it
     report = run_ingest(str(root / "videos"), str(out), str(root / "captions.jsonl"),
-                        load_ingest_config(None, [*OVERRIDES, "embed_batch_size=8", "decode_files_per_task=1"]))
+                        load_ingest_config(None, [*OVERRIDES, "embed_batch_size=8", "decode_files_per_task=1",
+                                                  "source_cache_bytes=1000000000", "contact_sheet_tiles=8"]))
     assert report["this_run"]["clips_written"] == 0
 
 

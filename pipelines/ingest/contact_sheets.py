@@ -17,7 +17,6 @@ from collections import defaultdict
 from pathlib import PurePosixPath
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 from einops import rearrange
 
@@ -80,10 +79,9 @@ def _thumbs(parts_by_id: dict[str, str], ids: list[str], options: StorageOptions
         by_part[parts_by_id[cid]].add(cid)
     out = {}
     for uri, wanted in by_part.items():
-        part = pq.ParquetFile(io.BytesIO(storage.read_bytes(uri, options)))
-        if "thumb" not in part.schema_arrow.names:
+        table = storage.read_parquet_columns(uri, ["clip_id", "thumb"], options)  # never the frames
+        if "thumb" not in table.column_names:
             continue
-        table = part.read(columns=["clip_id", "thumb"])  # never the frames
         for cid, thumb in zip(table["clip_id"].to_pylist(), table["thumb"].to_pylist(), strict=True):
             if cid in wanted:
                 out[cid] = thumb or b""

@@ -60,9 +60,9 @@ def _read_parts(output_uri: str, folder: str, columns: list[str] | None,
         return []
 
     def read(uri: str) -> tuple[str, pa.Table]:
-        part = pq.ParquetFile(io.BytesIO(storage.read_bytes(uri, options)))
-        have = part.schema_arrow.names
-        return uri, part.read(columns=None if columns is None else [c for c in columns if c in have])
+        if columns is not None:  # only the footer and these columns' chunks are fetched, never the frames
+            return uri, storage.read_parquet_columns(uri, columns, options)
+        return uri, pq.read_table(io.BytesIO(storage.read_bytes(uri, options)))
 
     uris = [uri for uri, _ in storage.list_files(root, options) if uri.endswith(".parquet")]
     with ThreadPoolExecutor(16) as pool:
@@ -135,9 +135,11 @@ def _clean_temp_files(output_uri: str, options: StorageOptions) -> None:
                     os.unlink(os.path.join(root, name))
 
 
-# how the work is spread, not what it produces: a resume may change these freely
+# how the work is spread, where sources are cached and how the report looks, not what clips it makes: a resume
+# may change these freely (e.g. move the shot detector to a GPU node, or point the source cache at a bigger disk)
 _PERFORMANCE_KEYS = {"shard_clips", "embed_batch_size", "embed_actors", "embed_num_gpus", "decode_num_cpus",
-                     "codec_threads", "decode_files_per_task", "decode_memory_mb"}
+                     "codec_threads", "decode_files_per_task", "decode_memory_mb", "shot_num_gpus",
+                     "source_cache_dir", "source_cache_bytes", "remote_read_block_bytes", "contact_sheet_tiles"}
 RUN_CONFIG = "ingest-config.json"
 
 
@@ -453,13 +455,14 @@ def _progress_line(written: Counter, todo: int, elapsed: float, unit: str = "fil
 def finalize(input_uri, output_uri, captions_uri, files, skipped, cfg: IngestConfig, options, t0, written,
              log=print, encoder_info: dict | None = None, write_seconds: list[float] | None = None) -> dict:
     """Check completeness, write rejects.parquet, report.json and — last — manifest.json."""
-    # each part is read once, only the columns needed (REJECT_SCHEMA has the state columns)
-    shard_parts = _read_parts(output_uri, "shards", [*_STATE_COLUMNS, "num_frames", "motion_score", "clip_score",
-                                                     "start_time_s", "caption"], options)
-    # the thumbnails stay in the parts: the contact sheets read a sample of them
-    reject_parts = _read_parts(output_uri, "rejects", REJECTS_FILE_SCHEMA.names, options)
-    # done parts are small (one row per file), read whole: parts made before decode_s existed lack it
-    done_parts = _read_parts(output_uri, "done", None, options)
+    # each part is read once, only the columns needed (REJECT_SCHEMA has the state columns), the three folders at
+    # once; the thumbnails stay in the parts (the contact sheets read a sample of them); done parts are small (one
+    # row per file), read whole: parts made before decode_s existed lack it
+    wanted = {"shards": [*_STATE_COLUMNS, "num_frames", "motion_score", "clip_score", "start_time_s", "caption"],
+              "rejects": REJECTS_FILE_SCHEMA.names, "done": None}
+    with ThreadPoolExecutor(len(wanted)) as pool:
+        shard_parts, reject_parts, done_parts = pool.map(lambda f: _read_parts(output_uri, f, wanted[f], options),
+                                                         wanted)
     committed = _committed_state([t for _, t in shard_parts + reject_parts + done_parts])
     sources = {f["source"] for f in files}
     incomplete = [s for s in sources if not is_done(committed.get(s))]
@@ -511,6 +514,7 @@ def finalize(input_uri, output_uri, captions_uri, files, skipped, cfg: IngestCon
         "timings": _timings(done_parts, sources, written, write_seconds or [], elapsed),
         "source_fetch": _source_fetch(done_parts, files),
         "contact_sheets": sheets,
+        "failures": _failures(rejects),
         "reason_codes": REASONS,
     }
     storage.write_bytes(storage.join(output_uri, "report.json"), json.dumps(report, indent=2).encode(), options)
@@ -531,6 +535,17 @@ def finalize(input_uri, output_uri, captions_uri, files, skipped, cfg: IngestCon
     return report
 
 
+FAILURE_REASONS = ("unreadable", "processing_failed")  # what went wrong, not what the filters decided
+
+
+def _failures(rejects: pa.Table, keep: int = 20) -> dict:
+    """The files that failed (unreadable, or broke part-way), sorted by source: how many, and the first `keep` with
+    their reject detail (the error and where it was raised; the whole traceback is in the job's log)."""
+    rows = sorted((r for r in rejects.select(["source", "reason", "detail"]).to_pylist()
+                   if r["reason"] in FAILURE_REASONS), key=lambda r: (r["source"], r["reason"]))
+    return {"count": len(rows), "first": rows[:keep]}
+
+
 def _print_summary(report: dict, log=print) -> None:
     rows = [("files", report["files"]), ("  with clips", report["files_with_clips"]),
             ("  rejected whole", report["files_rejected"]), ("clips", report["clips"]),
@@ -541,6 +556,13 @@ def _print_summary(report: dict, log=print) -> None:
              ("this run: frames/s", run["frames_per_s"])]
     width = max(len(k) for k, _ in rows)
     log("\n" + "\n".join(f"  {k:<{width}}  {v:>10}" for k, v in rows))
+    failures = report.get("failures") or {"count": 0, "first": []}
+    if failures["count"]:
+        shown = failures["first"][:5]
+        log(f"\n{failures['count']} failed: unreadable or broken part-way (the first {len(shown)}; all in "
+            "report.json's failures and rejects.parquet, tracebacks in the job log):")
+        for f in shown:
+            log(f"  {f['source']}: {f['reason']}: {f['detail']}")
     log(f"\nshards, rejects.parquet, report.json and manifest.json in {report['output']}"
         + (f"; contact sheets (accepted, one per reject reason) in {report['output']}/contact_sheets/"
            if report.get("contact_sheets") else ""))

@@ -23,12 +23,10 @@ error, and gains in time and memory, is measured in `benchmarks/near_dedup_index
 
 from __future__ import annotations
 
-import io
 import math
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
 from lumiere import storage
@@ -175,10 +173,8 @@ class NearDuplicateFilter:
         column = "signature" if self.cfg.near_dedup == "frames" else "image_embedding"
 
         def read(uri: str):
-            part = pq.ParquetFile(io.BytesIO(storage.read_bytes(uri, options)))
-            if column not in part.schema_arrow.names:
-                return None
-            return part.read(columns=["clip_id", "source", column])  # never the frames
+            table = storage.read_parquet_columns(uri, ["clip_id", "source", column], options)  # never the frames
+            return table if column in table.column_names else None
 
         uris = [u for u, _ in storage.list_files(root, options) if u.endswith(".parquet")]
         with ThreadPoolExecutor(16) as pool:

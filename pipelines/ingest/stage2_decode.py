@@ -11,8 +11,11 @@ what resume relies on.
 from __future__ import annotations
 
 import hashlib
+import sys
 import time
+import traceback
 from collections.abc import Iterator
+from pathlib import PurePath
 
 import numpy as np
 import torch
@@ -44,6 +47,16 @@ def _reject_row(source: str, clip_id: str, reason: str, detail: str, shot: int =
                 frames: int = 0) -> dict:
     return {"status": "reject", "clip_id": clip_id, "source": source, "file_id": file_id(source),
             "reason": reason, "detail": detail, "shot_index": shot, "start_frame": start, "num_frames": frames}
+
+
+def failure_detail(source: str, reason: str, e: BaseException) -> str:
+    """An unexpected per-file failure as its reject detail: the error and the innermost frame it came from
+    ("ValueError: bad frame (in encode_mp4_bytes, video.py:212)"). The whole traceback goes to the worker's stderr,
+    which Ray forwards to the driver (the job's log) and keeps in the worker's log file."""
+    frames = traceback.extract_tb(e.__traceback__)
+    where = f" (in {frames[-1].name}, {PurePath(frames[-1].filename).name}:{frames[-1].lineno})" if frames else ""
+    sys.stderr.write(f"[ingest] {source}: {reason}\n{''.join(traceback.format_exception(e))}")
+    return f"{type(e).__name__}: {str(e)[:300]}{where}"
 
 
 def _encode(frames: np.ndarray, cfg: IngestConfig) -> bytes:
@@ -169,7 +182,7 @@ def _cut(path: str, row: dict, key: str, whole_file: str, cfg: IngestConfig) -> 
         yield _reject_row(source, whole_file, r.reason, r.detail)
         return
     except Exception as e:  # noqa: BLE001 - any per-file failure is that file's reject, never the job's failure
-        yield _reject_row(source, whole_file, "unreadable", f"{type(e).__name__}: {str(e)[:300]}")
+        yield _reject_row(source, whole_file, "unreadable", failure_detail(source, "unreadable", e))
         return
 
     src_short = min(meta.width, meta.height)
@@ -190,7 +203,8 @@ def _cut(path: str, row: dict, key: str, whole_file: str, cfg: IngestConfig) -> 
             yield row_out
     except (Reject, Exception) as e:  # noqa: BLE001 - the decoder stalled or broke part-way, or a clip failed:
         # the file's reject (the clips made before it are kept), never the job's failure
-        r = e if isinstance(e, Reject) else Reject("processing_failed", f"{type(e).__name__}: {str(e)[:300]}")
+        r = e if isinstance(e, Reject) else Reject("processing_failed",
+                                                   failure_detail(source, "processing_failed", e))
         at = first + shots.n
         yield _reject_row(source, whole_file if made == 0 else f"{key}-stop", r.reason,
                           f"{r.detail} (stopped at frame {at} of the {cfg.fps:g} fps stream; the {made} clips/shots "
