@@ -511,7 +511,6 @@ def test_a_long_file_is_cut_into_time_ranges_with_the_clips_of_one_task(ray_sess
     assert rerun["this_run"]["clips_written"] == 0 and rerun["clips"] == 20
 
 
-@pytest.mark.slow
 def _s3_clip_counters(s3, options, bucket: str, prefix: str) -> list[tuple[str, tuple[int, ...]]]:
     """(clip_id, the frame counter in each frame's corner) of every clip in an S3 output, sorted; a clip written
     twice appears twice."""
@@ -529,6 +528,7 @@ def _s3_clip_counters(s3, options, bucket: str, prefix: str) -> list[tuple[str, 
     return sorted(out)
 
 
+@pytest.mark.slow
 def test_the_time_ranges_of_an_s3_file_share_one_copy_per_node(ray_session, tmp_path):
     """A 40 s video on S3 at range_seconds=10 is 4 decode tasks: with the node's source cache they copy the object
     once (report.json's source_fetch counts the bytes each task fetched), without it (source_cache_bytes=0) once
