@@ -137,13 +137,17 @@ def ingest(
     limit: int | None = typer.Option(None, min=1, help="Only the first N video files (listing order): a sample."),
     dry_run: bool = typer.Option(False, help="List, check the resume state and config, say what would be "
                                  "processed; write nothing."),
+    new_output_on_change: bool = typer.Option(
+        False, help="When --output holds clips made with other settings, write to <output>-<config hash> instead "
+        "of refusing (the same settings find that output again on a re-run)."),
 ):
     """Turn a video corpus into Parquet shards of fixed-length clips (Ray Data); re-run to resume."""
     from pipelines.ingest.config import load_ingest_config
     from pipelines.ingest.job import run_ingest
 
     cfg = load_ingest_config(config, set_)
-    report = run_ingest(input, output, captions, cfg, address=address, limit=limit, dry_run=dry_run)
+    report = run_ingest(input, output, captions, cfg, address=address, limit=limit, dry_run=dry_run,
+                        new_output_on_change=new_output_on_change)
     if dry_run:
         return
     small = report.get("rejected_files_by_reason", {}).get("too_small", 0)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -221,6 +222,46 @@ def test_resume_with_a_different_config_is_refused_naming_the_keys(built, ingest
                         load_ingest_config(None, [*OVERRIDES, "embed_batch_size=8", "decode_files_per_task=1",
                                                   "source_cache_bytes=1000000000", "contact_sheet_tiles=8"]))
     assert report["this_run"]["clips_written"] == 0
+
+
+def test_a_changed_config_can_write_to_its_own_output_and_find_it_again(built, ingested):
+    root, _ = built
+    out, _, _ = ingested
+    manifest = (out / "manifest.json").read_bytes()
+    cfg = load_ingest_config(None, [*OVERRIDES, "static_threshold=0.05"])
+    first = run_ingest(str(root / "videos"), str(out), str(root / "captions.jsonl"), cfg, limit=2,
+                       new_output_on_change=True)
+    new_out = Path(first["output"])
+    assert new_out != out and new_out.name.startswith(out.name + "-") and new_out.is_dir()
+    assert json.loads((new_out / "manifest.json").read_text())["config_hash"] == new_out.name.rsplit("-", 1)[1]
+    assert first["this_run"]["clips_written"] > 0 and (out / "manifest.json").read_bytes() == manifest
+    again = run_ingest(str(root / "videos"), str(out), str(root / "captions.jsonl"), cfg, limit=2,
+                       new_output_on_change=True)
+    assert again["output"] == first["output"] and again["this_run"]["clips_written"] == 0
+
+
+def test_every_part_is_stamped_and_a_part_of_another_config_is_refused(ingested, built, tmp_path):
+    from lumiere.errors import LumiereError
+    from pipelines.ingest.stage4_write import STAMP_CONFIG, STAMP_ENCODER
+
+    root, _ = built
+    out, _, _ = ingested
+    manifest = json.loads((out / "manifest.json").read_text())
+    parts = sorted(p for folder in ("shards", "rejects", "done") for p in (out / folder).glob("part-*.parquet"))
+    stamps = Counter((pq.read_schema(p).metadata[STAMP_CONFIG].decode(), pq.read_schema(p).metadata[STAMP_ENCODER]
+                      .decode()) for p in parts)
+    assert stamps == Counter({(manifest["config_hash"], manifest["text_encoder"]["fingerprint"]): len(parts)})
+    # a copy of the output whose ingest-config.json agrees, but one done part was written with another config
+    # (e.g. by a second job started with other settings before the record existed): a resume refuses it
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    victim = sorted((copy / "done").glob("part-*.parquet"))[0]
+    table = pq.read_table(victim)
+    pq.write_table(table.replace_schema_metadata({**table.schema.metadata, STAMP_CONFIG: b"0123456789abcdef"}),
+                   victim)
+    with pytest.raises(LumiereError, match=r"holds 1 parts made with another ingest config \(0123456789abcdef"):
+        run_ingest(str(root / "videos"), str(copy), str(root / "captions.jsonl"),
+                   load_ingest_config(None, OVERRIDES))
 
 
 def _fingerprint(out: Path) -> list[tuple[str, str]]:

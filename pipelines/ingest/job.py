@@ -20,6 +20,7 @@ with no duplicates. Readers use manifest.json's shard list, which is replaced at
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -46,7 +47,7 @@ from .near_dedup import NearDuplicateFilter
 from .stage1_list import inspect_file, list_inputs, mark_duplicates, split_into_ranges
 from .stage2_decode import decode_and_cut, range_key
 from .stage3_embed import CaptionEmbedder
-from .stage4_write import REJECT_SCHEMA, SCHEMA_VERSION, write_shard
+from .stage4_write import REJECT_SCHEMA, SCHEMA_VERSION, STAMP_CONFIG, STAMP_ENCODER, write_shard
 
 REJECTS_FILE_SCHEMA = pa.schema([f for f in REJECT_SCHEMA if f.name != "thumb"])  # rejects.parquet's columns
 
@@ -116,12 +117,38 @@ def range_is_done(state: dict | None, row: dict) -> bool:
 _FOLDERS = ("shards", "rejects", "done")
 
 
-def scan_committed(output_uri: str, options: StorageOptions) -> dict[str, dict]:
+def scan_committed(output_uri: str, options: StorageOptions, config_hash: str | None = None) -> dict[str, dict]:
     """source -> committed state (`_committed_state`); the parts of the three folders are read in parallel, only
-    the columns needed (never the frames)."""
+    the columns needed (never the frames). With `config_hash`, every part stamped with another config is refused
+    (`check_part_stamps`)."""
     with ThreadPoolExecutor(len(_FOLDERS)) as pool:
-        parts = pool.map(lambda f: _read_parts(output_uri, f, _STATE_COLUMNS, options), _FOLDERS)
-        return _committed_state([t for ps in parts for _, t in ps])
+        parts = [p for ps in pool.map(lambda f: _read_parts(output_uri, f, _STATE_COLUMNS, options), _FOLDERS)
+                 for p in ps]
+    if config_hash is not None:
+        check_part_stamps(output_uri, parts, STAMP_CONFIG, config_hash, "ingest config")
+    return _committed_state([t for _, t in parts])
+
+
+def part_stamp(table: pa.Table, key: bytes) -> str:
+    """A part's stamp (STAMP_CONFIG / STAMP_ENCODER) from its footer; "" for parts written before stamps."""
+    return ((table.schema.metadata or {}).get(key) or b"").decode()
+
+
+def check_part_stamps(output_uri: str, parts: list[tuple[str, pa.Table]], key: bytes, want: str, what: str) -> None:
+    """Refuse an output holding parts stamped with another `what` than `want` (unstamped parts pass: they predate
+    stamps, and ingest-config.json speaks for them): a one-line error with how many and one of them."""
+    other = Counter()
+    example = {}
+    for uri, table in parts:
+        have = part_stamp(table, key)
+        if have and have != want:
+            other[have] += 1
+            example.setdefault(have, uri)
+    if other:
+        have, n = other.most_common(1)[0]
+        raise LumiereError(f"{output_uri} holds {sum(other.values())} parts made with another {what} ({have}, not "
+                           f"{want}; e.g. {example[have]}); resume with the settings that made them, or write to a "
+                           "new --output")
 
 
 def _clean_temp_files(output_uri: str, options: StorageOptions) -> None:
@@ -147,12 +174,19 @@ def _output_config(cfg: IngestConfig) -> dict:
     return {k: v for k, v in cfg.model_dump(mode="json").items() if k not in _PERFORMANCE_KEYS}
 
 
+def ingest_config_hash(cfg: IngestConfig, captions_uri: str | None) -> str:
+    """What the clips depend on (the config but its performance keys, and the captions source), hashed: stamped on
+    every part, recorded in ingest-config.json and the manifest, and the suffix of `--new-output-on-change`."""
+    record = {"config": _output_config(cfg), "captions": captions_uri}
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def check_resume_config(output_uri: str, cfg: IngestConfig, options: StorageOptions, captions_uri: str | None,
                         record: bool = True) -> None:
     """The output's clips were made with one config: record it before the first part is written, and refuse a
     resume whose config differs in anything that changes the clips (a one-line error naming the keys), so new
     shards never mix with old ones under a manifest that describes only the new config."""
-    want = {"config": _output_config(cfg), "captions": captions_uri}
+    want = {"config": _output_config(cfg), "captions": captions_uri, "hash": ingest_config_hash(cfg, captions_uri)}
     record_uri = storage.join(output_uri, RUN_CONFIG)
     have = None
     if storage.exists(record_uri, options):
@@ -171,7 +205,8 @@ def check_resume_config(output_uri: str, cfg: IngestConfig, options: StorageOpti
         diff.append(f"--captions: {have.get('captions')!r} -> {want['captions']!r}")
     if diff:
         raise LumiereError(f"{output_uri} holds clips made with a different ingest config ({'; '.join(diff)}); "
-                           "resume with the same settings, or write to a new --output")
+                           "resume with the same settings, or write to a new --output (--new-output-on-change "
+                           "picks one)")
 
 
 def _init_ray(address: str | None):
@@ -225,11 +260,12 @@ def _absolute(uri: str) -> str:
 
 def run_ingest(input_uri: str, output_uri: str, captions_uri: str | None = None, cfg: IngestConfig | None = None,
                address: str | None = None, options: StorageOptions | None = None, log=print,
-               limit: int | None = None, dry_run: bool = False) -> dict:
+               limit: int | None = None, dry_run: bool = False, new_output_on_change: bool = False) -> dict:
     """Run (or resume) an ingestion job; returns the report (also written to report.json).
     `limit`: only the first N video files (in listing order), e.g. to try settings on a sample; the output is a
     complete dataset of those N. `dry_run`: list, check the resume state and config, report what would be
-    processed, write nothing and start no Ray."""
+    processed, write nothing and start no Ray. `new_output_on_change`: when the output holds clips of another
+    config, write to `<output>-<config hash>` instead of refusing (the same config finds the same output again)."""
     import ray
 
     cfg = cfg or IngestConfig()
@@ -250,11 +286,19 @@ def run_ingest(input_uri: str, output_uri: str, captions_uri: str | None = None,
     listed = len(files)
     if limit is not None:
         files = files[:limit]
-    check_resume_config(output_uri, cfg, options, captions_uri, record=not dry_run)
+    config_hash = ingest_config_hash(cfg, captions_uri)
+    try:
+        check_resume_config(output_uri, cfg, options, captions_uri, record=not dry_run)
+    except LumiereError as e:
+        if not new_output_on_change:
+            raise
+        output_uri = f"{output_uri.rstrip('/')}-{config_hash}"
+        log(f"[ingest] {str(e).split(' (')[0]}: writing to {output_uri} instead (--new-output-on-change)")
+        check_resume_config(output_uri, cfg, options, captions_uri, record=not dry_run)
     _check_shot_detector(cfg)
     if not dry_run:
         _clean_temp_files(output_uri, options)
-    committed = scan_committed(output_uri, options)
+    committed = scan_committed(output_uri, options, config_hash)
     todo = []
     for f in files:
         done = committed.get(f["source"])
@@ -320,7 +364,8 @@ def run_ingest(input_uri: str, output_uri: str, captions_uri: str | None = None,
                                                             "options": options},
                 batch_size=cfg.embed_batch_size, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.25,
             )
-        ds = ds.map_batches(write_shard, fn_kwargs={"output_uri": output_uri, "options": options},
+        ds = ds.map_batches(write_shard, fn_kwargs={"output_uri": output_uri, "options": options,
+                                                    "config_hash": config_hash},
                             batch_size=cfg.shard_clips, num_cpus=0.5)
         last, started = 0.0, time.time()
         for part in ds.iter_rows():
@@ -464,6 +509,12 @@ def finalize(input_uri, output_uri, captions_uri, files, skipped, cfg: IngestCon
         shard_parts, reject_parts, done_parts = pool.map(lambda f: _read_parts(output_uri, f, wanted[f], options),
                                                          wanted)
     committed = _committed_state([t for _, t in shard_parts + reject_parts + done_parts])
+    config_hash = ingest_config_hash(cfg, captions_uri)
+    check_part_stamps(output_uri, shard_parts + reject_parts + done_parts, STAMP_CONFIG, config_hash, "ingest config")
+    encoder_info = encoder_info or _encoder_info(cfg)
+    # the manifest's encoder fingerprint is what training checks its text encoder against: every shard's
+    # embeddings must have come from that encoder (an actor with another encoder would otherwise pass unseen)
+    check_part_stamps(output_uri, shard_parts, STAMP_ENCODER, encoder_info["fingerprint"], "text encoder")
     sources = {f["source"] for f in files}
     incomplete = [s for s in sources if not is_done(committed.get(s))]
     ids = [cid for _, t in shard_parts + reject_parts + done_parts for cid in t["clip_id"].to_pylist()]
@@ -526,8 +577,8 @@ def finalize(input_uri, output_uri, captions_uri, files, skipped, cfg: IngestCon
         "clips": n_clips, "frames": n_frames, "files": len(files),
         "clip_frames": cfg.clip_frames, "fps": cfg.fps, "size": cfg.size, "hr_size": cfg.hr_size,
         "frames_format": cfg.frame_format,
-        "text_encoder": encoder_info or _encoder_info(cfg),
-        "config": cfg.model_dump(mode="json"),
+        "text_encoder": encoder_info,
+        "config": cfg.model_dump(mode="json"), "config_hash": config_hash,
         "shards": sorted(shards, key=lambda s: s["path"]),
     }
     storage.write_bytes(storage.join(output_uri, "manifest.json"), json.dumps(manifest, indent=2).encode(), options)

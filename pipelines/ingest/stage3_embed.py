@@ -20,7 +20,11 @@ class CaptionEmbedder:
 
         self.cfg = cfg
         device = "cuda" if cfg.embed_num_gpus > 0 and torch.cuda.is_available() else "cpu"
-        self.encoder = TextEncoder(cfg.text_encoder()).to(device)
+        encoder = TextEncoder(cfg.text_encoder())
+        # stamped on every part written from these embeddings; taken on the CPU, as the driver takes the manifest's
+        # (a GPU's rounding could move the fingerprint's last digit)
+        self.fingerprint = encoder.fingerprint()
+        self.encoder = encoder.to(device)
         with torch.no_grad():
             self.dim = int(self.encoder.encode_text([""])[1].shape[1])  # text and image share CLIP's embedding space
 
@@ -60,5 +64,6 @@ class CaptionEmbedder:
         if n:
             embed_s[0], embed_batches[0] = time.perf_counter() - started, 1
         batch.update(text_tokens=tokens, text_pooled=pooled, image_embedding=image, clip_score=score,
-                     embed_s=embed_s, embed_batches=embed_batches)
+                     embed_s=embed_s, embed_batches=embed_batches,
+                     encoder_fingerprint=np.full(n, self.fingerprint, dtype=object))
         return batch

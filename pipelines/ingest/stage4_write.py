@@ -19,6 +19,12 @@ from lumiere.storage import StorageOptions
 
 SCHEMA_VERSION = 1
 
+# stamped into every part's Parquet footer (schema metadata): the hash of the ingest config that made its rows
+# (`job.ingest_config_hash`) and the fingerprint of the text encoder that embedded them, so a resume, finalize
+# and a reader can tell parts of another config or encoder from the footer alone
+STAMP_CONFIG = b"lumiere.ingest_config_hash"
+STAMP_ENCODER = b"lumiere.encoder_fingerprint"
+
 # the shard schema (documented in docs/data-format.md)
 CLIP_SCHEMA = pa.schema([
     ("clip_id", pa.string()),
@@ -103,10 +109,15 @@ def _table(rows_idx: np.ndarray, batch: dict, schema: pa.Schema) -> pa.Table:
     return pa.table(cols, schema=schema)
 
 
-def write_shard(batch: dict[str, np.ndarray], output_uri: str, options: StorageOptions) -> dict[str, np.ndarray]:
-    """Write the batch's accepted clips as one shard and its rejects as one part; each file atomically.
+def write_shard(batch: dict[str, np.ndarray], output_uri: str, options: StorageOptions,
+                config_hash: str = "") -> dict[str, np.ndarray]:
+    """Write the batch's accepted clips as one shard and its rejects as one part; each file atomically, stamped
+    with `config_hash` and the encoder fingerprint the embedding stage put on the batch (STAMP_*).
     Returns one summary row per written file (what the driver counts for progress)."""
     started = time.perf_counter()
+    fingerprints = np.asarray(batch.get("encoder_fingerprint", []))
+    stamp = {STAMP_CONFIG: config_hash.encode(),
+             STAMP_ENCODER: str(fingerprints[0]).encode() if len(fingerprints) else b""}
     statuses = np.asarray(batch["status"])
     # named by its content: a task Ray retries writes the same batch under the same name, so it overwrites its own
     # earlier (possibly committed) part instead of adding a second copy of every clip
@@ -121,6 +132,7 @@ def write_shard(batch: dict[str, np.ndarray], output_uri: str, options: StorageO
         if len(idx) == 0:
             continue
         table = _table(idx, batch, schema)
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), **stamp})
         sink = io.BytesIO()
         pq.write_table(table, sink, compression="zstd")
         uri = storage.join(output_uri, folders[kind], name)
