@@ -517,6 +517,23 @@ def test_near_duplicates_across_files_and_runs_are_rejected_naming_the_kept_clip
     assert len(late) == 3 and all(any(k in r["detail"] for k in kept) for r in late)
 
 
+def test_the_inspect_pass_reports_its_progress_and_keeps_the_listing_order(built, ray_session):
+    from lumiere.storage import StorageOptions
+    from pipelines.ingest.job import _inspect_files
+
+    root, _ = built
+    paths = sorted((root / "videos").glob("*.mp4"))
+    todo = [{"source": str(p), "size": p.stat().st_size} for p in paths]
+    lines: list[str] = []
+    seen = _inspect_files(todo, load_ingest_config(None, OVERRIDES), StorageOptions(), lines.append, every_s=0)
+    assert [r["source"] for r in seen] == [str(p) for p in paths]
+    assert all(r["content_hash"] for r in seen if r["size"]) and seen[0]["duration_s"] >= 0
+    # a line per file at every_s=0, counting up to all of them, naming what is being read
+    assert [line.split(": ")[1].split(",")[0] for line in lines] == [f"{i}/{len(todo)}" for i in
+                                                                      range(1, len(todo) + 1)]
+    assert "content hashes" in lines[0]
+
+
 def test_a_long_file_is_cut_into_time_ranges_with_the_clips_of_one_task(ray_session, tmp_path):
     """A 40 s video at range_seconds=10 runs as 4 decode tasks (4 done records, each saying 4 ranges) and gives
     the clips (start frames, frames) that one task over the whole file gives, since 160-frame ranges hold whole

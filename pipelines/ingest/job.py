@@ -331,7 +331,7 @@ def run_ingest(input_uri: str, output_uri: str, captions_uri: str | None = None,
     if todo:
         _init_ray(address)
         inspect_t0 = time.perf_counter()
-        todo = _inspect_files(todo, cfg, options)
+        todo = _inspect_files(todo, cfg, options, log)
         written["inspect_s"] += time.perf_counter() - inspect_t0
         written["inspect_files"] += len(todo)
         if cfg.dedup == "exact":
@@ -459,15 +459,23 @@ def _histograms(shard_parts: list[tuple[str, pa.Table]], sources: set[str], bins
     return out
 
 
-def _inspect_files(todo: list[dict], cfg: IngestConfig, options: StorageOptions) -> list[dict]:
+def _inspect_files(todo: list[dict], cfg: IngestConfig, options: StorageOptions, log=print,
+                   every_s: float = 2.0) -> list[dict]:
     """Every file to process looked at in parallel Ray tasks before decoding: its duration (to cut long files into
     time ranges) and, with dedup=exact, the SHA-256 of its bytes (read in blocks); one small row per file comes
-    back to the driver. Listing order is kept."""
+    back to the driver, with a progress line every `every_s` (hashing a large corpus reads all of it). Listing
+    order is kept."""
     import ray
 
     ds = ray.data.from_items(todo, override_num_blocks=decode_tasks(len(todo), cfg, ray.cluster_resources()))
-    seen = ds.map(inspect_file, fn_kwargs={"options": options, "max_file_bytes": cfg.max_file_bytes,
-                                           "hash_bytes": cfg.dedup == "exact"}, num_cpus=0.5).take_all()
+    what = "durations and content hashes" if cfg.dedup == "exact" else "durations"
+    seen, started, last = [], time.time(), time.time()
+    for row in ds.map(inspect_file, fn_kwargs={"options": options, "max_file_bytes": cfg.max_file_bytes,
+                                               "hash_bytes": cfg.dedup == "exact"}, num_cpus=0.5).iter_rows():
+        seen.append({"source": row["source"], "content_hash": row["content_hash"], "duration_s": row["duration_s"]})
+        if time.time() - last > every_s:
+            last = time.time()
+            log(f"[ingest] inspecting files ({what}): {len(seen)}/{len(todo)}, {last - started:.0f}s")
     by_source = {r["source"]: r for r in seen}
     return [{**r, "content_hash": by_source[r["source"]]["content_hash"],
              "duration_s": by_source[r["source"]]["duration_s"]} for r in todo]
