@@ -473,7 +473,7 @@ def _inspect_files(todo: list[dict], cfg: IngestConfig, options: StorageOptions,
     for row in ds.map(inspect_file, fn_kwargs={"options": options, "max_file_bytes": cfg.max_file_bytes,
                                                "hash_bytes": cfg.dedup == "exact"}, num_cpus=0.5).iter_rows():
         seen.append({"source": row["source"], "content_hash": row["content_hash"], "duration_s": row["duration_s"]})
-        if time.time() - last > every_s:
+        if time.time() - last >= every_s:
             last = time.time()
             log(f"[ingest] inspecting files ({what}): {len(seen)}/{len(todo)}, {last - started:.0f}s")
     by_source = {r["source"]: r for r in seen}
