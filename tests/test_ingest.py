@@ -642,8 +642,8 @@ def test_report_has_per_stage_timings_counted_per_file_and_part(ingested):
     # a write task names its part (in shards/, rejects/, done/) by its batch's ids: one name per task
     parts = {p.name for f in ("shards", "rejects", "done") for p in (out / f).iterdir() if p.suffix == ".parquet"}
     assert timings["write"]["count"] == len(parts)
-    assert timings["embed"]["count"] >= 1
-    for stage in ("decode", "embed", "write"):
+    assert timings["embed"]["count"] >= 1 and timings["near_dedup"]["count"] >= 1  # near_dedup=frames, the default
+    for stage in ("decode", "embed", "near_dedup", "write"):
         assert timings[stage]["total_s"] > 0 and timings[stage]["mean_s"] > 0, stage
     assert timings["decode"]["p50_s"] <= timings["decode"]["p95_s"]
     assert timings["inspect"]["files"] == files and 0 < timings["inspect"]["wall_s"] < timings["job_wall_s"]

@@ -371,8 +371,9 @@ def run_ingest(input_uri: str, output_uri: str, captions_uri: str | None = None,
         for part in ds.iter_rows():
             if int(part.get("write_batches", 0)):  # one small number per write task: flat driver memory
                 write_seconds.append(float(part["write_s"]))
-                written["embed_s"] += float(part["embed_s"])
-                written["embed_batches"] += int(part["embed_batches"])
+                for stage in ("embed", "near_dedup"):
+                    written[f"{stage}_s"] += float(part[f"{stage}_s"])
+                    written[f"{stage}_batches"] += int(part[f"{stage}_batches"])
             written[part["kind"] + "_rows"] += int(part["rows"])
             written[part["kind"] + "_files"] += 1
             written["frames"] += int(part["frames"])
@@ -412,8 +413,8 @@ def _timing(values, count: int | None = None) -> dict:
 def _timings(done_parts: list[tuple[str, pa.Table]], sources: set[str], written: Counter,
              write_seconds: list[float], elapsed: float) -> dict:
     """report.json's `timings`: decode (+cut, per file; from the done records, so it covers every file of the
-    output, retries counted once), embed (per batch) and write (per write task) of this run, and the job's wall
-    seconds."""
+    output, retries counted once), embed and near_dedup (per batch) and write (per write task) of this run, and the
+    job's wall seconds."""
     decode = [s for _, t in done_parts if "decode_s" in t.column_names
               for s, src in zip(t["decode_s"].to_pylist(), t["source"].to_pylist(), strict=True)
               if src in sources and s is not None]
@@ -422,6 +423,8 @@ def _timings(done_parts: list[tuple[str, pa.Table]], sources: set[str], written:
                                "hash with dedup=exact), wall seconds for all of them"},
             "decode": {**_timing(decode), "per": "file (or time range of a long file)"},
             "embed": {**_timing([written["embed_s"]], count=written["embed_batches"]), "per": "batch"},
+            "near_dedup": {**_timing([written["near_dedup_s"]], count=written["near_dedup_batches"]),
+                           "per": "batch (one actor sees every clip)"},
             "write": {**_timing(write_seconds), "per": "write task (one part in each of shards/, rejects/, "
                                                        "done/)"},
             "job_wall_s": round(elapsed, 2)}

@@ -24,6 +24,7 @@ error, and gains in time and memory, is measured in `benchmarks/near_dedup_index
 from __future__ import annotations
 
 import math
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -200,6 +201,7 @@ class NearDuplicateFilter:
         self.kept_sources += sources
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        started = time.perf_counter()
         status = batch["status"]
         ok = [i for i in range(len(status)) if status[i] == "ok"]
         ok.sort(key=lambda i: str(batch["clip_id"][i]))  # the batch's own order does not decide
@@ -233,4 +235,11 @@ class NearDuplicateFilter:
                 batch["detail"][i] = (f"cosine {cos:.4f} ({self.cfg.near_dedup} near_dedup) to clip {kept} of "
                                       f"{source} (kept); raise near_dedup_threshold or --set near_dedup=none to "
                                       "keep both")
+        # this batch's seconds on its first row only, as the embedding stage does (report.json's timings): the one
+        # actor sees every clip, so its time says when it becomes the job's bottleneck
+        n = len(status)
+        seconds, batches = np.zeros(n, dtype=np.float64), np.zeros(n, dtype=np.int32)
+        if n:
+            seconds[0], batches[0] = time.perf_counter() - started, 1
+        batch.update(near_dedup_s=seconds, near_dedup_batches=batches)
         return batch

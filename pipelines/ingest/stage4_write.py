@@ -149,8 +149,9 @@ def write_shard(batch: dict[str, np.ndarray], output_uri: str, options: StorageO
     first = [1] + [0] * (n - 1) if n else []
     summary["write_s"] = [(time.perf_counter() - started) * f for f in first]
     summary["write_batches"] = first
-    embed_s = float(np.sum(np.asarray(batch["embed_s"], dtype=np.float64))) if "embed_s" in batch else 0.0
-    embed_n = int(np.sum(np.asarray(batch["embed_batches"]))) if "embed_batches" in batch else 0
-    summary["embed_s"] = [embed_s * f for f in first]
-    summary["embed_batches"] = [embed_n * f for f in first]
+    for stage in ("embed", "near_dedup"):  # each stage put its batches' seconds on their first rows
+        seconds = float(np.sum(np.asarray(batch[f"{stage}_s"], dtype=np.float64))) if f"{stage}_s" in batch else 0.0
+        count = int(np.sum(np.asarray(batch[f"{stage}_batches"]))) if f"{stage}_batches" in batch else 0
+        summary[f"{stage}_s"] = [seconds * f for f in first]
+        summary[f"{stage}_batches"] = [count * f for f in first]
     return {k: np.asarray(v) for k, v in summary.items()}
