@@ -32,7 +32,8 @@ STUNet against its fixed-temporal-resolution variant at the same step budget.
     python benchmarks/train_throughput.py --quick      # tiny only, fewer steps, no repeats (~8 min)
     python benchmarks/train_throughput.py --no-ray --steps 100 --json /tmp/train.json
 
-CPU only here: bf16 autocast and MFU on a GPU (the `base` config) are not measured by this script.
+CPU only here: bf16 autocast and MFU on a GPU (the `base` config) are not measured by this script; `--cpu-bf16`
+adds the STUNet step under bf16 autocast on the CPU to part 1 (a CPU with AVX-512 BF16 or AMX runs bf16 kernels).
 """
 
 from __future__ import annotations
@@ -60,11 +61,14 @@ from lumiere.shapes import COLORS, DIRECTIONS, SHAPES, ShapeSpec, caption, rende
 from lumiere.text_encoder import TextEncoder  # noqa: E402
 from lumiere.trainer import TrainStep, clips_to_model  # noqa: E402
 
-VARIANTS = {  # name -> (kind, config overrides)
+VARIANTS = {  # name -> (kind, config overrides[, autocast dtype])
     "t2i": ("t2i", []),
     "stunet": ("stunet", ["stunet.temporal_resampling=true"]),
     "stunet-fixed": ("stunet", ["stunet.temporal_resampling=false"]),
 }
+# --cpu-bf16: the STUNet step again under bf16 autocast on the CPU (what `TrainStep(amp_dtype=...)` does on a GPU),
+# to see what a CPU with bf16 instructions (AVX-512 BF16, AMX) gains per step
+BF16_VARIANT = {"stunet-bf16": ("stunet", ["stunet.temporal_resampling=true"], torch.bfloat16)}
 
 
 # --- 1. in-process --------------------------------------------------------------------------------------------
@@ -99,8 +103,8 @@ def _train(runs: dict, clips, cond, batch: int, steps: int, args, label: str) ->
             break
 
 
-def _entry(name: str, kind: str, cfg, model) -> dict:
-    return {"kind": kind, "step": TrainStep(model, cfg, kind), "times": [], "losses": [],
+def _entry(name: str, kind: str, cfg, model, amp_dtype: torch.dtype | None = None) -> dict:
+    return {"kind": kind, "step": TrainStep(model, cfg, kind, amp_dtype=amp_dtype), "times": [], "losses": [],
             "params": sum(p.numel() for p in model.parameters()),
             "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
 
@@ -117,14 +121,14 @@ def in_process(config: str, args) -> list[dict]:
     _train(t2i, clips, cond, batch, args.steps, args, f"{config} t2i")
     prior_state = {k: v.detach().clone() for k, v in prior.state_dict().items()}
     runs = {}
-    for name, (kind, overrides) in VARIANTS.items():
+    for name, (kind, overrides, *amp) in {**VARIANTS, **(BF16_VARIANT if args.cpu_bf16 else {})}.items():
         if kind == "t2i":
             continue
         cfg = load_config(config, [f"train.max_steps={args.steps}", *overrides])
         p = build_prior(cfg)
         p.load_state_dict(prior_state)  # both start from the same trained prior
         torch.manual_seed(args.seed)
-        runs[name] = _entry(name, kind, cfg, build_stunet(cfg, p))
+        runs[name] = _entry(name, kind, cfg, build_stunet(cfg, p), *amp)
     _train(runs, clips, cond, batch, args.steps, args, f"{config} stunet")
     out = []
     for name, r in {**t2i, **runs}.items():
@@ -323,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ray-repeats", type=int, default=None,
                     help="each Ray Train job this many times, alternating the 1/2-worker order (default 2; quick 1)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cpu-bf16", action="store_true", help="in-process: also the STUNet under bf16 autocast")
     ap.add_argument("--parallel-only", action="store_true", help="only the DDP vs FSDP part (3)")
     ap.add_argument("--no-parallel", action="store_true", help="skip the DDP vs FSDP part (3)")
     ap.add_argument("--parallel-steps", type=int, default=None, help="steps per variant in part 3 (default 30)")
