@@ -145,7 +145,7 @@ def check_part_stamps(output_uri: str, parts: list[tuple[str, pa.Table]], key: b
             other[have] += 1
             example.setdefault(have, uri)
     if other:
-        have, n = other.most_common(1)[0]
+        have = other.most_common(1)[0][0]
         raise LumiereError(f"{output_uri} holds {sum(other.values())} parts made with another {what} ({have}, not "
                            f"{want}; e.g. {example[have]}); resume with the settings that made them, or write to a "
                            "new --output")
@@ -603,8 +603,8 @@ FAILURE_REASONS = ("unreadable", "processing_failed")  # what went wrong, not wh
 def _failures(rejects: pa.Table, keep: int = 20) -> dict:
     """The files that failed (unreadable, or broke part-way), sorted by source: how many, and the first `keep` with
     their reject detail (the error and where it was raised; the whole traceback is in the job's log)."""
-    rows = sorted((r for r in rejects.select(["source", "reason", "detail"]).to_pylist()
-                   if r["reason"] in FAILURE_REASONS), key=lambda r: (r["source"], r["reason"]))
+    failed = rejects.filter(pc.is_in(rejects["reason"], pa.array(FAILURE_REASONS)))  # in Arrow: rejects can be many
+    rows = sorted(failed.select(["source", "reason", "detail"]).to_pylist(), key=lambda r: (r["source"], r["reason"]))
     return {"count": len(rows), "first": rows[:keep]}
 
 
