@@ -34,6 +34,7 @@ from lumiere import storage
 from lumiere.storage import StorageOptions
 
 from .config import IngestConfig
+from .stage4_write import batch_seconds
 
 
 class KeptIndex:
@@ -235,11 +236,6 @@ class NearDuplicateFilter:
                 batch["detail"][i] = (f"cosine {cos:.4f} ({self.cfg.near_dedup} near_dedup) to clip {kept} of "
                                       f"{source} (kept); raise near_dedup_threshold or --set near_dedup=none to "
                                       "keep both")
-        # this batch's seconds on its first row only, as the embedding stage does (report.json's timings): the one
-        # actor sees every clip, so its time says when it becomes the job's bottleneck
-        n = len(status)
-        seconds, batches = np.zeros(n, dtype=np.float64), np.zeros(n, dtype=np.int32)
-        if n:
-            seconds[0], batches[0] = time.perf_counter() - started, 1
-        batch.update(near_dedup_s=seconds, near_dedup_batches=batches)
+        # the one actor sees every clip: its seconds say when it becomes the job's bottleneck (report.json)
+        batch.update(batch_seconds("near_dedup", len(status), started))
         return batch

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from .config import IngestConfig
+from .stage4_write import batch_seconds
 
 
 class CaptionEmbedder:
@@ -58,12 +59,7 @@ class CaptionEmbedder:
                     batch["status"][i] = "reject"
                     batch["reason"][i] = "low_clip_score"
                     batch["detail"][i] = f"CLIP score {score[i]:.3f} < min_clip_score={self.cfg.min_clip_score}"
-        # this batch's seconds on its first row only, so sums over rows count each batch once (report.json)
-        embed_s = np.zeros(n, dtype=np.float64)
-        embed_batches = np.zeros(n, dtype=np.int32)
-        if n:
-            embed_s[0], embed_batches[0] = time.perf_counter() - started, 1
         batch.update(text_tokens=tokens, text_pooled=pooled, image_embedding=image, clip_score=score,
-                     embed_s=embed_s, embed_batches=embed_batches,
-                     encoder_fingerprint=np.full(n, self.fingerprint, dtype=object))
+                     encoder_fingerprint=np.full(n, self.fingerprint, dtype=object),
+                     **batch_seconds("embed", n, started))
         return batch

@@ -109,6 +109,16 @@ def _table(rows_idx: np.ndarray, batch: dict, schema: pa.Schema) -> pa.Table:
     return pa.table(cols, schema=schema)
 
 
+def batch_seconds(stage: str, n: int, started: float) -> dict[str, np.ndarray]:
+    """A stage's seconds for one batch of `n` rows since `started` (perf_counter), as the two columns
+    `<stage>_s` / `<stage>_batches` with the values on the first row only, so sums over rows count each batch once
+    however the rows are re-batched later (`write_shard` sums them into the driver's report.json timings)."""
+    seconds, batches = np.zeros(n, dtype=np.float64), np.zeros(n, dtype=np.int32)
+    if n:
+        seconds[0], batches[0] = time.perf_counter() - started, 1
+    return {f"{stage}_s": seconds, f"{stage}_batches": batches}
+
+
 def write_shard(batch: dict[str, np.ndarray], output_uri: str, options: StorageOptions,
                 config_hash: str = "") -> dict[str, np.ndarray]:
     """Write the batch's accepted clips as one shard and its rejects as one part; each file atomically, stamped
