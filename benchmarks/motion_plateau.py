@@ -10,8 +10,9 @@ prompt. In normal training only ~5 % of steps land this high (uniform timesteps)
 ~20 N steps there. This isolates that part of learning at a small fraction of a `quality_shapes.py` run.
 
 Each variant trains the inflated model's trainable layers on the same 2D prior (trained once, like
-`quality_shapes.py`'s) with the same batches, noise and timesteps: AdamW at a constant `--lr` (no warm-up or decay,
-no EMA: the probe reads the raw weights), timesteps drawn uniformly from [--min-timestep, 999].
+`quality_shapes.py`'s) with the same batches, noise and timesteps: AdamW at a constant LR (`--lr`, or else each
+variant's `train.lr`; no warm-up or decay, no EMA: the probe reads the raw weights), timesteps drawn uniformly from
+[--min-timestep, 999].
 
     python benchmarks/motion_plateau.py --steps 800 --variant "default=" \\
         --variant "max pool=stunet.motion_text_pool=attention_max" --variant "oracle=+oracle"
@@ -55,7 +56,7 @@ def main() -> None:
     ap.add_argument("--config", default="small")
     ap.add_argument("--steps", type=int, default=800)
     ap.add_argument("--min-timestep", type=int, default=950, help="train only at timesteps >= this (of 1000)")
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr", type=float, default=None, help="constant LR (default: each variant's train.lr)")
     ap.add_argument("--probe-every", type=int, default=100)
     ap.add_argument("--clips", type=int, default=120)
     ap.add_argument("--t2i-steps", type=int, default=600)
@@ -97,7 +98,8 @@ def main() -> None:
         cond = Conditioning(*enc.encode_text(captions))
         torch.manual_seed(vcfg.train.seed)  # every variant's new layers start from the same random state
         model = build_stunet(vcfg, copy.deepcopy(prior))
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr or vcfg.train.lr,
+                                weight_decay=0.0)
         gen = torch.Generator().manual_seed(vcfg.train.seed)  # the same batches, noise and timesteps for all
         losses, curves[name], t0 = [], [], time.perf_counter()
         for step in range(1, args.steps + 1):

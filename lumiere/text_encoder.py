@@ -4,6 +4,9 @@ Axes: b batch, l tokens, d text width, e joint embedding width.
 
 `encode_text` returns the per-token features the U-Net cross-attends to (b l d, the output of the text
 transformer's final LayerNorm) and the pooled, projected embedding (b e) that joins the timestep embedding.
+With `token_features: final_and_embeddings` each token's features also carry the token's own input embedding
+(the word's row of the embedding table, before the transformer mixes it with its neighbours, layer-normed),
+concatenated: d = 2 × width.
 
 By default (`pretrained: null`) nothing is downloaded: the weights are randomly initialised from a fixed
 seed, so ingestion, training and serving that share a config get the same encoder. `fingerprint()` is a short
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -35,13 +39,19 @@ class TextEncoderConfig:
     vision_layers: int = 2
     vision_patch_size: int = 8
     image_size: int = 32
+    # the per-token features: "final", the text transformer's output; "final_and_embeddings", also each token's
+    # input embedding, concatenated. A frozen random-init transformer barely separates prompts that differ in one
+    # word (pooled cosine "moving left" / "moving right" 0.93, benchmarks/RESULTS.md), while its embedding table
+    # gives every word its own random vector: near-orthogonal codes, what the oracle direction code of run Q was
+    token_features: Literal["final", "final_and_embeddings"] = "final"
 
     __pydantic_config__ = {"extra": "forbid"}
 
     def dims(self) -> tuple[int, int]:
         """(token feature width d, pooled embedding width e), without building the model."""
+        copies = 2 if self.token_features == "final_and_embeddings" else 1
         if self.arch == "custom":
-            return self.width, self.embed_dim
+            return copies * self.width, self.embed_dim
         import open_clip
 
         mc = open_clip.get_model_config(self.arch)
@@ -49,7 +59,7 @@ class TextEncoderConfig:
             raise ValueError(
                 f"unknown open_clip architecture {self.arch!r}; use 'custom' or one of open_clip.list_models()"
             )
-        return mc.get("text_cfg", {}).get("width", 512), mc["embed_dim"]
+        return copies * mc.get("text_cfg", {}).get("width", 512), mc["embed_dim"]
 
 
 def _build_clip(cfg: TextEncoderConfig) -> tuple[nn.Module, object]:
@@ -90,11 +100,20 @@ class TextEncoder(nn.Module):
         self.clip.eval().requires_grad_(False)
         if not hasattr(self.clip, "ln_final"):
             raise ValueError(f"open_clip arch {cfg.arch!r} has no native text tower (ln_final); pick a CLIP arch")
+        if cfg.token_features not in ("final", "final_and_embeddings"):
+            raise ValueError(f"text.token_features must be 'final' or 'final_and_embeddings', got "
+                             f"{cfg.token_features!r}")
         self._tokens: torch.Tensor | None = None
+        self._embeddings: torch.Tensor | None = None
         self.clip.ln_final.register_forward_hook(self._keep_tokens)
+        if cfg.token_features == "final_and_embeddings":
+            self.clip.token_embedding.register_forward_hook(self._keep_embeddings)
 
     def _keep_tokens(self, module, inputs, output):
         self._tokens = output
+
+    def _keep_embeddings(self, module, inputs, output):
+        self._embeddings = output
 
     @property
     def device(self) -> torch.device:
@@ -105,6 +124,12 @@ class TextEncoder(nn.Module):
         tokens = self.tokenizer(list(prompts)).to(self.device)
         pooled = self.clip.encode_text(tokens)
         context, self._tokens = self._tokens, None
+        if self.cfg.token_features == "final_and_embeddings":
+            # layer-normed (no affine) like the final features: the table's rows are ~0.02 in scale, which a
+            # LayerNorm over the concatenation would otherwise leave ~50× smaller than the other half
+            embeddings = nn.functional.layer_norm(self._embeddings.float(), self._embeddings.shape[-1:], eps=1e-9)
+            context = torch.cat((context, embeddings.to(context.dtype)), dim=-1)  # b l (2 d)
+            self._embeddings = None
         return context.float(), pooled.float()
 
     @torch.no_grad()
@@ -119,7 +144,10 @@ class TextEncoder(nn.Module):
         return self.clip.encode_image(x.to(self.device)).float()
 
     def fingerprint(self) -> str:
-        """Short hash identifying this encoder's weights through its output on a fixed prompt."""
+        """Short hash identifying this encoder's weights through its output on a fixed prompt (and its token
+        features, when they are not the default, so a dataset embedded one way is not trained on the other)."""
         _, pooled = self.encode_text(["lumiere fingerprint"])
         rounded = torch.round(pooled.double().cpu() * 1e4).to(torch.int64).numpy().tobytes()
+        if self.cfg.token_features != "final":
+            rounded += self.cfg.token_features.encode()
         return hashlib.sha256(rounded).hexdigest()[:16]

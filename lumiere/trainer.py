@@ -149,7 +149,7 @@ class TrainStep:
     def __init__(self, model: nn.Module, cfg: LumiereConfig, kind: str, forward: nn.Module | None = None,
                  amp_dtype: torch.dtype | None = None, rank: int = 0):
         self.model = model  # the module whose weights are saved
-        self.forward = forward or model  # what is called (e.g. a DDP wrapper of `model`)
+        self.forward = model if forward is None else forward  # what is called (e.g. a DDP wrapper of `model`)
         self.amp_dtype = amp_dtype  # e.g. torch.bfloat16 on GPU: autocast for the forward pass
         self.cfg = cfg
         self.to_input = model_input(kind, cfg)

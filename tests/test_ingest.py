@@ -76,6 +76,34 @@ def test_exact_clips_and_reject_reasons(ingested):
         report["scores"]["motion_score"]["counts"])
 
 
+def test_rejects_keep_their_scores_and_the_histograms_show_both_sides_of_each_threshold(ingested):
+    out, expected, report = ingested
+    cfg = load_ingest_config(None, OVERRIDES)
+    rejects = pq.read_table(out / "rejects.parquet").to_pylist()
+    by_reason = defaultdict(list)
+    for r in rejects:
+        by_reason[r["reason"]].append(r)
+    # a filter's reject carries the score it failed on (and the others measured with it)
+    assert by_reason["static"] and all(r["motion_score"] < cfg.static_threshold for r in by_reason["static"])
+    assert by_reason["black"] and all(r["black_fraction"] > cfg.black_max_fraction for r in by_reason["black"])
+    # a candidate that never reached the filters has no scores, not zeros
+    never_scored = by_reason["too_short"] + by_reason["unreadable"]
+    assert never_scored and all(r[k] is None for r in never_scored
+                                for k in ("motion_score", "black_fraction", "blank_fraction", "clip_score"))
+    scores = report["scores"]
+    motion = scores["motion_score"]
+    assert motion["rejected"]["static"]["count"] == len(by_reason["static"]) == sum(
+        motion["rejected"]["static"]["counts"])
+    assert len(motion["counts"]) == len(motion["bin_edges"]) - 1
+    # the threshold falls between the two sides: the static rejects' bins lie below every accepted clip's
+    top_static_bin = max(i for i, c in enumerate(motion["rejected"]["static"]["counts"]) if c)
+    first_accepted_bin = min(i for i, c in enumerate(motion["counts"]) if c)
+    assert motion["min"] >= cfg.static_threshold and top_static_bin <= first_accepted_bin
+    black = scores["black_fraction"]
+    assert black["count"] == report["clips"] and black["rejected"]["black"]["count"] == len(by_reason["black"])
+    assert scores["near_dup_cosine"]["count"] == 0  # no near-duplicates in this corpus
+
+
 def test_failed_files_are_listed_with_where_they_failed_in_the_report_and_the_summary(ingested):
     from pipelines.ingest.job import _print_summary
 
@@ -508,6 +536,9 @@ def test_near_duplicates_across_files_and_runs_are_rejected_naming_the_kept_clip
     assert per_file["b.mp4"] == 3 and per_file["a.mp4"] + per_file["a-reencoded.mp4"] == 3  # one copy's clips
     kept = {r["clip_id"] for r in rows}
     assert len(near) == 3 and all(any(k in r["detail"] for k in kept) for r in near), near
+    cfg_threshold = cfg.near_dedup_threshold  # each reject keeps the cosine it was rejected at, as the detail says
+    assert all(r["near_dup_cosine"] >= cfg_threshold - 1e-6
+               and abs(r["near_dup_cosine"] - float(r["detail"].split()[1])) < 2e-4 for r in near)
     assert {Path(r["source"]).name for r in near} | {Path(r["source"]).name for r in rows} >= {"a.mp4",
                                                                                               "a-reencoded.mp4"}
     write_mp4(videos / "0-late.mp4", frames, fps=16, crf=24)  # sorts first; the committed clips stay kept

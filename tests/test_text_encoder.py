@@ -27,3 +27,27 @@ def test_image_embedding(tiny_cfg):
     enc = TextEncoder(tiny_cfg.text)
     emb = enc.encode_image(torch.rand(2, 3, 48, 48))
     assert emb.shape == (2, tiny_cfg.text.embed_dim) and torch.isfinite(emb).all()
+
+
+def test_token_embeddings_give_each_word_its_own_code(tiny_cfg):
+    """`final_and_embeddings` appends each token's own (normalised) embedding to its final features: prompts that
+    differ in one word are nearly as alike as before in the transformer's half, while at that word's position the
+    embedding half is a different random vector (near-orthogonal), and the other positions' halves are equal."""
+    from dataclasses import replace
+
+    base = TextEncoder(tiny_cfg.text)
+    both = TextEncoder(replace(tiny_cfg.text, token_features="final_and_embeddings"))
+    prompts = ["a red square moving left", "a red square moving right"]
+    final, pooled = base.encode_text(prompts)
+    ctx, pooled_both = both.encode_text(prompts)
+    d = tiny_cfg.text.width
+    assert ctx.shape[-1] == 2 * d == both.cfg.dims()[0]
+    assert torch.equal(ctx[..., :d], final) and torch.equal(pooled_both, pooled)  # the first half is unchanged
+    emb = ctx[..., d:]
+    differs = (emb[0] - emb[1]).abs().amax(dim=-1) > 1e-6
+    assert differs.sum() == 1  # only the direction word's position
+    word = int(differs.nonzero())
+    cos = torch.nn.functional.cosine_similarity(emb[0, word], emb[1, word], dim=0)
+    assert abs(float(cos)) < 0.5 and torch.allclose(emb.pow(2).mean(-1), torch.ones(2, emb.shape[1]), atol=1e-3)
+    # a dataset embedded one way is not trained on with the other: the fingerprints differ
+    assert both.fingerprint() != base.fingerprint()

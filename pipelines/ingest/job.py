@@ -47,7 +47,14 @@ from .near_dedup import NearDuplicateFilter
 from .stage1_list import inspect_file, list_inputs, mark_duplicates, split_into_ranges
 from .stage2_decode import decode_and_cut, range_key
 from .stage3_embed import CaptionEmbedder
-from .stage4_write import REJECT_SCHEMA, SCHEMA_VERSION, STAMP_CONFIG, STAMP_ENCODER, write_shard
+from .stage4_write import (
+    REJECT_SCHEMA,
+    SCHEMA_VERSION,
+    SCORE_COLUMNS,
+    STAMP_CONFIG,
+    STAMP_ENCODER,
+    write_shard,
+)
 
 REJECTS_FILE_SCHEMA = pa.schema([f for f in REJECT_SCHEMA if f.name != "thumb"])  # rejects.parquet's columns
 
@@ -442,23 +449,39 @@ def _source_fetch(done_parts: list[tuple[str, pa.Table]], files: list[dict]) -> 
     return {"remote_files": len(remote), "remote_bytes": sum(remote.values()), "bytes_fetched": fetched}
 
 
-def _histograms(shard_parts: list[tuple[str, pa.Table]], sources: set[str], bins: int = 10) -> dict:
-    """Histograms of the accepted clips' scores (what a data engineer tunes the filters by): counts per bin and
-    the bin edges, for motion_score and clip_score."""
+def _histograms(shard_parts: list[tuple[str, pa.Table]], rejects: pa.Table, sources: set[str],
+                bins: int = 10) -> dict:
+    """Histograms of every filter score (what a data engineer tunes the filters by), the accepted clips' and the
+    rejected candidates' by reason on the same bin edges, so a threshold can be read against both sides of it:
+    `count`/`counts`/`min`/`median`/`max` are the accepted clips'; `rejected` maps a reason to its `count` and
+    `counts`. Scores that were never measured (null) are left out."""
     import numpy as np
 
+    def values(table: pa.Table, name: str) -> np.ndarray:
+        if name not in table.column_names:  # parts written before the column existed
+            return np.empty(0)
+        return pc.drop_null(table[name]).to_numpy(zero_copy_only=False).astype(np.float64)
+
+    accepted_tables = [t.filter(pc.is_in(t["source"], pa.array(sorted(sources)))) for _, t in shard_parts]
+    reasons = sorted(set(rejects["reason"].to_pylist())) if rejects.num_rows else []
     out = {}
-    for name in ("motion_score", "clip_score"):
-        values = np.array([v for _, t in shard_parts
-                           for v, src in zip(t[name].to_pylist(), t["source"].to_pylist(), strict=True)
-                           if src in sources and v is not None], dtype=np.float64)
-        if len(values) == 0:
+    for name in SCORE_COLUMNS:
+        accepted = np.concatenate([values(t, name) for t in accepted_tables] or [np.empty(0)])
+        rejected = {r: values(rejects.filter(pc.equal(rejects["reason"], r)), name) for r in reasons}
+        rejected = {r: v for r, v in rejected.items() if len(v)}
+        everything = np.concatenate([accepted, *rejected.values()])
+        if len(everything) == 0:
             out[name] = {"count": 0}
             continue
-        counts, edges = np.histogram(values, bins=bins)
-        out[name] = {"count": int(len(values)), "min": float(values.min()), "median": float(np.median(values)),
-                     "max": float(values.max()), "bin_edges": [round(float(e), 4) for e in edges],
-                     "counts": counts.tolist()}
+        edges = np.histogram_bin_edges(everything, bins=bins)
+        entry = {"count": int(len(accepted))}
+        if len(accepted):
+            entry.update(min=float(accepted.min()), median=float(np.median(accepted)), max=float(accepted.max()))
+        entry["bin_edges"] = [round(float(e), 4) for e in edges]
+        entry["counts"] = np.histogram(accepted, bins=edges)[0].tolist()
+        entry["rejected"] = {r: {"count": int(len(v)), "counts": np.histogram(v, bins=edges)[0].tolist()}
+                             for r, v in rejected.items()}
+        out[name] = entry
     return out
 
 
@@ -514,7 +537,7 @@ def finalize(input_uri, output_uri, captions_uri, files, skipped, cfg: IngestCon
     # each part is read once, only the columns needed (REJECT_SCHEMA has the state columns), the three folders at
     # once; the thumbnails stay in the parts (the contact sheets read a sample of them); done parts are small (one
     # row per file), read whole: parts made before decode_s existed lack it
-    wanted = {"shards": [*_STATE_COLUMNS, "num_frames", "motion_score", "clip_score", "start_time_s", "caption"],
+    wanted = {"shards": [*_STATE_COLUMNS, "num_frames", *SCORE_COLUMNS, "start_time_s", "caption"],
               "rejects": REJECTS_FILE_SCHEMA.names, "done": None}
     with ThreadPoolExecutor(len(wanted)) as pool:
         shard_parts, reject_parts, done_parts = pool.map(lambda f: _read_parts(output_uri, f, wanted[f], options),
@@ -536,7 +559,8 @@ def finalize(input_uri, output_uri, captions_uri, files, skipped, cfg: IngestCon
         raise LumiereError(f"{len(incomplete)} files were not fully processed (e.g. {sorted(incomplete)[0]}); "
                            "re-run the same command to finish them")
 
-    rejects = (pa.concat_tables([t for _, t in reject_parts]) if reject_parts
+    # parts of an older version lack the newer columns: null there
+    rejects = (pa.concat_tables([t for _, t in reject_parts], promote_options="default") if reject_parts
                else REJECTS_FILE_SCHEMA.empty_table())
     rejects = rejects.filter(pc.is_in(rejects["source"], pa.array(sorted(sources))))
     sink = io.BytesIO()
@@ -572,7 +596,7 @@ def finalize(input_uri, output_uri, captions_uri, files, skipped, cfg: IngestCon
                      "seconds": round(elapsed, 2),
                      "clips_per_s": round(written["shard_rows"] / elapsed, 3) if elapsed else 0.0,
                      "frames_per_s": round(written["frames"] / elapsed, 1) if elapsed else 0.0},
-        "scores": _histograms(shard_parts, sources),
+        "scores": _histograms(shard_parts, rejects, sources),
         "timings": _timings(done_parts, sources, written, write_seconds or [], elapsed),
         "source_fetch": _source_fetch(done_parts, files),
         "contact_sheets": sheets,

@@ -227,15 +227,18 @@ class NearDuplicateFilter:
                 self.decisions[str(batch["clip_id"][i])] = match
             self._add(vectors[fresh], [str(batch["clip_id"][new[r]]) for r in fresh],
                       [str(batch["source"][new[r]]) for r in fresh])
+        cosine = np.full(len(status), np.nan, dtype=np.float32)
         for i in ok:
             match = self.decisions[str(batch["clip_id"][i])]
             if match is not None:
                 kept, source, cos = match
+                cosine[i] = cos
                 status[i] = "reject"
                 batch["reason"][i] = "near_duplicate"
                 batch["detail"][i] = (f"cosine {cos:.4f} ({self.cfg.near_dedup} near_dedup) to clip {kept} of "
                                       f"{source} (kept); raise near_dedup_threshold or --set near_dedup=none to "
                                       "keep both")
+        batch["near_dup_cosine"] = cosine
         # the one actor sees every clip: its seconds say when it becomes the job's bottleneck (report.json)
         batch.update(batch_seconds("near_dedup", len(status), started))
         return batch

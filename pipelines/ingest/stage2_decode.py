@@ -70,7 +70,8 @@ CANDIDATE_DEFAULTS = {
     "status": "ok", "clip_id": "", "source": "", "file_id": "", "file_candidates": 0, "reason": "", "detail": "",
     "shot_index": -1, "clip_index": -1, "start_frame": -1, "start_time_s": -1.0, "fps": 0.0, "num_frames": 0,
     "height": 0, "width": 0, "frames_format": "", "frames": b"", "hr_size": 0, "hr_frames": b"", "keyframe": b"",
-    "caption": "", "motion_score": 0.0, "brightness": 0.0, "src_width": 0, "src_height": 0, "src_fps": 0.0,
+    "caption": "", "motion_score": float("nan"), "black_fraction": float("nan"), "blank_fraction": float("nan"),
+    "brightness": 0.0, "src_width": 0, "src_height": 0, "src_fps": 0.0,
     "src_codec": "", "content_hash": "", "duplicate_of": "", "decode_s": 0.0, "thumb": b"",
     "signature": b"", "file_ranges": 0, "fetched_bytes": 0,
 }
@@ -238,8 +239,9 @@ def _event_row(event: tuple, row: dict, key: str, first: int, meta, src_fps: flo
         reason = ("blank", f"{scores['blank_fraction']:.0%} of frames are one flat colour")
     elif scores["motion_score"] < cfg.static_threshold:
         reason = ("static", f"motion score {scores['motion_score']:.3f} < {cfg.static_threshold}")
-    if reason:
-        return {**_reject_row(source, clip_id, *reason, shot, start, len(clip)), "thumb": strip(thumbs)}
+    measured = {k: scores[k] for k in ("motion_score", "black_fraction", "blank_fraction")}
+    if reason:  # the scores go with the reject: report.json's histograms show where the thresholds cut
+        return {**_reject_row(source, clip_id, *reason, shot, start, len(clip)), "thumb": strip(thumbs), **measured}
     base = resize_center_crop(clip, cfg.size)
     # the high-resolution copy is only worth keeping when the source has that resolution
     hr = resize_center_crop(clip, cfg.hr_size) if cfg.hr_size and src_short >= cfg.hr_size else None
@@ -251,7 +253,7 @@ def _event_row(event: tuple, row: dict, key: str, first: int, meta, src_fps: flo
         "hr_size": cfg.hr_size if hr is not None else 0,
         "hr_frames": _encode(hr, cfg) if hr is not None else b"",
         "keyframe": base[len(base) // 2].tobytes(), "caption": row["caption"],
-        "motion_score": scores["motion_score"], "brightness": scores["brightness"],
+        **measured, "brightness": scores["brightness"],
         "src_width": meta.width, "src_height": meta.height, "src_fps": src_fps,
         "src_codec": meta.codec, "thumb": strip(thumbs),
         "signature": clip_signature(thumbs).tobytes() if cfg.near_dedup == "frames" else b"",

@@ -38,7 +38,7 @@ class CaptionEmbedder:
         # array of arrays and Nones made Ray fall back to pickling the column, with a warning per batch)
         pooled = np.zeros((n, self.dim), dtype=np.float32)
         image = np.zeros((n, self.dim), dtype=np.float32)
-        score = np.zeros(n, dtype=np.float32)
+        score = np.full(n, np.nan, dtype=np.float32)  # NaN: not a clip, no score (null in the parts)
         tokens[:] = b""
         if ok.any():
             idx = np.flatnonzero(ok)

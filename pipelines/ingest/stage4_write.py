@@ -50,6 +50,8 @@ CLIP_SCHEMA = pa.schema([
     ("clip_score", pa.float32()),
     ("motion_score", pa.float32()),
     ("brightness", pa.float32()),
+    ("black_fraction", pa.float32()),  # share of the clip's frames that are black
+    ("blank_fraction", pa.float32()),  # share of the clip's frames that are one flat colour
     ("src_width", pa.int32()),
     ("src_height", pa.int32()),
     ("src_fps", pa.float32()),
@@ -67,8 +69,17 @@ REJECT_SCHEMA = pa.schema([
     ("shot_index", pa.int32()),
     ("start_frame", pa.int64()),
     ("num_frames", pa.int32()),
+    # the filter scores measured before the candidate was rejected, null where it never got that far (a too-short
+    # shot, a file that failed): report.json's histograms put them beside the accepted clips'
+    ("motion_score", pa.float32()),
+    ("black_fraction", pa.float32()),
+    ("blank_fraction", pa.float32()),
+    ("clip_score", pa.float32()),
+    ("near_dup_cosine", pa.float32()),  # near_duplicate: the cosine to the kept clip
     ("thumb", pa.binary()),  # as in shards; b"" for files rejected before decoding
 ])
+# columns that are null, not 0, where a row has no value: a score that was never measured
+SCORE_COLUMNS = ("motion_score", "black_fraction", "blank_fraction", "clip_score", "near_dup_cosine")
 
 
 # a file's done record: written with (or after) its candidates; `file_candidates` counts them with the record
@@ -100,7 +111,7 @@ def _table(rows_idx: np.ndarray, batch: dict, schema: pa.Schema) -> pa.Table:
                 pa.float64(): 0.0}
     cols = {}
     for f in schema:
-        default = defaults.get(f.type, None)
+        default = None if f.name in SCORE_COLUMNS else defaults.get(f.type, None)
         col = _column(batch, f.name, len(batch["clip_id"]), default)
         vals = [col[i] for i in rows_idx]
         if pa.types.is_list(f.type):
