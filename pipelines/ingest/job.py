@@ -460,7 +460,8 @@ def _histograms(shard_parts: list[tuple[str, pa.Table]], rejects: pa.Table, sour
     def values(table: pa.Table, name: str) -> np.ndarray:
         if name not in table.column_names:  # parts written before the column existed
             return np.empty(0)
-        return pc.drop_null(table[name]).to_numpy(zero_copy_only=False).astype(np.float64)
+        v = pc.drop_null(table[name]).to_numpy(zero_copy_only=False).astype(np.float64)
+        return v[np.isfinite(v)]
 
     accepted_tables = [t.filter(pc.is_in(t["source"], pa.array(sorted(sources)))) for _, t in shard_parts]
     reasons = sorted(set(rejects["reason"].to_pylist())) if rejects.num_rows else []

@@ -103,7 +103,8 @@ def _column(batch: dict, name: str, n: int, default):
     values = batch.get(name)
     if values is None:
         return [default] * n
-    return [default if (v is None or (isinstance(v, float) and np.isnan(v))) else v for v in values]
+    # np.float32 is not a float subclass: a NaN score from a float32 column must become the default (null) too
+    return [default if (v is None or (isinstance(v, (float, np.floating)) and np.isnan(v))) else v for v in values]
 
 
 def _table(rows_idx: np.ndarray, batch: dict, schema: pa.Schema) -> pa.Table:
