@@ -43,6 +43,7 @@ class TextEncoderConfig:
     # input embedding, concatenated. A frozen random-init transformer barely separates prompts that differ in one
     # word (pooled cosine "moving left" / "moving right" 0.93, benchmarks/RESULTS.md), while its embedding table
     # gives every word its own random vector: near-orthogonal codes, what the oracle direction code of run Q was
+    # (measured, run U: the motion layers' plateau did not end sooner with them; off)
     token_features: Literal["final", "final_and_embeddings"] = "final"
 
     __pydantic_config__ = {"extra": "forbid"}
