@@ -536,8 +536,8 @@ def test_near_duplicates_across_files_and_runs_are_rejected_naming_the_kept_clip
     assert per_file["b.mp4"] == 3 and per_file["a.mp4"] + per_file["a-reencoded.mp4"] == 3  # one copy's clips
     kept = {r["clip_id"] for r in rows}
     assert len(near) == 3 and all(any(k in r["detail"] for k in kept) for r in near), near
-    cfg_threshold = cfg.near_dedup_threshold  # each reject keeps the cosine it was rejected at, as the detail says
-    assert all(r["near_dup_cosine"] >= cfg_threshold - 1e-6
+    # each reject keeps the cosine it was rejected at, as its detail says
+    assert all(r["near_dup_cosine"] >= cfg.near_dedup_threshold - 1e-6
                and abs(r["near_dup_cosine"] - float(r["detail"].split()[1])) < 2e-4 for r in near)
     assert {Path(r["source"]).name for r in near} | {Path(r["source"]).name for r in rows} >= {"a.mp4",
                                                                                               "a-reencoded.mp4"}

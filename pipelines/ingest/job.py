@@ -460,15 +460,15 @@ def _histograms(shard_parts: list[tuple[str, pa.Table]], rejects: pa.Table, sour
     def values(table: pa.Table, name: str) -> np.ndarray:
         if name not in table.column_names:  # parts written before the column existed
             return np.empty(0)
-        v = pc.drop_null(table[name]).to_numpy(zero_copy_only=False).astype(np.float64)
-        return v[np.isfinite(v)]
+        return pc.drop_null(table[name]).to_numpy(zero_copy_only=False).astype(np.float64)
 
     accepted_tables = [t.filter(pc.is_in(t["source"], pa.array(sorted(sources)))) for _, t in shard_parts]
-    reasons = sorted(set(rejects["reason"].to_pylist())) if rejects.num_rows else []
+    by_reason = {r: rejects.filter(pc.equal(rejects["reason"], r))  # split once, not once per score
+                 for r in sorted(set(rejects["reason"].to_pylist()))}
     out = {}
     for name in SCORE_COLUMNS:
         accepted = np.concatenate([values(t, name) for t in accepted_tables] or [np.empty(0)])
-        rejected = {r: values(rejects.filter(pc.equal(rejects["reason"], r)), name) for r in reasons}
+        rejected = {r: values(t, name) for r, t in by_reason.items()}
         rejected = {r: v for r, v in rejected.items() if len(v)}
         everything = np.concatenate([accepted, *rejected.values()])
         if len(everything) == 0:
