@@ -882,9 +882,12 @@ async def cancel_video(video_id: str, request: Request) -> JSONResponse:
     ing = _ingress(request)
     tenant = ing.tenant(request)
     await ing.get_job(video_id, tenant)
-    job = await asyncio.to_thread(ing.store.cancel, video_id, tenant)
+    job, was_queued = await asyncio.to_thread(ing.store.cancel_and_tell, video_id, tenant)
     if job is None:
         raise ApiError(404, f"no video with id {video_id!r}", "video_id", "video_not_found")
+    if was_queued and job.params.get("webhook_url"):
+        # no runner held it, so none will report its end: this request does (in the background, with retries)
+        asyncio.get_running_loop().create_task(ing._notify(job.id))
     return JSONResponse(job.to_openai())
 
 

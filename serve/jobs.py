@@ -423,13 +423,21 @@ class JobStore:
     def cancel(self, job_id: str, tenant: str | None = None) -> Job | None:
         """An active job ends as failed with code `cancelled` (the runner stops at its next progress report); the
         job as it now is (None when there is no such job for this tenant)."""
-        q = self._held(job_id, None)
-        if tenant is not None:
-            q = q.where(jobs_table.c.tenant == tenant)
+        return self.cancel_and_tell(job_id, tenant)[0]
+
+    def cancel_and_tell(self, job_id: str, tenant: str | None = None) -> tuple[Job | None, bool]:
+        """`cancel`, and whether the job was still queued: no runner holds it then, so no runner will report its
+        end (its webhook is the caller's to send). The queued case is tried first, in its own statement, so a
+        runner claiming the job at the same moment makes it the in-progress case instead, never both."""
+        values = dict(status="failed", completed_at=int(time.time()),
+                      error={"code": "cancelled", "message": "cancelled by the client"})
+        tenant_cond = [] if tenant is None else [jobs_table.c.tenant == tenant]
         with self.engine.begin() as c:
-            c.execute(q.values(status="failed", completed_at=int(time.time()),
-                               error={"code": "cancelled", "message": "cancelled by the client"}))
-        return self.get(job_id, tenant)
+            was_queued = c.execute(update(jobs_table).where(jobs_table.c.id == job_id, jobs_table.c.status == "queued",
+                                                            *tenant_cond).values(**values)).rowcount > 0
+            if not was_queued:
+                c.execute(self._held(job_id, None).where(*tenant_cond).values(**values))
+        return self.get(job_id, tenant), was_queued
 
     def delete(self, job_id: str, tenant: str | None = None) -> bool:
         q = delete(jobs_table).where(jobs_table.c.id == job_id)

@@ -4,6 +4,7 @@ durability. One app for the module; the durability test redeploys it last."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import io
 import os
@@ -516,14 +517,26 @@ def test_webhooks_are_signed_per_tenant_on_completion_and_failure(server):
     url, received = hook.url, hook.received
     try:
         ok = server.http.post("/v1/videos", json={"prompt": "notify me", "webhook_url": url}).json()
-        slow = server.http.post("/v1/videos", json={"prompt": "cancel me", "webhook_url": url,
-                                                     "num_inference_steps": 200}).json()
+        # cancelled while running: the runner reports it; cancelled at once (queued, or just claimed): whoever
+        # held it last reports it, exactly once. Both are cancelled before they can finish 250 steps.
+        running = server.http.post("/v1/videos", json={"prompt": "cancel me", "webhook_url": url,
+                                                        "num_inference_steps": 250}).json()
+        at_once = server.http.post("/v1/videos", json={"prompt": "cancel me at once", "webhook_url": url,
+                                                        "num_inference_steps": 250}).json()
+        r = server.http.post(f"/v1/videos/{at_once['id']}/cancel").json()
+        assert r["status"] == "failed" and r["error"]["code"] == "cancelled", r
+        deadline = time.time() + 90
+        while (v := server.http.get(f"/v1/videos/{running['id']}").json())["progress"] < 2:
+            assert v["status"] in ("queued", "in_progress") and time.time() < deadline, v
+            time.sleep(0.1)
+        r = server.http.post(f"/v1/videos/{running['id']}/cancel").json()
+        assert r["status"] == "failed" and r["error"]["code"] == "cancelled", r
         assert server.wait(ok["id"])["status"] == "completed"
-        server.http.post(f"/v1/videos/{slow['id']}/cancel")
-        hook.wait_for(2)
+        hook.wait_for(3)
+        time.sleep(1.0)  # a second delivery for the same job would arrive by now
     finally:
         hook.close()
-    events = {}
+    events, deliveries = {}, collections.Counter()
     for headers, body in received:
         headers = {k.lower(): v for k, v in headers.items()}
         signed = f"{headers['webhook-id']}.{headers['webhook-timestamp']}.".encode() + body
@@ -531,9 +544,12 @@ def test_webhooks_are_signed_per_tenant_on_completion_and_failure(server):
         assert hmac.compare_digest(headers["webhook-signature"], expected)  # signed with acme's secret
         event = json.loads(body)
         events[event["data"]["id"]] = event
+        deliveries[event["data"]["id"]] += 1
+    assert deliveries == {ok["id"]: 1, running["id"]: 1, at_once["id"]: 1}, deliveries
     assert events[ok["id"]]["type"] == "video.completed" and events[ok["id"]]["data"]["status"] == "completed"
-    assert events[slow["id"]]["type"] == "video.failed"
-    assert events[slow["id"]]["data"]["error"]["code"] == "cancelled"
+    for cancelled in (running, at_once):
+        assert events[cancelled["id"]]["type"] == "video.failed"
+        assert events[cancelled["id"]]["data"]["error"]["code"] == "cancelled"
     deadline = time.time() + 30
     while not server.http.get(f"/v1/videos/{ok['id']}").json().get("webhook"):
         assert time.time() < deadline

@@ -94,6 +94,13 @@ def test_tenants_see_only_their_own_jobs(db_url):
     cancelled = store.cancel(mine[0].id, "acme")
     assert cancelled.status == "failed" and cancelled.error["code"] == "cancelled"
     assert store.claim("r").id == mine[1].id  # a cancelled job is never claimed
+    # whether it was still queued decides who sends its webhook (the cancel request, or the runner holding it)
+    job, was_queued = store.cancel_and_tell(mine[2].id, "acme")
+    assert was_queued and job.error["code"] == "cancelled"
+    job, was_queued = store.cancel_and_tell(mine[1].id, "acme")  # in progress on runner "r"
+    assert not was_queued and job.status == "failed" and job.error["code"] == "cancelled"
+    assert store.cancel_and_tell(mine[1].id, "acme") == (store.get(mine[1].id), False)  # already ended
+    assert store.cancel_and_tell(theirs.id, "acme") == (None, False)
 
 
 def test_active_job_limits_hold_under_concurrent_creates_and_idempotency_keys_dedupe(db_url):
