@@ -41,6 +41,7 @@ from quality_shapes import (  # noqa: E402
     parse_variants,
 )
 
+from lumiere.allocator import retain_freed_memory  # noqa: E402
 from lumiere.checkpoint import build_prior, build_stunet  # noqa: E402
 from lumiere.config import load_config  # noqa: E402
 from lumiere.diffusion import Conditioning, diffusion_loss, training_scheduler  # noqa: E402
@@ -70,6 +71,7 @@ def main() -> None:
     if args.quick:
         args.config, args.clips, args.t2i_steps, args.steps, args.probe_every = "tiny", 12, 20, 20, 10
     torch.set_num_threads(args.threads)
+    retain_freed_memory()  # as training workers do (train.retain_host_memory)
     cfg = load_config(args.config, args.overrides)
     variants = parse_variants(args.variant or ["default="])
 

@@ -54,6 +54,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from lumiere.allocator import retain_freed_memory  # noqa: E402
 from lumiere.checkpoint import build_prior, build_stunet  # noqa: E402
 from lumiere.config import load_config  # noqa: E402
 from lumiere.diffusion import Conditioning  # noqa: E402
@@ -452,6 +453,7 @@ def main() -> None:
                          "other processes ran 20-40x slower per step)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    retain_freed_memory()  # as training workers do (train.retain_host_memory)
     if args.minutes is None and args.steps is None:
         args.minutes = 8.0
     if args.quick:

@@ -64,6 +64,10 @@ class TrainConfig:
     parallelism: Literal["ddp", "fsdp"] = "ddp"
     # recompute every spatial and temporal block's activations in the backward pass instead of keeping them
     activation_checkpointing: bool = False
+    # keep freed host memory mapped in a training worker (glibc malloc settings, `lumiere/allocator.py`): a CPU step
+    # otherwise maps and zero-fills its activations' pages again every step (1.2–1.5× the step time on the
+    # 2-core VM, benchmarks/RESULTS.md "The host allocator"); the worker keeps its peak heap instead
+    retain_host_memory: bool = True
     # conditional STUNet: the condition types sampled in training (conditioning.CONDITION_TYPES)
     condition_types: tuple[str, ...] = ("none", "first_frame", "prefix_frames", "spatiotemporal_box", "cinemagraph")
 

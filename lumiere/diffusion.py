@@ -42,6 +42,13 @@ class DiffusionConfig:
     # this term is mostly motion. 0 = the plain loss; images (b c h w) never get it. Measured at weight 1 (run P):
     # no gain in direction at 1,500 steps, so off by default.
     motion_loss_weight: float = 0.0
+    # STUNet training only: its first `top_noise_steps` steps draw timesteps from the top `top_noise_fraction` of
+    # the schedule alone (t ≥ (1 − fraction)·T), then the normal draw (with the shift). The motion layers learn
+    # the prompted motion first where a sample's trajectory is decided, from noise alone (a plateau, then an
+    # escape: benchmarks/motion_plateau.py); mixed with every other noise level that phase lasts ~7× longer.
+    # 0 = off (the default); benchmarks/RESULTS.md run V measures it.
+    top_noise_steps: int = 0
+    top_noise_fraction: float = 0.05
 
     __pydantic_config__ = {"extra": "forbid"}
 
@@ -52,6 +59,9 @@ class DiffusionConfig:
             raise ValueError(f"timestep_shift must be > 0 (1 = uniform timesteps), got {self.timestep_shift}")
         if not self.motion_loss_weight >= 0:
             raise ValueError(f"motion_loss_weight must be >= 0 (0 = the plain loss), got {self.motion_loss_weight}")
+        if self.top_noise_steps < 0 or not 0.0 < self.top_noise_fraction <= 1.0:
+            raise ValueError(f"top_noise_steps must be >= 0 and top_noise_fraction in (0, 1] (the share of the "
+                             f"schedule at its noisy end); got {self.top_noise_steps} and {self.top_noise_fraction}")
 
 
 @dataclass
@@ -137,12 +147,16 @@ def with_condition(x: torch.Tensor, condition: torch.Tensor | None) -> torch.Ten
 
 
 def draw_noise(x0: torch.Tensor, scheduler: DDPMScheduler, generator: torch.Generator | None = None,
-               shift: float = 1.0):
+               shift: float = 1.0, top_fraction: float | None = None):
     """The random part of a training loss: noise like x0 and a timestep per sample (drawn on the CPU, so a seed
-    gives the same draws on every device); `shift` > 1 favours high noise (`DiffusionConfig.timestep_shift`)."""
+    gives the same draws on every device); `shift` > 1 favours high noise (`DiffusionConfig.timestep_shift`);
+    `top_fraction`: uniform over the top fraction of the schedule only (`DiffusionConfig.top_noise_steps`)."""
     noise = torch.randn(x0.shape, generator=generator, device="cpu")
     steps = scheduler.config.num_train_timesteps
-    if shift == 1.0:
+    if top_fraction is not None:
+        low = min(steps - 1, int(round(steps * (1.0 - top_fraction))))
+        t = torch.randint(low, steps, (x0.shape[0],), generator=generator, device="cpu")
+    elif shift == 1.0:
         t = torch.randint(0, steps, (x0.shape[0],), generator=generator, device="cpu")
     else:
         u = torch.rand(x0.shape[0], generator=generator, device="cpu", dtype=torch.float64)

@@ -152,7 +152,7 @@ class TrainStep:
         self.forward = model if forward is None else forward  # what is called (e.g. a DDP wrapper of `model`)
         self.amp_dtype = amp_dtype  # e.g. torch.bfloat16 on GPU: autocast for the forward pass
         self.cfg = cfg
-        self.to_input = model_input(kind, cfg)
+        self.kind, self.to_input = kind, model_input(kind, cfg)
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("the model has no trainable parameters")
@@ -178,7 +178,9 @@ class TrainStep:
         self.model.train()
         x0, condition = self.to_input(clips, self.generator)
         cond = drop_conditioning(cond, self.cfg.diffusion.cond_dropout, self.generator)
-        noise, t = draw_noise(x0, self.noise_schedule, self.generator, self.cfg.diffusion.timestep_shift)
+        d = self.cfg.diffusion
+        top = d.top_noise_fraction if self.kind == "stunet" and self.step < d.top_noise_steps else None
+        noise, t = draw_noise(x0, self.noise_schedule, self.generator, d.timestep_shift, top)
         b, micro = x0.shape[0], max(1, x0.shape[0] // self.cfg.train.grad_accum)
         self.optimizer.zero_grad(set_to_none=True)
         total = 0.0

@@ -168,6 +168,48 @@ def test_timestep_shift_spends_more_training_steps_at_high_noise():
         load_config("tiny", ["diffusion.timestep_shift=0"])
 
 
+class _TimestepRecorder(torch.nn.Module):
+    """The training forward, passed through, recording the timesteps each step trains at."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.timesteps = model, []
+
+    def forward(self, x, timesteps, *args):
+        self.timesteps.append(timesteps.detach().clone())
+        return self.model(x, timesteps, *args)
+
+
+def test_top_noise_steps_train_the_stunet_at_the_noisy_end_first_then_everywhere():
+    """`diffusion.top_noise_steps`: the STUNet's first steps draw t from the top fraction of the schedule only,
+    the steps after it from the whole (shifted) schedule; a t2i prior trained from the same config never gets it;
+    a bad value is refused."""
+    from lumiere.checkpoint import build_stunet
+
+    cfg = load_config("tiny", ["diffusion.top_noise_steps=3", "diffusion.top_noise_fraction=0.1",
+                               "train.batch_size=16"])
+    _, top = draw_noise(torch.zeros(4000, 1), training_scheduler(cfg.diffusion), torch.Generator().manual_seed(0),
+                        top_fraction=0.1)
+    assert int(top.min()) == 900 and int(top.max()) == 999
+    d, e = cfg.text.dims()
+    cond = Conditioning(torch.randn(16, 16, d), torch.randn(16, e))
+    stunet = build_stunet(cfg, build_prior(cfg))
+    recorder = _TimestepRecorder(stunet)
+    step = TrainStep(stunet, cfg, "stunet", forward=recorder)
+    for _ in range(5):
+        step(torch.rand(16, 3, 8, 32, 32) * 2 - 1, cond)
+    first, after = torch.cat(recorder.timesteps[:3]), torch.cat(recorder.timesteps[3:])
+    assert int(first.min()) >= 900, first  # 48 draws, all at the top
+    assert int(after.min()) < 900, after  # 32 draws from the whole schedule: P(all >= 900) = 0.1^32
+    prior = build_prior(cfg)
+    recorder = _TimestepRecorder(prior)
+    step = TrainStep(prior, cfg, "t2i", forward=recorder)
+    step(torch.rand(16, 3, 8, 32, 32) * 2 - 1, cond)
+    assert int(torch.cat(recorder.timesteps).min()) < 900  # the prior's steps are not the STUNet's curriculum
+    with pytest.raises(ValueError, match="top_noise_fraction in"):
+        load_config("tiny", ["diffusion.top_noise_fraction=0"])
+
+
 def test_motion_loss_scores_the_error_that_changes_between_frames_only():
     """`diffusion.motion_loss_weight`: an error that is the same in every frame (a wrong static picture) costs
     what it costs without the term; an error that differs from frame to frame (wrong motion) of the same size

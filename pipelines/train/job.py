@@ -205,6 +205,10 @@ def train_loop_per_worker(job_dict: dict) -> None:
 
     job = TrainJob(**job_dict)
     cfg = build_config(job.cfg)
+    if cfg.train.retain_host_memory:
+        from lumiere.allocator import retain_freed_memory
+
+        retain_freed_memory()
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     device = ray.train.torch.get_device()
