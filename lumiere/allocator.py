@@ -3,10 +3,12 @@
 A training step on the CPU allocates and frees the same activations every step (MBs each: a 16-channel 32×32
 feature map of 128 frames is 8 MiB). glibc's malloc serves blocks above its mmap threshold (128 KiB, adapting
 upwards only as far as freed blocks teach it) with a fresh `mmap` and unmaps them on `free`, and trims the heap's
-top above 128 KiB; so each step maps new pages again and the kernel zero-fills every one on first touch. Measured
-on the 2-core development VM (benchmarks/RESULTS.md, "The host allocator"): ~1 million extra page faults in 30
-steps of the `small` STUNet, and a step 1.2–1.5× slower than with the memory kept. jemalloc or tcmalloc (what
-PyTorch's CPU performance guides preload) do the same job; these three glibc settings need no extra library:
+top above 128 KiB; so each step maps new pages again and the kernel zero-fills every one on first touch.
+Measured on the 2-core development VM (benchmarks/RESULTS.md, "The host allocator"): ~39,000 page faults per
+step of the `small` STUNet (150 MB of pages zero-filled per step), ~80 with these settings. What that buys in
+step time depends on how dear a page fault is on the machine (a VM's are dearer); on that VM it was small next to
+the step's arithmetic (see RESULTS.md). jemalloc or tcmalloc (what PyTorch's CPU performance guides preload) do
+the same job; these three glibc settings need no extra library:
 
 - M_MMAP_THRESHOLD at its ceiling (32 MiB on 64-bit): blocks below it come from the heap, where a freed block is
   reused by the next step instead of being unmapped;

@@ -65,8 +65,8 @@ class TrainConfig:
     # recompute every spatial and temporal block's activations in the backward pass instead of keeping them
     activation_checkpointing: bool = False
     # keep freed host memory mapped in a training worker (glibc malloc settings, `lumiere/allocator.py`): a CPU step
-    # otherwise maps and zero-fills its activations' pages again every step (1.2–1.5× the step time on the
-    # 2-core VM, benchmarks/RESULTS.md "The host allocator"); the worker keeps its peak heap instead
+    # otherwise maps and zero-fills its activations' pages again every step (~39,000 page faults per `small`
+    # STUNet step, benchmarks/RESULTS.md "The host allocator"); the worker keeps its peak heap mapped instead
     retain_host_memory: bool = True
     # conditional STUNet: the condition types sampled in training (conditioning.CONDITION_TYPES)
     condition_types: tuple[str, ...] = ("none", "first_frame", "prefix_frames", "spatiotemporal_box", "cinemagraph")

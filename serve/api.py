@@ -137,6 +137,7 @@ class Ingress:
         _CURRENT["ingress"] = self
         self._info: dict | None = None
         self._background: list[asyncio.Task] = []
+        self._webhooks: set[asyncio.Task] = set()  # in flight; held here so none is garbage-collected half-way
         self._wake: asyncio.Event | None = None
         from ray.serve.metrics import Counter
 
@@ -178,7 +179,7 @@ class Ingress:
                 if (await asyncio.to_thread(self._sweep))["requeued"]:
                     self._wake.set()
                 while self._ended_by_sweep:
-                    asyncio.get_running_loop().create_task(self._notify(self._ended_by_sweep.pop()))
+                    self.notify_later(self._ended_by_sweep.pop())
             except Exception:  # noqa: BLE001 - the DB may blip; try again next round
                 log.exception("job store housekeeping failed")
             await asyncio.sleep(max(0.5, self.s.stale_after_s / 4))
@@ -594,9 +595,15 @@ class Ingress:
                 self.running.pop(job.id, None)
                 self.jobs_counter.inc(tags={"status": statuses.get(job.id, "failed"), "task": job.task})
                 if job.params.get("webhook_url"):
-                    asyncio.get_running_loop().create_task(self._notify(job.id))
+                    self.notify_later(job.id)
             if self._wake is not None:
                 self._wake.set()
+
+    def notify_later(self, job_id: str) -> None:
+        """Send the job's webhook in the background (`_notify`)."""
+        task = asyncio.get_running_loop().create_task(self._notify(job_id))
+        self._webhooks.add(task)
+        task.add_done_callback(self._webhooks.discard)
 
     async def _notify(self, job_id: str) -> None:
         """The job's webhook, once it has ended (completed, failed, cancelled, timed out); the outcome is recorded
@@ -887,7 +894,7 @@ async def cancel_video(video_id: str, request: Request) -> JSONResponse:
         raise ApiError(404, f"no video with id {video_id!r}", "video_id", "video_not_found")
     if was_queued and job.params.get("webhook_url"):
         # no runner held it, so none will report its end: this request does (in the background, with retries)
-        asyncio.get_running_loop().create_task(ing._notify(job.id))
+        ing.notify_later(job.id)
     return JSONResponse(job.to_openai())
 
 
