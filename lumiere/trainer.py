@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -153,6 +154,11 @@ class TrainStep:
         self.amp_dtype = amp_dtype  # e.g. torch.bfloat16 on GPU: autocast for the forward pass
         self.cfg = cfg
         self.kind, self.to_input = kind, model_input(kind, cfg)
+        top = cfg.diffusion.top_noise_steps
+        if kind == "stunet" and rank == 0 and top >= cfg.train.max_steps > 0:
+            warnings.warn(f"diffusion.top_noise_steps ({top}) >= train.max_steps ({cfg.train.max_steps}): this STUNet "
+                          "run trains only at the noisy end of the schedule and will sample blurry videos; set "
+                          "diffusion.top_noise_steps well below train.max_steps (e.g. 0 for a short run)", stacklevel=2)
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("the model has no trainable parameters")

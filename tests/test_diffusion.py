@@ -206,6 +206,9 @@ def test_top_noise_steps_train_the_stunet_at_the_noisy_end_first_then_everywhere
     step = TrainStep(prior, cfg, "t2i", forward=recorder)
     step(torch.rand(16, 3, 8, 32, 32) * 2 - 1, cond)
     assert int(torch.cat(recorder.timesteps).min()) < 900  # the prior's steps are not the STUNet's curriculum
+    with pytest.warns(UserWarning, match=r"top_noise_steps \(3\) >= train.max_steps \(2\)"):
+        TrainStep(build_stunet(cfg, build_prior(cfg)), load_config("tiny", ["diffusion.top_noise_steps=3",
+                                                                            "train.max_steps=2"]), "stunet")
     with pytest.raises(ValueError, match="top_noise_fraction in"):
         load_config("tiny", ["diffusion.top_noise_fraction=0"])
 
