@@ -157,7 +157,7 @@ class TrainStep:
         top = cfg.diffusion.top_noise_steps
         if kind == "stunet" and rank == 0 and top >= cfg.train.max_steps > 0:
             warnings.warn(f"diffusion.top_noise_steps ({top}) >= train.max_steps ({cfg.train.max_steps}): this STUNet "
-                          "run trains only at the noisy end of the schedule and will sample blurry videos; set "
+                          "run trains only at the noisy end of the schedule, never where details are made; set "
                           "diffusion.top_noise_steps well below train.max_steps (e.g. 0 for a short run)", stacklevel=2)
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
