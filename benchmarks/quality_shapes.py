@@ -26,6 +26,9 @@ of variants instead, e.g. an ablation that changes one thing at a time.
          on-track    share of frame-to-frame centroid steps that move the prompted way
          smoothness  mean |second difference| of the centroid track, px/frame^2 (0 = constant speed)
          area cv     coefficient of variation of the shape's area over the frames (0 = stable shape)
+         no jumps    share of videos whose shape never moves more than `JUMP_PX` between two frames (a corpus
+                     shape moves at most ~1.3 px per frame): a jump is the shape restarting its motion elsewhere
+                     mid-clip, i.e. two halves of the clip that do not agree
        The real corpus clips are scored the same way as a reference (the scorer's ceiling).
     6. a loss probe (`direction_probe`): does the denoiser's loss on real clips depend on the direction word?
     7. a sampling trace (`sampling_trace`): the prompted travel of each sampling step's x0 prediction
@@ -50,7 +53,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -359,11 +362,37 @@ def sampling_trace(model, encoder, cfg, guidance: float, seed: int = 1000) -> di
     return trace
 
 
-def eval_prompts(seeds: int) -> list[tuple[str, int]]:
+def model_file(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name) + ".safetensors"
+
+
+class LoadedModel:
+    """A variant's saved EMA weights in place of its `Trainer` (`--load-models`): what `evaluate` reads of one."""
+
+    def __init__(self, name: str, model: torch.nn.Module, cfg, path: Path):
+        if not path.exists():
+            raise SystemExit(f"--load-models: no {path.name} in {path.parent} for variant {name!r}; name the "
+                             "variants as the run that saved them did")
+        model.load_state_dict(load_file(path))
+        self.name, self.model, self.cfg = name, model, cfg
+        self.step_fn = type("Steps", (), {"step": None})()
+        self.time_s, self.log = None, []
+
+    def done(self) -> bool:
+        return True
+
+    def ema_model(self):
+        return self.model.eval()
+
+
+def eval_prompts(seeds: int, first_seed: int = 0) -> list[tuple[str, int]]:
     prompts = []
     for i, (color, direction) in enumerate((c, d) for c in COLORS for d in DIRECTIONS):
         prompts.append(f"a {color} {SHAPES[i % len(SHAPES)]} moving {direction}")
-    return [(p, s) for s in range(seeds) for p in prompts]
+    return [(p, s) for s in range(first_seed, first_seed + seeds) for p in prompts]
+
+
+JUMP_PX = 4.0  # a centroid step this long is a jump: 3x the fastest corpus shape's ~1.3 px per frame
 
 
 def score(video: np.ndarray, prompt: str) -> dict:
@@ -383,6 +412,8 @@ def score(video: np.ndarray, prompt: str) -> dict:
         "present": bool((a["areas"] > 0).all()),
         "seen": f"{a['dominant_color']} {a['direction']}",
         "speed_px": float(np.hypot(*a["displacement"])),
+        # the longest frame-to-frame centroid step (nan where the shape is missing from a frame)
+        "max_step_px": float(np.hypot(*steps[ok].T).max()) if ok.any() else math.nan,
     }
 
 
@@ -400,6 +431,7 @@ def summarise(rows: list[dict]) -> dict:
         "smoothness": nanmed("smoothness"),
         "area_cv": nanmed("area_cv"),
         "present": float(np.mean([r["present"] for r in rows])),
+        "no_jumps": float(np.mean([r["max_step_px"] <= JUMP_PX for r in rows])),
         "travel_px": nanmed("speed_px"),
     }
 
@@ -448,6 +480,12 @@ def main() -> None:
     ap.add_argument("--save-models", type=Path, metavar="DIR",
                     help="write the prior and each evaluated model's EMA weights under DIR as safetensors (to study "
                          "a trained model's sampling without retraining it)")
+    ap.add_argument("--load-models", type=Path, metavar="DIR",
+                    help="train nothing: load the prior and each variant's EMA weights from a --save-models DIR "
+                         "(the same --set/--variant flags as the run that saved them) and score them, e.g. at other "
+                         "guidance scales or sampler steps")
+    ap.add_argument("--first-seed", type=int, default=0,
+                    help="generation seeds start here (e.g. choose a guidance scale on seeds 2.. and report on 0..)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (default 1: on a shared 2-core machine, 2 OpenMP threads competing with "
                          "other processes ran 20-40x slower per step)")
@@ -485,15 +523,18 @@ def main() -> None:
 
     t0 = time.perf_counter()
     prior = build_prior(cfg)
-    t2i = Trainer("t2i prior", prior, cfg, "t2i", clips, cond, args.t2i_steps)
-    while not t2i.done():
-        t2i.step()
-    prior.load_state_dict(t2i.step_fn.ema.state_dict(prior))
+    if args.load_models:
+        prior.load_state_dict(load_file(args.load_models / "prior.safetensors"))
+    else:
+        t2i = Trainer("t2i prior", prior, cfg, "t2i", clips, cond, args.t2i_steps)
+        while not t2i.done():
+            t2i.step()
+        prior.load_state_dict(t2i.step_fn.ema.state_dict(prior))
+
     def save_model(model: torch.nn.Module, name: str) -> None:
         if args.save_models:
             args.save_models.mkdir(parents=True, exist_ok=True)
-            save_file({k: v.contiguous() for k, v in model.state_dict().items()},
-                      args.save_models / ("".join(c if c.isalnum() else "_" for c in name) + ".safetensors"))
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, args.save_models / model_file(name))
 
     save_model(prior, "prior")
     t2i_s = time.perf_counter() - t0
@@ -504,29 +545,34 @@ def main() -> None:
         vcfg = load_config(args.config, [*args.overrides, *extra])
         torch.manual_seed(vcfg.train.seed)  # every variant's new layers start from the same random state
         models[name] = (build_stunet(vcfg, copy.deepcopy(prior)), vcfg)
-    # side-by-side timing (alternating, so load drift hits both), then the step budgets
-    times = {name: [] for name in models}
-    for _ in range(2 if len(models) <= 3 else 1):
-        for name, (m, c) in models.items():
-            times[name].append(step_time(m, c, "stunet", clips, cond))
-    per_step = {name: float(np.median(t)) for name, t in times.items()}
-    if args.steps is not None:
-        budgets = {name: args.steps for name in models}
-        mode = f"same steps: {args.steps} each"
+    per_step = {}
+    if args.load_models:
+        trainers = {name: LoadedModel(name, m, c, args.load_models / model_file(name))
+                    for name, (m, c) in models.items()}
     else:
-        budgets = {name: max(1, int(args.minutes * 60 / s)) for name, s in per_step.items()}
-        mode = f"same compute: {args.minutes:g} min of training step time each"
-    print("step time (side by side): " + ", ".join(f"{n} {s:.3f}s" for n, s in per_step.items())
-          + f"; {mode}: " + ", ".join(f"{n} {b} steps" for n, b in budgets.items()), flush=True)
+        # side-by-side timing (alternating, so load drift hits both), then the step budgets
+        times = {name: [] for name in models}
+        for _ in range(2 if len(models) <= 3 else 1):
+            for name, (m, c) in models.items():
+                times[name].append(step_time(m, c, "stunet", clips, cond))
+        per_step = {name: float(np.median(t)) for name, t in times.items()}
+        if args.steps is not None:
+            budgets = {name: args.steps for name in models}
+            mode = f"same steps: {args.steps} each"
+        else:
+            budgets = {name: max(1, int(args.minutes * 60 / s)) for name, s in per_step.items()}
+            mode = f"same compute: {args.minutes:g} min of training step time each"
+        print("step time (side by side): " + ", ".join(f"{n} {s:.3f}s" for n, s in per_step.items())
+              + f"; {mode}: " + ", ".join(f"{n} {b} steps" for n, b in budgets.items()), flush=True)
 
-    # --minutes: each trains until it has spent that much step time (the step estimate above only sets the LR
-    # schedule's length): a timing taken while the machine was busier than later cannot shrink the budget
-    budget_s = None if args.steps is not None else args.minutes * 60
-    flipped = ([Conditioning(*encoder.encode_text([mirrored_caption(c, f) for c in captions])) for f in (1, 2, 3)]
-               if args.flip_augment else None)
-    trainers = {name: Trainer(name, m, c, "stunet", clips, cond, budgets[name], budget_s, flipped)
-                for name, (m, c) in models.items()}
-    prompts = eval_prompts(args.seeds)
+        # --minutes: each trains until it has spent that much step time (the step estimate above only sets the LR
+        # schedule's length): a timing taken while the machine was busier than later cannot shrink the budget
+        budget_s = None if args.steps is not None else args.minutes * 60
+        flipped = ([Conditioning(*encoder.encode_text([mirrored_caption(c, f) for c in captions])) for f in (1, 2, 3)]
+                   if args.flip_augment else None)
+        trainers = {name: Trainer(name, m, c, "stunet", clips, cond, budgets[name], budget_s, flipped)
+                    for name, (m, c) in models.items()}
+    prompts = eval_prompts(args.seeds, args.first_seed)
     results, all_rows = {}, {}
     real = [score(v.numpy(), c) for v, c in zip(clips, captions, strict=True) if " and " not in c]
     results["real corpus clips"] = {**summarise(real), "steps": None, "train_s": None, "gen_s": None}
@@ -581,7 +627,7 @@ def main() -> None:
                              "sampling_trace_px": trace, **separation, **probe}
             r = results[name]
             print(f"  {name}: {len(videos)} videos in {gen_s:.0f}s: colour {r['color']:.0%} direction "
-                  f"{r['direction']:.0%} on-track {r['on_track']:.0%}", flush=True)
+                  f"{r['direction']:.0%} on-track {r['on_track']:.0%} no jumps {r['no_jumps']:.0%}", flush=True)
 
     t0 = time.perf_counter()
     while not all(t.done() for t in trainers.values()):
@@ -602,15 +648,15 @@ def main() -> None:
     print(f"{len(prompts)} prompts per model ({len(prompts) // args.seeds} colour x direction, shapes in rotation, "
           f"{args.seeds} seed(s))\n")
     print("| model | steps | train step time min | final loss | colour | direction | colour+direction | on-track steps "
-          "| smoothness px (median) | area cv (median) | shape in every frame | net travel px (median) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| smoothness px (median) | area cv (median) | shape in every frame | no jumps | net travel px (median) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         steps = "" if r["steps"] is None else r["steps"]
         tmin = "" if r["train_s"] is None else f"{r['train_s'] / 60:.1f}"
         loss = f"{r['final_loss']:.4f}" if "final_loss" in r else ""
         print(f"| {name} | {steps} | {tmin} | {loss} | {r['color']:.0%} | {r['direction']:.0%} | {r['both']:.0%} "
               f"| {r['on_track']:.0%} | {r['smoothness']:.2f} | {r['area_cv']:.2f} | {r['present']:.0%} "
-              f"| {r['travel_px']:.1f} |")
+              f"| {r['no_jumps']:.0%} | {r['travel_px']:.1f} |")
     print("\nLoss probe (direction_probe): share of clips whose true direction gives the lowest loss (chance 25%); "
           "mean relative loss increase of a wrong direction")
     for name, r in results.items():
