@@ -173,7 +173,8 @@ def test_rotation_and_pixel_aspect_are_applied_as_a_player_shows_them(tmp_path):
     assert 36 <= len(bright) <= 44, len(bright)  # 20 stored pixels, shown 40 wide
     too_small = _ingest_one(tmp_path / "sar.mp4", min_side=100)
     assert [r["reason"] for r in too_small if r["status"] == "reject"] == ["too_small"]
-    assert "160x96" in too_small[0]["detail"]
+    detail = too_small[0]["detail"]  # the reject says which settings keep a source this small
+    assert "160x96" in detail and "--set min_side=96 --set size=64 --set hr_size=null" in detail, detail
 
 
 def test_shot_boundaries_split_at_hard_cuts_only():

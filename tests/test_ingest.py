@@ -293,6 +293,44 @@ def test_every_part_is_stamped_and_a_part_of_another_config_is_refused(ingested,
                    load_ingest_config(None, OVERRIDES))
 
 
+def test_a_resume_whose_encoder_resolves_differently_is_refused_before_it_writes(ingested, built, tmp_path):
+    """The config names its encoder (`encoder_from`); what the name resolves to can change between runs (the named
+    config's text section, weights at a local path) with the config hash unchanged. A resume used to pass the start
+    check, write new parts and only then fail in finalize, leaving an output that could never finalize."""
+    from lumiere.errors import LumiereError
+    from pipelines.ingest.stage4_write import STAMP_ENCODER
+
+    root, _ = built
+    out, _, _ = ingested
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    for part in (copy / "shards").glob("part-*.parquet"):  # as if embedded by another encoder under the same name
+        table = pq.read_table(part)
+        pq.write_table(table.replace_schema_metadata({**table.schema.metadata, STAMP_ENCODER: b"other-encoder"}),
+                       part)
+    sorted((copy / "done").glob("part-*.parquet"))[0].unlink()  # a file left to do: the resume has work to write
+    before = sorted(p.relative_to(copy) for p in copy.rglob("*"))
+    with pytest.raises(LumiereError) as e:
+        run_ingest(str(root / "videos"), str(copy), str(root / "captions.jsonl"), load_ingest_config(None, OVERRIDES))
+    msg = str(e.value)
+    assert "parts made with another text encoder (other-encoder, not " in msg and "\n" not in msg, msg
+    assert sorted(p.relative_to(copy) for p in copy.rglob("*")) == before  # nothing written
+
+
+def test_a_limited_run_on_a_finished_output_keeps_the_whole_manifest(ingested, built, tmp_path):
+    """`--limit 1` on an output that already holds every file used to rewrite manifest.json for that one file."""
+    root, _ = built
+    out, _, _ = ingested
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    full = json.loads((out / "manifest.json").read_text())
+    report = run_ingest(str(root / "videos"), str(copy), str(root / "captions.jsonl"),
+                        load_ingest_config(None, OVERRIDES), limit=1)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    assert report["this_run"]["clips_written"] == 0
+    assert (manifest["files"], manifest["clips"], manifest["shards"]) == (full["files"], full["clips"], full["shards"])
+
+
 def _fingerprint(out: Path) -> list[tuple[str, str]]:
     """(clip id, frames hash) per clip row, sorted: a clip written twice appears twice (a dict would hide it)."""
     rows, _ = _clips(out)

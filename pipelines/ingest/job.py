@@ -28,6 +28,7 @@ import os
 import sys
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
@@ -124,15 +125,23 @@ def range_is_done(state: dict | None, row: dict) -> bool:
 _FOLDERS = ("shards", "rejects", "done")
 
 
-def scan_committed(output_uri: str, options: StorageOptions, config_hash: str | None = None) -> dict[str, dict]:
+def scan_committed(output_uri: str, options: StorageOptions, config_hash: str | None = None,
+                   encoder_fingerprint: Callable[[], str] | None = None) -> dict[str, dict]:
     """source -> committed state (`_committed_state`); the parts of the three folders are read in parallel, only
     the columns needed (never the frames). With `config_hash`, every part stamped with another config is refused
-    (`check_part_stamps`)."""
+    (`check_part_stamps`); with `encoder_fingerprint` (called only when a shard carries an encoder stamp), every
+    shard embedded by another text encoder is refused too: the config names its encoder (`encoder_from`), and
+    what that name resolves to can change between runs (the named config's text section, the weights at a
+    local path), so a resume would otherwise add shards that finalize can never accept."""
     with ThreadPoolExecutor(len(_FOLDERS)) as pool:
-        parts = [p for ps in pool.map(lambda f: _read_parts(output_uri, f, _STATE_COLUMNS, options), _FOLDERS)
-                 for p in ps]
+        by_folder = dict(zip(_FOLDERS, pool.map(lambda f: _read_parts(output_uri, f, _STATE_COLUMNS, options),
+                                                _FOLDERS), strict=True))
+    parts = [p for ps in by_folder.values() for p in ps]
     if config_hash is not None:
         check_part_stamps(output_uri, parts, STAMP_CONFIG, config_hash, "ingest config")
+    shards = by_folder["shards"]
+    if encoder_fingerprint is not None and any(part_stamp(t, STAMP_ENCODER) for _, t in shards):
+        check_part_stamps(output_uri, shards, STAMP_ENCODER, encoder_fingerprint(), "text encoder")
     return _committed_state([t for _, t in parts])
 
 
@@ -291,6 +300,7 @@ def run_ingest(input_uri: str, output_uri: str, captions_uri: str | None = None,
     if not files:
         raise LumiereError(f"no video files ({', '.join(cfg.extensions)}) under {input_uri}")
     listed = len(files)
+    all_files = files
     if limit is not None:
         files = files[:limit]
     config_hash = ingest_config_hash(cfg, captions_uri)
@@ -305,7 +315,16 @@ def run_ingest(input_uri: str, output_uri: str, captions_uri: str | None = None,
     _check_shot_detector(cfg)
     if not dry_run:
         _clean_temp_files(output_uri, options)
-    committed = scan_committed(output_uri, options, config_hash)
+    resolved: list[dict] = []  # the encoder record, built here only when a resume must check shards against it
+
+    def encoder_fingerprint() -> str:
+        resolved.append(_encoder_info(cfg))
+        return resolved[0]["fingerprint"]
+
+    committed = scan_committed(output_uri, options, config_hash, encoder_fingerprint)
+    # --limit picks which files this run may process; the files an earlier run finished stay in the manifest (a
+    # sample taken from an output that already holds more must not shrink its manifest to the sample)
+    finished_beyond = [f for f in all_files[len(files):] if is_done(committed.get(f["source"]))]
     todo = []
     for f in files:
         done = committed.get(f["source"])
@@ -313,7 +332,8 @@ def run_ingest(input_uri: str, output_uri: str, captions_uri: str | None = None,
             continue
         todo.append({**f, "skip_ids": sorted(done["ids"]) if done else []})
     log(f"[ingest] {listed} video files under {input_uri} ({skipped} other files ignored)"
-        + (f", the first {len(files)} of them (--limit)" if limit is not None else "")
+        + (f", the first {len(files)} of them (--limit; {len(finished_beyond)} more finished earlier stay in "
+           "the manifest)" if limit is not None else "")
         + f"; {len(files) - len(todo)} already done, {len(todo)} to process -> {output_uri}")
     if dry_run:
         plan = {"dry_run": True, "input": input_uri, "output": output_uri, "files": len(files),
@@ -333,7 +353,7 @@ def run_ingest(input_uri: str, output_uri: str, captions_uri: str | None = None,
     write_seconds: list[float] = []
     # the manifest's encoder record, built on a driver thread while Ray runs (off the critical path at the end)
     pool = ThreadPoolExecutor(1, thread_name_prefix="lumiere-encoder-info")
-    encoder_info = pool.submit(_encoder_info, cfg)
+    encoder_info = pool.submit(lambda: resolved[0] if resolved else _encoder_info(cfg))
     pool.shutdown(wait=False)  # the submitted call still runs to the end
     if todo:
         _init_ray(address)
@@ -388,8 +408,8 @@ def run_ingest(input_uri: str, output_uri: str, captions_uri: str | None = None,
                 last = time.time()
                 log(_progress_line(written, len(items), last - started, "files" if not split else "file ranges"))
         log(_progress_line(written, len(items), time.time() - started, "files" if not split else "file ranges"))
-    return finalize(input_uri, output_uri, captions_uri, files, skipped, cfg, options, t0, written, log,
-                    encoder_info=encoder_info.result(), write_seconds=write_seconds)
+    return finalize(input_uri, output_uri, captions_uri, files + finished_beyond, skipped, cfg, options, t0, written,
+                    log, encoder_info=encoder_info.result(), write_seconds=write_seconds)
 
 
 def _check_shot_detector(cfg: IngestConfig) -> None:
