@@ -372,6 +372,26 @@ def test_sigkill_mid_run_then_rerun_gives_the_clean_clip_set(built, ingested, ra
     assert not (out / "shards" / ".tmp-torn-write").exists()
 
 
+def test_a_workers_failure_reaches_the_drivers_log(built, ray_session, tmp_path):
+    """On a cluster the driver's output is the job's log, the only one a data engineer reads: a decode task's
+    traceback for a file it cannot read must appear there (Ray forwards worker output with log_to_driver), and so
+    must the progress lines (files done / total)."""
+    import ray
+
+    root, _ = built
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    shutil.copy(root / "videos" / "text.mp4", videos / "text.mp4")  # not a video: an `unreadable` reject
+    cmd = [sys.executable, "-m", "cli.main", "ingest", "--input", str(videos), "--output", str(tmp_path / "out"),
+           "--address", ray.get_runtime_context().gcs_address, "--set", "encoder_from=tiny",
+           "--set", "missing_caption=keep"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    log = proc.stdout + proc.stderr
+    assert f"[ingest] {videos / 'text.mp4'}: unreadable" in log and "Traceback (most recent call last)" in log, log
+    assert "[ingest] files 1/1 (100%), 0 clips, 1 rejects" in log, log
+
+
 def _committed_ids(out: Path):
     for p in (out / "shards").glob("part-*.parquet"):
         yield from pq.read_table(p, columns=["clip_id"])["clip_id"].to_pylist()

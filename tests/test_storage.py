@@ -111,3 +111,15 @@ def test_read_parquet_columns_skips_columns_an_older_part_lacks(tmp_path, bytes_
     assert table.column_names == ["clip_id", "thumb"]
     assert table["thumb"].to_pylist() == [b"png"] * 4
     assert bytes_read[0] < 0.02 * size
+
+
+def test_the_progress_line_counts_files_and_gives_an_eta_only_while_files_remain():
+    from collections import Counter
+
+    written = Counter({"done_rows": 3, "shard_rows": 24, "rejects_rows": 2})
+    line = job._progress_line(written, 12, 30.0)
+    # 3 of 12 files in 30 s: 9 to go at 10 s each
+    assert line == "[ingest] files 3/12 (25%), 24 clips, 2 rejects, 0.80 clips/s, 30s, ETA 90s", line
+    assert "ETA" not in job._progress_line(Counter(), 12, 5.0)  # no file done yet: no rate to go by
+    done = job._progress_line(Counter({"done_rows": 12, "shard_rows": 96}), 12, 60.0, "file ranges")
+    assert done.startswith("[ingest] file ranges 12/12 (100%), 96 clips") and "ETA" not in done, done
