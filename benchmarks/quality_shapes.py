@@ -64,7 +64,7 @@ from lumiere.diffusion import Conditioning  # noqa: E402
 from lumiere.pipeline import TextToVideo  # noqa: E402
 from lumiere.shapes import COLORS, DIRECTIONS, SHAPES, analyse_clip, make_corpus, parse_caption  # noqa: E402
 from lumiere.text_encoder import TextEncoder  # noqa: E402
-from lumiere.trainer import TrainStep, clips_to_model  # noqa: E402
+from lumiere.trainer import TrainStep, clips_to_model, lr_lambda  # noqa: E402
 from lumiere.video import read_video, save_png, spritesheet  # noqa: E402
 
 
@@ -161,6 +161,8 @@ class Trainer:
                                                                               strict=True)])
             pooled = torch.stack([self.variants[f].pooled[i] for i, f in zip(idx.tolist(), flips.tolist(),
                                                                             strict=True)])
+        if self.budget_s is not None and self.time_s > 0:
+            self._fit_lr_schedule_to_budget()
         t0 = time.perf_counter()
         metrics = self.step_fn(clips_to_model(batch), Conditioning(context, pooled))
         self.time_s += time.perf_counter() - t0
@@ -173,6 +175,16 @@ class Trainer:
                     f"{s / self.time_s:.2f} steps/s  train time {self.time_s / 60:.1f} min")
             print(line, flush=True)
             self.log.append({"step": s, "loss": sum(window) / len(window), "time_s": self.time_s})
+
+    def _fit_lr_schedule_to_budget(self) -> None:
+        """--minutes: the LR schedule ends where the time budget does. Its length was set from a timing before
+        training; when the machine's speed drifts, a run either stopped mid-decay (run W: planned 2,353 steps, ran
+        2,127, LR still ~half the peak) or went on past the schedule's end. So before every step the schedule's
+        length is the step count this run's average pace so far projects for the whole budget."""
+        t = self.cfg.train
+        total = max(self.step_fn.step + 1, round(self.step_fn.step * self.budget_s / self.time_s))
+        self.steps = total
+        self.step_fn.lr_schedule.lr_lambdas = [lr_lambda(t.warmup_steps, total, t.lr_schedule, t.lr_decay_fraction)]
 
     def ema_model(self):
         ema = copy.deepcopy(self.model).eval()
