@@ -424,7 +424,7 @@ def score(video: np.ndarray, prompt: str) -> dict:
         "present": bool((a["areas"] > 0).all()),
         "seen": f"{a['dominant_color']} {a['direction']}",
         "speed_px": float(np.hypot(*a["displacement"])),
-        # the longest frame-to-frame centroid step (nan where the shape is missing from a frame)
+        # the longest measurable frame-to-frame centroid step (nan when none is: such a video counts as jumping)
         "max_step_px": float(np.hypot(*steps[ok].T).max()) if ok.any() else math.nan,
     }
 
