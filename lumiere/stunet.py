@@ -11,6 +11,8 @@ Inflation (Lumiere §3.1), added around the prior's unchanged spatial layers:
 - temporal downsampling next to every spatial downsampling (identity-initialised temporal conv, stride 2)
   and temporal upsampling next to every spatial upsampling (frame duplication, identity-initialised conv),
   so the coarsest level sees T / 2^K frames.
+(`coarsest_attention: spacetime`, beyond the paper: the coarsest attention blocks attend over every position of
+every compressed frame, not each pixel over its own frames.)
 
 The motion layers have a conditioning path of their own (`MotionConditioning`, trainable): the timestep and a
 learned projection of the frozen text encoder's tokens (attention-pooled to one vector, plus the pooled
@@ -71,6 +73,12 @@ class STUNetConfig:
     # prior frozen, the attention blocks there mix no space, so nothing trainable can move content where the
     # whole compressed clip is seen at once; benchmarks/RESULTS.md measures it)
     coarsest_conv: bool = False
+    # what the coarsest level's attention blocks attend over: "temporal" (the paper's: each pixel over all frames)
+    # or "spacetime" (every position of every frame of the compressed clip: t·h·w tokens). A shape that moved sits
+    # at another pixel in a later frame, and with the prior frozen per-pixel temporal attention cannot look there:
+    # what links the two halves of a clip must come through the frozen spatial layers (beyond the paper;
+    # benchmarks/RESULTS.md measures it). Cheap at the coarsest level (16 frames at 32² → 4·8·8 = 256 tokens)
+    coarsest_attention: Literal["temporal", "spacetime"] = "temporal"
     # space-time coordinates (x, y, t of the clip, each in [-1, 1]) as extra inputs of every conv inflation block's
     # spatial conv: "a shape moving right" is, at high noise, a blob whose position depends on the frame, and
     # convolutions alone cannot tell where in the frame or the clip they are. Measured (benchmarks/RESULTS.md,
@@ -200,12 +208,27 @@ def sinusoidal_positions(length: int, dim: int, device) -> torch.Tensor:
     return pe
 
 
-class TemporalAttentionBlock(nn.Module):
-    """Attention-based inflation: each pixel attends over all frames, then (with `context_dim`) to the prompt's
-    tokens, then a feed-forward; b c t h w -> b c t h w, identity at init (every branch's output starts at zero)."""
+def spacetime_positions(t: int, h: int, w: int, dim: int, device) -> torch.Tensor:
+    """((t h w) dim): sinusoidal codes of the frame, row and column, each in its own third of the channels (zeros in
+    the rest): summed codes of one frequency set would alias, e.g. (frame 1, row 0) with (frame 0, row 1)."""
+    part = dim // 6 * 2  # even: sin/cos pairs
+    codes = [sinusoidal_positions(n, part, device) for n in (t, h, w)]
+    pe = torch.cat([
+        repeat(codes[0], "t d -> t h w d", h=h, w=w),
+        repeat(codes[1], "h d -> t h w d", t=t, w=w),
+        repeat(codes[2], "w d -> t h w d", t=t, h=h),
+    ], dim=-1)
+    return F.pad(rearrange(pe, "t h w d -> (t h w) d"), (0, dim - 3 * part))
 
-    def __init__(self, channels: int, head_dim: int, context_dim: int | None = None):
+
+class TemporalAttentionBlock(nn.Module):
+    """Attention-based inflation: each pixel attends over all frames (with `spacetime`, over every position of every
+    frame), then (with `context_dim`) to the prompt's tokens, then a feed-forward; b c t h w -> b c t h w, identity
+    at init (every branch's output starts at zero)."""
+
+    def __init__(self, channels: int, head_dim: int, context_dim: int | None = None, spacetime: bool = False):
         super().__init__()
+        self.spacetime = spacetime
         self.norm = nn.LayerNorm(channels)
         self.attn = Attention(channels, None, head_dim)
         zero_init(self.attn.to_out)  # zero: the block starts as identity
@@ -219,12 +242,19 @@ class TemporalAttentionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
         b, c, t, h, w = x.shape
-        seq = rearrange(x, "b c t h w -> (b h w) t c")
-        q = self.norm(seq) + sinusoidal_positions(t, c, x.device).to(seq.dtype)
+        if self.spacetime:
+            seq = rearrange(x, "b c t h w -> b (t h w) c")
+            q = self.norm(seq) + spacetime_positions(t, h, w, c, x.device).to(seq.dtype)
+        else:
+            seq = rearrange(x, "b c t h w -> (b h w) t c")
+            q = self.norm(seq) + sinusoidal_positions(t, c, x.device).to(seq.dtype)
         seq = seq + self.attn(q)
         if self.cross is not None and tokens is not None:
-            seq = seq + self.cross(self.norm_cross(seq), repeat(tokens, "b l m -> (b n) l m", n=h * w))
+            n = 1 if self.spacetime else h * w
+            seq = seq + self.cross(self.norm_cross(seq), repeat(tokens, "b l m -> (b n) l m", n=n))
         seq = seq + self.ff(self.norm_ff(seq))
+        if self.spacetime:
+            return rearrange(seq, "b (t h w) c -> b c t h w", t=t, h=h, w=w)
         return rearrange(seq, "(b h w) t c -> b c t h w", b=b, h=h, w=w)
 
 
@@ -289,7 +319,8 @@ class STUNet(nn.Module):
         # in the U-Net's block order, not the set's: set order of strings changes with each process's hash seed,
         # and ranks that build their modules in different orders initialise and all-reduce them mismatched
         self.temporal_attns = nn.ModuleDict(
-            {_slot(k): TemporalAttentionBlock(channels[k], cfg.temporal_head_dim, motion_dim)
+            {_slot(k): TemporalAttentionBlock(channels[k], cfg.temporal_head_dim, motion_dim,
+                                              spacetime=cfg.coarsest_attention == "spacetime")
              for k in channels if k in attn_keys}
         )
         self.time_down = nn.ModuleDict()

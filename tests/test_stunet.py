@@ -34,7 +34,8 @@ def _inputs(cfg, b=2, seed=1):
 @pytest.mark.parametrize("overrides", [[], ["unet.channel_mult=[1,2,2]", "unet.num_res_blocks=2"],
                                        ["stunet.conv_block=temporal", "stunet.motion_conditioning=false"],
                                        ["stunet.coarsest_conv=true"], ["stunet.coordinates=true"],
-                                       ["stunet.motion_text_pool=attention_max"]])
+                                       ["stunet.motion_text_pool=attention_max"],
+                                       ["stunet.coarsest_attention=spacetime"]])
 def test_inflation_reproduces_prior_on_static_video(overrides):
     cfg = load_config("tiny", overrides)
     prior = perturb_(build_prior(cfg)).eval()  # a "trained" prior: no zero-initialised outputs left
@@ -84,6 +85,7 @@ def test_inflation_reproduces_prior_frame_by_frame_on_a_moving_video():
     lambda: FactorizedConvBlock(8, 4, emb_dim=16, coordinates=True),
     lambda: TemporalConvBlock(8, 4, emb_dim=16),
     lambda: TemporalAttentionBlock(8, 4, context_dim=16),
+    lambda: TemporalAttentionBlock(8, 4, context_dim=16, spacetime=True),
 ])
 def test_every_new_block_is_the_identity_at_init_and_not_after_training(block):
     b = block()
@@ -124,6 +126,21 @@ def test_factorized_block_moves_content_in_space_the_temporal_block_cannot():
         with torch.no_grad():
             diff = (block(near, emb) - block(far, emb))[..., 2, 4]
         assert (diff.abs().max() > 1e-4) == mixes, type(block).__name__
+
+
+def test_spacetime_attention_links_a_place_in_one_frame_to_another_place_in_another_frame():
+    """A shape that moved is at another pixel in a later frame. Trained (perturbed), a spacetime attention block's
+    output at pixel (0, 0) of frame 0 depends on pixel (5, 5) of the last frame; a temporal one's (each pixel over
+    its own column of frames, no norm across pixels) does not."""
+    x = torch.randn(1, 8, 4, 6, 6, generator=torch.Generator().manual_seed(0))
+    moved = x.clone()
+    moved[:, :, -1, 5, 5] += torch.linspace(-1, 1, 8)  # not one constant over channels: LayerNorm removes that
+    tokens = torch.randn(1, 5, 16, generator=torch.Generator().manual_seed(1))
+    for spacetime in (True, False):
+        block = perturb_(TemporalAttentionBlock(8, 4, context_dim=16, spacetime=spacetime), seed=4)
+        with torch.no_grad():
+            diff = (block(moved, tokens) - block(x, tokens))[:, :, 0, 0, 0]
+        assert (diff.abs().max() > 1e-4) == spacetime, spacetime
 
 
 def test_coordinates_let_a_block_place_content_by_frame_and_position():
