@@ -833,6 +833,24 @@ def test_long_files_are_split_into_time_ranges_and_a_resume_knows_each_range():
     assert is_done(full) and all(range_is_done(full, r) for r in ranges)
 
 
+def test_remote_decode_auto_reads_a_file_cut_into_ranges_in_place_and_copies_a_short_one():
+    """remote_decode=auto (the default): the time ranges of a long S3 file read their own bytes in place (a copy per
+    node would only add downloads; PyAV decodes such a file either way), a one-range file is copied for decord;
+    copy and ranges are what they say for every file."""
+    from pipelines.ingest.stage1_list import split_into_ranges
+
+    auto = IngestConfig(range_seconds=10, encoder_from="tiny")
+    assert auto.remote_decode == "auto"
+    row = {"source": "s3://b/film.mp4", "size": 1, "has_caption": True}
+    long_file, short_file = split_into_ranges({**row, "duration_s": 35.0}, auto), split_into_ranges(
+        {**row, "duration_s": 9.0}, auto)
+    assert [auto.reads_by_ranges(r["ranges"]) for r in long_file] == [True] * 4
+    assert [auto.reads_by_ranges(r["ranges"]) for r in short_file] == [False]
+    for mode, want in (("copy", False), ("ranges", True)):
+        cfg = auto.model_copy(update={"remote_decode": mode})
+        assert {cfg.reads_by_ranges(r["ranges"]) for r in long_file + short_file} == {want}
+
+
 def test_a_file_read_in_place_by_byte_ranges_decodes_to_the_frames_of_a_local_copy(tmp_path):
     """remote_decode=ranges (pipelines/ingest/range_decode.py) against the decord path on a local copy: the same
     output frames (which source frame each is: a patch codes the frame index) for a variable frame rate, a display

@@ -689,8 +689,9 @@ def _s3_clip_counters(s3, options, bucket: str, prefix: str) -> list[tuple[str, 
 def test_the_time_ranges_of_an_s3_file_share_one_copy_per_node(ray_session, tmp_path):
     """A 40 s video on S3 at range_seconds=10 is 4 decode tasks: with the node's source cache they copy the object
     once (report.json's source_fetch counts the bytes each task fetched), without it (source_cache_bytes=0) once
-    per range; read in place by byte ranges (remote_decode=ranges) each range fetches about its own part, with no
-    local copy. The clips are the same, down to which source frame each output frame is."""
+    per range (remote_decode=copy); read in place by byte ranges (remote_decode=auto, the default, for a file cut
+    into ranges) each range fetches about its own part, with no local copy. The clips are the same, down to which
+    source frame each output frame is."""
     from lumiere.video import encode_mp4_bytes
 
     video = corpus.moving(640, 96, 96, seed=5, spec=("circle", "green", "right"))
@@ -707,12 +708,13 @@ def test_the_time_ranges_of_an_s3_file_share_one_copy_per_node(ray_session, tmp_
         base = [*OVERRIDES, "missing_caption=keep", "clip_frames=32", "size=64", "min_side=64", "hr_size=null",
                 "shot_detector=histogram", "near_dedup=none", "frame_format=raw", "static_threshold=0",
                 "range_seconds=10", f"source_cache_dir={tmp_path / 'cache'}"]
-        shared = run_ingest("s3://films/raw", "s3://films/shared", None, load_ingest_config(None, base),
+        copy = [*base, "remote_decode=copy"]
+        shared = run_ingest("s3://films/raw", "s3://films/shared", None, load_ingest_config(None, copy),
                             options=options)
         apart = run_ingest("s3://films/raw", "s3://films/apart", None,
-                           load_ingest_config(None, [*base, "source_cache_bytes=0"]), options=options)
+                           load_ingest_config(None, [*copy, "source_cache_bytes=0"]), options=options)
         ranges = run_ingest("s3://films/raw", "s3://films/ranges", None,
-                            load_ingest_config(None, [*base, "remote_decode=ranges", "remote_read_block_bytes=16384",
+                            load_ingest_config(None, [*base, "remote_read_block_bytes=16384",
                                                       f"source_cache_dir={tmp_path / 'unused'}"]), options=options)
         clips = {name: _s3_clip_counters(s3, options, "films", name) for name in ("shared", "apart", "ranges")}
     assert shared["clips"] == apart["clips"] == ranges["clips"] == 20

@@ -139,7 +139,7 @@ def _candidates(row: dict, cfg: IngestConfig, options: StorageOptions, key: str 
         yield _reject_row(source, whole_file, "no_caption",
                           "no caption in the sidecar nor a .txt/.json beside the video")
         return
-    if storage.is_s3(source) and cfg.remote_decode == "ranges":  # read in place, by byte ranges
+    if storage.is_s3(source) and cfg.reads_by_ranges(int(row.get("ranges") or 1)):  # in place, by byte ranges
         remote = RangeSource(source, options, int(row["size"]), cfg.remote_read_block_bytes)
         try:
             yield from _cut(remote, row, key, whole_file, cfg)
