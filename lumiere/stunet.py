@@ -71,13 +71,14 @@ class STUNetConfig:
     motion_conditioning: bool = True
     # also a conv inflation block at the coarsest level, before its attention block (beyond the paper: with the
     # prior frozen, the attention blocks there mix no space, so nothing trainable can move content where the
-    # whole compressed clip is seen at once; benchmarks/RESULTS.md measures it)
+    # whole compressed clip is seen at once). On in the small and base configs: with it the small STUNet's mid-clip
+    # motion restarts went (98 % direction on two training seeds, 98 % / 57 % without: benchmarks/RESULTS.md runs X–Z)
     coarsest_conv: bool = False
     # what the coarsest level's attention blocks attend over: "temporal" (the paper's: each pixel over all frames)
     # or "spacetime" (every position of every frame of the compressed clip: t·h·w tokens). A shape that moved sits
-    # at another pixel in a later frame, and with the prior frozen per-pixel temporal attention cannot look there:
-    # what links the two halves of a clip must come through the frozen spatial layers (beyond the paper;
-    # benchmarks/RESULTS.md measures it). Cheap at the coarsest level (16 frames at 32² → 4·8·8 = 256 tokens)
+    # at another pixel in a later frame, and per-pixel temporal attention cannot look there, only the spatial layers
+    # around it can (beyond the paper; not measured yet). Cheap at the coarsest level (16 frames at 32² → 4·8·8 =
+    # 256 tokens)
     coarsest_attention: Literal["temporal", "spacetime"] = "temporal"
     # space-time coordinates (x, y, t of the clip, each in [-1, 1]) as extra inputs of every conv inflation block's
     # spatial conv: "a shape moving right" is, at high noise, a blob whose position depends on the frame, and
