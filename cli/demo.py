@@ -140,6 +140,36 @@ def accuracy_line(scores: list[dict]) -> str:
     return f"direction {d}/{n} ({d / n:.0%}), colour {c}/{n} ({c / n:.0%}) as prompted"
 
 
+def demo_ingest_config(cfg):
+    """The demo's ingestion settings for a model config `cfg`: the corpus's own frame count, size and fps, one clip
+    per video, no SSR copy; the text encoder is the model config's (its fingerprint goes into the manifest and
+    training checks it)."""
+    from pipelines.ingest.config import IngestConfig
+
+    # The corpus is single-shot synthetic clips, with no boundary to find: the colour-histogram detector
+    # (~0.05 ms per frame) instead of TransNetV2 (~20 ms per frame, and a 100-frame window per file); and
+    # every generated clip is wanted, also two that happen to look alike (no near-duplicate filter)
+    return IngestConfig(clip_frames=cfg.video.frames, size=cfg.video.size, min_side=cfg.video.size, hr_size=None,
+                        text=cfg.text, fps=cfg.video.fps, shot_detector="histogram", near_dedup="none")
+
+
+def demo_stunet_config(config: str, overrides: list[str], steps: int, num_workers: int):
+    """The demo's STUNet run: conditional from the start, inflated straight from the prior. The served model must
+    do image-to-video (a conditional model) and text-to-video (the same model with a zero condition); an
+    unconditional run followed by a conditional fine-tune would pay a second Ray Train start-up and split the step
+    budget. Training only the two condition types the demo asks for ("none" = t2v, "first_frame" = i2v) gives each
+    half of the steps instead of a fifth."""
+    from lumiere.config import load_config
+
+    # 8 clips per step over the workers (4 each on 2): a STUNet step runs all 16 frames of every clip, ~6x the
+    # prior's step; within the ~15-minute budget that buys 600 updates instead of ~420 at 8 per worker.
+    # No top-noise phase: `small`'s 800 steps of it would be the whole run, and the plateau it shortens
+    # needs more steps than the demo has (benchmarks/RESULTS.md run V)
+    return load_config(config, [f"train.batch_size={max(1, 8 // num_workers)}", "diffusion.top_noise_steps=0",
+                                *overrides, f"train.max_steps={steps}", "stunet.conditional=true",
+                                "train.condition_types=[none, first_frame]"])
+
+
 def _clean(workdir: Path) -> None:
     for name in OUTPUTS:
         path = workdir / name
@@ -150,7 +180,8 @@ def _clean(workdir: Path) -> None:
 
 
 def run_demo(workdir: Path, config: str, overrides: list[str], count: int, t2i_steps: int, stunet_steps: int,
-             prompts: list[str], num_workers: int = 2, sample_steps: int | None = None, port: int = 0) -> dict:
+             prompts: list[str], num_workers: int = 2, cpus_per_worker: int = 1, sample_steps: int | None = None,
+             port: int = 0) -> dict:
     """Run the demo; returns {"videos": [mp4 paths], "spritesheets": [png paths], "mlflow": uri, ...}."""
     from lumiere.config import load_config
 
@@ -158,7 +189,8 @@ def run_demo(workdir: Path, config: str, overrides: list[str], count: int, t2i_s
     workdir = Path(workdir).resolve()
     frames, size, fps = cfg.video.frames, cfg.video.size, cfg.video.fps
     print(f"Lumiere demo: config '{cfg.name}' ({frames} frames, {size}x{size}, {fps:g} fps), {count} clips, "
-          f"t2i {t2i_steps} + stunet {stunet_steps} steps on {num_workers} Ray Train worker(s); output in {workdir}/",
+          f"t2i {t2i_steps} + stunet {stunet_steps} steps on {num_workers} Ray Train worker(s) x {cpus_per_worker} "
+          f"CPU(s); output in {workdir}/",
           flush=True)
     # one MLflow store for the demo's runs, in WORKDIR (MLFLOW_TRACKING_URI, when set, wins, as for lumiere train)
     tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{workdir / 'mlflow.db'}"
@@ -187,18 +219,10 @@ def run_demo(workdir: Path, config: str, overrides: list[str], count: int, t2i_s
             started_ray = True
 
         with stage("2/7 ingest (Ray Data): decode, filter, embed captions, write Parquet shards"):
-            from pipelines.ingest.config import IngestConfig
             from pipelines.ingest.job import run_ingest
 
             shards = workdir / "shards"
-            # the corpus's own frame count, size and encoder: one clip per video, no SSR copy; the text encoder
-            # is the model config's (its fingerprint goes into the manifest and training checks it)
-            # The corpus is single-shot synthetic clips, with no boundary to find: the colour-histogram detector
-            # (~0.05 ms per frame) instead of TransNetV2 (~20 ms per frame, and a 100-frame window per file); and
-            # every generated clip is wanted, also two that happen to look alike (no near-duplicate filter)
-            icfg = IngestConfig(clip_frames=frames, size=size, min_side=size, hr_size=None, text=cfg.text,
-                                fps=fps, shot_detector="histogram", near_dedup="none")
-            report = run_ingest(str(corpus), str(shards), str(corpus / "captions.jsonl"), icfg)
+            report = run_ingest(str(corpus), str(shards), str(corpus / "captions.jsonl"), demo_ingest_config(cfg))
             if not report.get("clips"):
                 raise LumiereError(f"no clip passed the filters; see {shards}/report.json")
 
@@ -210,24 +234,14 @@ def run_demo(workdir: Path, config: str, overrides: list[str], count: int, t2i_s
             t2i_cfg = load_config(config, [*overrides, f"train.max_steps={t2i_steps}"])
             with follow_training(tracking_uri, "t2i", "demo-t2i", t2i_steps):
                 t2i = run_training("t2i", str(shards), str(workdir / "runs" / "t2i"), t2i_cfg,
-                                   num_workers=num_workers, run_name="demo-t2i")
-        # One STUNet run, conditional from the start, inflated straight from the prior: the served model must do
-        # image-to-video (a conditional model) and text-to-video (the same model with a zero condition). An
-        # unconditional run followed by a conditional fine-tune would pay a second Ray Train start-up and split
-        # the step budget; training only the two condition types the demo asks for ("none" = t2v, "first_frame"
-        # = i2v) gives each half of the steps instead of a fifth.
+                                   num_workers=num_workers, cpus_per_worker=cpus_per_worker, run_name="demo-t2i")
         with stage(f"4/7 inflate to a conditional STUNet and train its temporal layers (Ray Train, {num_workers} "
                    f"workers, {stunet_steps} steps)"):
-            # 4 clips per worker (8 per step over 2 workers): a STUNet step runs all 16 frames of every clip, ~6x
-            # the prior's step; within the ~20-minute budget that buys 600 updates instead of ~420 at 8 per worker.
-            # No top-noise phase: `small`'s 800 steps of it would be the whole run, and the plateau it shortens
-            # needs more steps than the demo has (benchmarks/RESULTS.md run V)
-            st_cfg = load_config(config, ["train.batch_size=4", "diffusion.top_noise_steps=0", *overrides,
-                                          f"train.max_steps={stunet_steps}",
-                                          "stunet.conditional=true", "train.condition_types=[none, first_frame]"])
+            st_cfg = demo_stunet_config(config, overrides, stunet_steps, num_workers)
             with follow_training(tracking_uri, "stunet", "demo-stunet", stunet_steps):
                 stunet = run_training("stunet", str(shards), str(workdir / "runs" / "stunet"), st_cfg,
-                                      init_from=t2i["checkpoint"], num_workers=num_workers, run_name="demo-stunet")
+                                      init_from=t2i["checkpoint"], num_workers=num_workers,
+                                      cpus_per_worker=cpus_per_worker, run_name="demo-stunet")
         result.update(t2i=t2i, stunet=stunet)
 
         with stage("5/7 serve the Videos API (Ray Serve, OpenAI-compatible /v1/videos)"):

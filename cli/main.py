@@ -170,6 +170,8 @@ def train(
                                          "models:/ URI."),
     num_workers: int = typer.Option(1, min=1, help="Ray Train workers (DDP, or FSDP with "
                                     "--set train.parallelism=fsdp)."),
+    cpus_per_worker: int = typer.Option(1, min=1, help="CPUs each worker holds and runs torch threads on (CPU "
+                                        "training: e.g. 1 worker x 2 CPUs instead of 2 x 1)."),
     gpu: bool = typer.Option(False, help="One GPU per worker, bf16 autocast, nccl."),
     compile: bool = typer.Option(False, help="torch.compile the model (GPU only)."),
     max_steps: int | None = typer.Option(None, min=1, help="Shorthand for --set train.max_steps=N."),
@@ -211,7 +213,8 @@ def train(
         raise typer.Exit(submit_and_follow(address, argv))
     from pipelines.train.job import run_training
 
-    run_training(kind, data, output, cfg, init_from=init_from, num_workers=num_workers, gpu=gpu,
+    run_training(kind, data, output, cfg, init_from=init_from, num_workers=num_workers,
+                 cpus_per_worker=cpus_per_worker, gpu=gpu,
                  run_name=run_name, address=address, compile=compile, max_failures=max_failures,
                  sample_every=sample_every, sample_num_gpus=sample_gpus, resource_timeout_s=resource_timeout,
                  system_metrics_interval_s=system_metrics)
@@ -392,6 +395,7 @@ def demo(
     t2i_steps: int = typer.Option(1000, min=1, help="Ray Train steps for the 2D prior."),
     stunet_steps: int = typer.Option(600, min=1, help="Ray Train steps for the STUNet's temporal layers."),
     num_workers: int = typer.Option(2, min=1, help="Ray Train workers (DDP) per training job."),
+    cpus_per_worker: int = typer.Option(1, min=1, help="CPUs (torch threads) per Ray Train worker."),
     prompt: list[str] = typer.Option(
         [], help="Text-to-video prompts to request (repeatable; default: every colour x direction of the corpus, "
                  "scored); one image-to-video request is added.",
@@ -405,7 +409,7 @@ def demo(
     from .demo import default_prompts, run_demo
 
     run_demo(workdir, config, set_, clips, t2i_steps, stunet_steps, prompt or default_prompts(),
-             num_workers=num_workers, sample_steps=sample_steps, port=port)
+             num_workers=num_workers, cpus_per_worker=cpus_per_worker, sample_steps=sample_steps, port=port)
 
 
 # Ray Train's placement-group cleaner asks the State API whether the controller is alive once a second and logs

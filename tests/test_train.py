@@ -73,6 +73,7 @@ def test_t2i_run_is_tracked_and_registered(t2i_run, mlflow_uri):
     client = mlflow.MlflowClient(tracking_uri=mlflow_uri)
     run = client.get_run(result["run_id"])
     assert run.data.params["unet.base_channels"] == "8" and run.info.status == "FINISHED"
+    assert run.data.tags["lumiere.torch_threads_per_worker"] == "1"  # a CPU worker holds 1 CPU by default
     losses = client.get_metric_history(result["run_id"], "loss")
     assert [m.step for m in losses] == [2, 4, 6, 8] and all(m.value > 0 for m in losses)
     for key in ("lr", "samples_per_s", "step_time_s"):
@@ -132,6 +133,7 @@ def test_stunet_from_t2i_keeps_the_prior_and_loads_from_the_registry(t2i_run, sh
 def test_conditional_stunet_and_ssr_train_and_generate(t2i_run, shards, mlflow_uri, tmp_path):
     """`train stunet --conditional` from a t2i run, `train ssr` on the high-resolution copies, then i2v and
     MultiDiffusion upsampling with the two checkpoints."""
+    import mlflow
     import numpy as np
 
     from lumiere.pipeline import TextToVideo, Upsampler
@@ -139,11 +141,16 @@ def test_conditional_stunet_and_ssr_train_and_generate(t2i_run, shards, mlflow_u
 
     t2i_out, _ = t2i_run
     quiet = {"log": lambda *a: None, "num_workers": 1}
+    # 1 worker x 2 CPUs: the worker trains with 2 torch threads (as it reports to MLflow)
     cond = run_training("stunet", str(shards), str(tmp_path / "cond"), _cfg("train.max_steps=4",
-                        "stunet.conditional=true"), init_from=str(t2i_out), run_name="cond-test", **quiet)
+                        "stunet.conditional=true"), init_from=str(t2i_out), run_name="cond-test", cpus_per_worker=2,
+                        **quiet)
     ssr = run_training("ssr", str(shards), str(tmp_path / "ssr"), _cfg("train.max_steps=4"), run_name="ssr-test",
                        **quiet)
     assert cond["step"] == 4 and ssr["step"] == 4
+    client = mlflow.MlflowClient(tracking_uri=mlflow_uri)
+    assert client.get_run(cond["run_id"]).data.tags["lumiere.torch_threads_per_worker"] == "2"
+    assert client.get_run(ssr["run_id"]).data.tags["lumiere.torch_threads_per_worker"] == "1"
     assert "lumiere-ssr@candidate" in ssr["model_uri"]
     gen = TextToVideo.from_checkpoint(cond["checkpoint"])
     assert gen.conditional and gen.model.conv_in.in_channels == 7
@@ -410,7 +417,8 @@ def test_bad_inputs_fail_before_training(shards, t2i_run, tmp_path, ray_session)
         _one_line(proc, needle)
     # joining a running cluster, Ray itself may log a connection line first; our error is still one line, last
     gcs = ray.get_runtime_context().gcs_address
-    proc = run_cli(*base, "--data", str(shards), "--num-workers", "64", "--address", gcs)
+    # the CPUs asked for are workers x --cpus-per-worker
+    proc = run_cli(*base, "--data", str(shards), "--num-workers", "2", "--cpus-per-worker", "32", "--address", gcs)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error:") and "needs 64 CPUs" in proc.stderr
 

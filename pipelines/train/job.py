@@ -69,6 +69,7 @@ class TrainJob:
     mlflow_run_id: str
     text_fingerprint: str
     use_gpu: bool = False
+    cpu_threads: int = 1  # torch threads of a CPU worker: the CPUs it holds (--cpus-per-worker)
     compile: bool = False
     sample_every: int = 0  # steps between sample renders (a Ray task off the gang); 0: none
     sample_num_gpus: float = 0.0  # GPUs a sample render task reserves (0: it renders on a CPU)
@@ -212,6 +213,8 @@ def train_loop_per_worker(job_dict: dict) -> None:
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     device = ray.train.torch.get_device()
+    if not job.use_gpu:  # one torch thread per CPU the worker holds (more would contend with the other workers)
+        torch.set_num_threads(job.cpu_threads)
     torch.manual_seed(cfg.train.seed + rank)
 
     model = build_for_training(job.kind, cfg, job.init_from).to(device)
@@ -267,6 +270,8 @@ def train_loop_per_worker(job_dict: dict) -> None:
         import mlflow
 
         client = mlflow.MlflowClient(tracking_uri=job.mlflow_uri)
+        # what the worker really runs with (a tag, not a param: a resume may change it)
+        client.set_tag(job.mlflow_run_id, "lumiere.torch_threads_per_worker", str(torch.get_num_threads()))
 
     def checkpoint_and_report(metrics: dict) -> None:
         generators = step_fn.gather_generators()  # a collective: every rank's random state goes into the checkpoint
@@ -479,8 +484,9 @@ def plan_rows(cfg: LumiereConfig) -> int:
 
 
 def run_training(kind: str, data: str, output: str, cfg: LumiereConfig, *, init_from: str | None = None,
-                 num_workers: int = 1, gpu: bool = False, run_name: str | None = None, address: str | None = None,
-                 compile: bool = False, max_failures: int = 3, sample_every: int | None = None,
+                 num_workers: int = 1, cpus_per_worker: int = 1, gpu: bool = False, run_name: str | None = None,
+                 address: str | None = None, compile: bool = False, max_failures: int = 3,
+                 sample_every: int | None = None,
                  sample_num_gpus: float = 0.0, resource_timeout_s: float = 1800,
                  system_metrics_interval_s: float = 10.0, log=print) -> dict:
     """Train (or resume) and return {"checkpoint": path, "model_uri": ..., "step": ...}."""
@@ -495,6 +501,8 @@ def run_training(kind: str, data: str, output: str, cfg: LumiereConfig, *, init_
         raise LumiereError(f"unknown model kind {kind!r}; choose one of {', '.join(KINDS)}")
     if num_workers < 1:
         raise LumiereError("--num-workers must be >= 1")
+    if cpus_per_worker < 1:
+        raise LumiereError("--cpus-per-worker must be >= 1")
     # --output s3://…: Ray Train writes the checkpoints there from every worker (no shared volume needed)
     options = storage.StorageOptions.from_env()
     output_dir = None if storage.is_s3(output) else Path(output).resolve()
@@ -517,7 +525,7 @@ def run_training(kind: str, data: str, output: str, cfg: LumiereConfig, *, init_
 
     _init_ray(address)
     have = ray.cluster_resources()
-    need_key, per_worker = ("GPU", 1) if gpu else ("CPU", 1)
+    need_key, per_worker = ("GPU", 1) if gpu else ("CPU", cpus_per_worker)
     need = num_workers * per_worker
     if have.get(need_key, 0) < need:
         # GPUs on a cluster are left to the autoscaler (a GPU group scales from zero); missing CPUs are refused
@@ -529,10 +537,11 @@ def run_training(kind: str, data: str, output: str, cfg: LumiereConfig, *, init_
 
     tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
     run_id = mlflow_run(kind, run_name, cfg, tracking_uri)
-    log(f"[train] {kind} run '{run_name}' ({num_workers} worker(s), {'GPU' if gpu else 'CPU'}), "
+    where = "GPU" if gpu else f"CPU, {cpus_per_worker} thread(s) each"
+    log(f"[train] {kind} run '{run_name}' ({num_workers} worker(s), {where}), "
         f"{manifest['clips']} clips from {data}; MLflow {tracking_uri} run {run_id}")
     job = TrainJob(kind=kind, cfg=cfg.to_dict(), init_from=init, mlflow_uri=tracking_uri, mlflow_run_id=run_id,
-                   text_fingerprint=fingerprint, use_gpu=gpu, compile=compile,
+                   text_fingerprint=fingerprint, use_gpu=gpu, cpu_threads=cpus_per_worker, compile=compile,
                    # SSR samples need a base video to upsample: none are logged during SSR training
                    sample_every=0 if kind == "ssr" else cfg.train.checkpoint_every if sample_every is None
                    else sample_every,
@@ -546,13 +555,14 @@ def run_training(kind: str, data: str, output: str, cfg: LumiereConfig, *, init_
     ingest.preserve_order = True
     # each worker's pipeline gets its share of the CPUs the workers leave: every executor would otherwise plan
     # with all of them, and the per-worker pipelines together would start more tasks than fit
-    spare = max(1.0, have.get("CPU", 0) - num_workers)  # a Train worker holds 1 CPU (GPU workers too)
+    spare = max(1.0, have.get("CPU", 0) - num_workers * cpus_per_worker)  # what the Train workers hold
     ingest.resource_limits = ingest.resource_limits.copy(cpu=spare / num_workers)
     trainer = TorchTrainer(
         _train_loop_entry,
         train_loop_config={**asdict(job), "data_position": position, "storage_options": options},
-        scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=gpu,
-                                               resources_per_worker={"CPU": 1} if not gpu else None),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=num_workers, use_gpu=gpu,
+            resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if gpu else {})}),
         run_config=ray.train.RunConfig(
             name=run_name, **_ray_storage(output, output_dir, options),
             # a worker group that cannot be placed is retried every WORKER_GROUP_START_TIMEOUT_S: bounded here,
