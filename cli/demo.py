@@ -2,7 +2,7 @@
 
     1. corpus     make a captioned moving-shapes corpus (PyAV mp4 + captions.jsonl)     lumiere data shapes
     2. ingest     Ray Data: decode, filter, embed captions, Parquet shards               lumiere ingest
-    3. t2i        Ray Train (DDP, N workers), MLflow: the 2D text-to-image prior         lumiere train t2i
+    3. t2i        Ray Train (N workers, DDP), MLflow: the 2D text-to-image prior         lumiere train t2i
     4. stunet     Ray Train, MLflow: inflate the prior, train the temporal layers as a   lumiere train stunet
                   conditional STUNet (text-to-video and image-to-video in one model)      --conditional
     5. serve      Ray Serve: the OpenAI-compatible Videos API on 127.0.0.1               lumiere serve
@@ -161,8 +161,8 @@ def demo_stunet_config(config: str, overrides: list[str], steps: int, num_worker
     half of the steps instead of a fifth."""
     from lumiere.config import load_config
 
-    # 8 clips per step over the workers (4 each on 2): a STUNet step runs all 16 frames of every clip, ~6x the
-    # prior's step; within the ~15-minute budget that buys 600 updates instead of ~420 at 8 per worker.
+    # 8 clips per step over the workers, whatever their number (4 each on 2): a STUNet step runs all 16 frames of
+    # every clip, ~6x the prior's step; within the ~15-minute budget that buys 600 updates instead of ~420 at 16.
     # No top-noise phase: `small`'s 800 steps of it would be the whole run, and the plateau it shortens
     # needs more steps than the demo has (benchmarks/RESULTS.md run V)
     return load_config(config, [f"train.batch_size={max(1, 8 // num_workers)}", "diffusion.top_noise_steps=0",
@@ -180,7 +180,7 @@ def _clean(workdir: Path) -> None:
 
 
 def run_demo(workdir: Path, config: str, overrides: list[str], count: int, t2i_steps: int, stunet_steps: int,
-             prompts: list[str], num_workers: int = 2, cpus_per_worker: int = 1, sample_steps: int | None = None,
+             prompts: list[str], num_workers: int = 1, cpus_per_worker: int = 2, sample_steps: int | None = None,
              port: int = 0) -> dict:
     """Run the demo; returns {"videos": [mp4 paths], "spritesheets": [png paths], "mlflow": uri, ...}."""
     from lumiere.config import load_config
@@ -230,13 +230,16 @@ def run_demo(workdir: Path, config: str, overrides: list[str], count: int, t2i_s
         os.environ.setdefault("MLFLOW_TRACKING_URI", tracking_uri)
         from pipelines.train.job import run_training
 
-        with stage(f"3/7 train the 2D text-to-image prior (Ray Train, {num_workers} workers, {t2i_steps} steps)"):
-            t2i_cfg = load_config(config, [*overrides, f"train.max_steps={t2i_steps}"])
+        layout = f"{num_workers} worker(s) x {cpus_per_worker} CPU(s)"
+        with stage(f"3/7 train the 2D text-to-image prior (Ray Train, {layout}, {t2i_steps} steps)"):
+            # 16 images per step over the workers, whatever their number (8 per worker on 2)
+            t2i_cfg = load_config(config, [f"train.batch_size={max(1, 16 // num_workers)}", *overrides,
+                                           f"train.max_steps={t2i_steps}"])
             with follow_training(tracking_uri, "t2i", "demo-t2i", t2i_steps):
                 t2i = run_training("t2i", str(shards), str(workdir / "runs" / "t2i"), t2i_cfg,
                                    num_workers=num_workers, cpus_per_worker=cpus_per_worker, run_name="demo-t2i")
-        with stage(f"4/7 inflate to a conditional STUNet and train its temporal layers (Ray Train, {num_workers} "
-                   f"workers, {stunet_steps} steps)"):
+        with stage(f"4/7 inflate to a conditional STUNet and train its temporal layers (Ray Train, {layout}, "
+                   f"{stunet_steps} steps)"):
             st_cfg = demo_stunet_config(config, overrides, stunet_steps, num_workers)
             with follow_training(tracking_uri, "stunet", "demo-stunet", stunet_steps):
                 stunet = run_training("stunet", str(shards), str(workdir / "runs" / "stunet"), st_cfg,
