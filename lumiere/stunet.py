@@ -77,8 +77,8 @@ class STUNetConfig:
     # what the coarsest level's attention blocks attend over: "temporal" (the paper's: each pixel over all frames)
     # or "spacetime" (every position of every frame of the compressed clip: t·h·w tokens). A shape that moved sits
     # at another pixel in a later frame, and per-pixel temporal attention cannot look there, only the spatial layers
-    # around it can (beyond the paper; not measured yet). Cheap at the coarsest level (16 frames at 32² → 4·8·8 =
-    # 256 tokens)
+    # around it can (beyond the paper; at 600 steps no gain over "temporal", benchmarks/RESULTS.md run AC). Cheap at
+    # the coarsest level (16 frames at 32² → 4·8·8 = 256 tokens)
     coarsest_attention: Literal["temporal", "spacetime"] = "temporal"
     # space-time coordinates (x, y, t of the clip, each in [-1, 1]) as extra inputs of every conv inflation block's
     # spatial conv: "a shape moving right" is, at high noise, a blob whose position depends on the frame, and
