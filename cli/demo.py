@@ -161,8 +161,8 @@ def demo_stunet_config(config: str, overrides: list[str], steps: int, num_worker
     half of the steps instead of a fifth."""
     from lumiere.config import load_config
 
-    # 8 clips per step over the workers, whatever their number (4 each on 2): a STUNet step runs all 16 frames of
-    # every clip, ~6x the prior's step; within the ~15-minute budget that buys 600 updates instead of ~420 at 16.
+    # 8 clips per step in all (8 // workers each: exactly 8 on 1, 2, 4 or 8 workers): a STUNet step runs all 16
+    # frames of every clip, ~6x the prior's step; within the ~15-minute budget that buys 600 updates, not ~420 at 16.
     # No top-noise phase: `small`'s 800 steps of it would be the whole run, and the plateau it shortens
     # needs more steps than the demo has (benchmarks/RESULTS.md run V)
     return load_config(config, [f"train.batch_size={max(1, 8 // num_workers)}", "diffusion.top_noise_steps=0",
@@ -232,7 +232,7 @@ def run_demo(workdir: Path, config: str, overrides: list[str], count: int, t2i_s
 
         layout = f"{num_workers} worker(s) x {cpus_per_worker} CPU(s)"
         with stage(f"3/7 train the 2D text-to-image prior (Ray Train, {layout}, {t2i_steps} steps)"):
-            # 16 images per step over the workers, whatever their number (8 per worker on 2)
+            # 16 images per step in all (16 // workers each: exactly 16 on 1, 2, 4, 8 or 16 workers)
             t2i_cfg = load_config(config, [f"train.batch_size={max(1, 16 // num_workers)}", *overrides,
                                            f"train.max_steps={t2i_steps}"])
             with follow_training(tracking_uri, "t2i", "demo-t2i", t2i_steps):
