@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
             threads = client.get_run(res["run_id"]).data.tags.get("lumiere.torch_threads_per_worker")
             sps = statistics.median([m.value for m in hist[1:]] or [m.value for m in hist])
             jobs.append({"layout": name, "samples_per_s": sps, "wall_s": wall, "loss": losses[-1].value,
-                         "threads": threads, "batch": st.train.batch_size})
+                         "threads": threads, "batch": st.train.batch_size,
+                         "global_batch": st.train.batch_size * workers})
             print(f"  round {r} {name} (batch {st.train.batch_size} per worker, {threads} torch thread(s) each): "
                   f"{sps:.2f} samples/s, {wall:.1f} s wall, last loss {losses[-1].value:.4f}", flush=True)
     ray.shutdown()
@@ -94,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in LAYOUTS:
         js = [j for j in jobs if j["layout"] == name]
         sps = statistics.mean(j["samples_per_s"] for j in js)
-        print(f"| {name} | {js[0]['batch']} | {js[0]['threads']} | {sps:.2f} | {8 / sps:.3f} | {sps / ref:.2f}x "
+        step_s = js[0]["global_batch"] / sps
+        print(f"| {name} | {js[0]['batch']} | {js[0]['threads']} | {sps:.2f} | {step_s:.3f} | {sps / ref:.2f}x "
               f"| {statistics.mean(j['wall_s'] for j in js):.1f} | {statistics.mean(j['loss'] for j in js):.4f} "
               f"| {', '.join(format(j['samples_per_s'], '.2f') for j in js)} |")
     return 0
